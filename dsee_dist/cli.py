@@ -1,0 +1,45 @@
+"""`dsee-dist` command line: `dsee-dist train --config X.yaml [overrides]`, `dsee-dist quickstart`.
+
+`dsee-dist quickstart` launches the built-in default (configs/quickstart.yaml) on 2 ranks with the
+`deepspeed` launcher; `train` runs in this process (use it under deepspeed/torchrun/srun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    config = REPO_ROOT / "configs" / "quickstart.yaml"
+    if not config.is_file():
+        print("dsee-dist: error: configs/quickstart.yaml not found; run from a clone of the repository", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions"))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--master_port", str(args.master_port),
+           "--module", "dsee_dist.train", "--config", str(config), *args.overrides]
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env, cwd=str(REPO_ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsee-dist", description="DSEE fine-tuning on DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run training in this process (under deepspeed, torchrun, srun or alone)")
+    train.add_argument("rest", nargs=argparse.REMAINDER)
+    quick = sub.add_parser("quickstart", help="the built-in default: a small GPT-2 with DSEE, 2 ranks, ZeRO-3")
+    quick.add_argument("--ranks", type=int, default=2)
+    quick.add_argument("--master_port", type=int, default=29561)
+    quick.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from .train import run
+
+        return run(args.rest)
+    return _quickstart(args)

@@ -1,0 +1,230 @@
+"""Everything distributed, behind a small interface. The only module that imports deepspeed.
+
+- `init_distributed()` works under `deepspeed`, `torchrun` and plain `python` (world size 1).
+- `build_deepspeed_config()` merges the engine JSON with the settings owned by the experiment
+  config (batch sizes, clipping) and refuses conflicts.
+- `gathered()` wraps `deepspeed.zero.GatheredParameters`: a no-op unless parameters are ZeRO-3
+  partitioned; pass `modifier_rank` for in-place edits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join (or, alone, create) the process group. Backend: NCCL on CUDA, gloo on CPU."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
+        # Plain `python -m dsee_dist.train`: a world of one.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not dist.is_initialized():
+        backend = get_accelerator().communication_backend_name()
+        if backend == "ccl":  # the CPU accelerator's default needs oneCCL; gloo ships with torch
+            backend = "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if get_accelerator().device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+    return DistInfo(rank, world_size, local_rank)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device(f"{name}:{torch.cuda.current_device()}" if name == "cuda" else name)
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_rank_zero(fn):
+    """Run `fn` on rank 0 only and share its result, or its failure, with every rank, so that no
+    rank waits at a barrier for a rank that failed. Results must be picklable."""
+    from .errors import DSEEError
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world == 1:
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except DSEEError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank as one line
+            error = f"rank 0 failed: {type(exc).__name__}: {exc}"
+    result, error = broadcast_object((result, error))
+    if error:
+        raise DSEEError(error)
+    return result
+
+
+# ------------------------------------------------------------------------------ ZeRO helpers
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params, modifier_rank: int | None = None):
+    """Full tensors inside the block (ZeRO-3), else a no-op. With `modifier_rank`, that rank's edits
+    are re-partitioned on exit."""
+    params = [p for p in params if p is not None]
+    if not any(is_partitioned(p) for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def full_tensor(param: torch.nn.Parameter) -> torch.Tensor:
+    """A full CPU copy of one parameter on every rank (gathers one tensor under ZeRO-3)."""
+    with gathered([param]):
+        return param.detach().to("cpu", copy=True)
+
+
+# ------------------------------------------------------------------------------ DeepSpeed config
+
+
+def resolve_deepspeed_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+OWNED_KEYS = {
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+}
+
+
+def build_deepspeed_config(engine_json: dict, overrides: dict, *, micro_batch_size: int, grad_accum_steps: int,
+                           grad_clip: float, world_size: int) -> dict:
+    """Engine JSON + overrides + the experiment-owned settings; a conflicting value is an error."""
+    ds = _merge(engine_json, overrides)
+    owned = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip,
+    }
+    for key, value in owned.items():
+        if key in ds and ds[key] not in ("auto", value):
+            raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but it is owned by {OWNED_KEYS[key]}={value}; "
+                              f"remove it from the JSON")
+        ds[key] = value
+    global_batch = micro_batch_size * grad_accum_steps * world_size
+    if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
+        raise ConfigError(f"DeepSpeed config sets train_batch_size={ds['train_batch_size']} but "
+                          f"micro_batch_size x grad_accum_steps x world_size = {global_batch}; remove it from the JSON")
+    ds["train_batch_size"] = global_batch
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError("DeepSpeed config must not define 'optimizer' or 'scheduler': dsee_dist builds them from train.*")
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in ("none", None):
+        # The optimizer is built in code (torch AdamW, or DeepSpeedCPUAdam when offloading).
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    return ds
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_engine(model, optimizer, lr_scheduler, ds_config: dict):
+    import deepspeed
+
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config,
+        model_parameters=None,
+    )
+    return engine, optimizer, lr_scheduler
+
+
+def build_optimizer(param_groups, ds_config: dict, lr: float, betas, weight_decay: float):
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload == "cpu" and torch.cuda.is_available():
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)

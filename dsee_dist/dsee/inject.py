@@ -1,0 +1,164 @@
+"""Finding target modules, swapping DSEE layers in, and freezing everything else.
+
+Matching follows PEFT's predictable rules: an exclude wins; a plain entry matches a module whose
+full name equals it or ends with "." + entry; an entry starting with "re:" is a regular
+expression that must match the whole name. A target list that matches nothing is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from .layer import DSEELayer, base_shape, is_conv1d
+from .support import matrix_generator
+
+SLICE_ORDER = ("q", "k", "v")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """One adapted module: its name, shape and the row blocks (slices) adapted as separate matrices."""
+
+    name: str
+    out_features: int
+    in_features: int
+    slices: tuple[tuple[int, int], ...]  # (first row, number of rows) in W's (out x in) layout
+    slice_names: tuple[str, ...]  # "q"/"k"/"v" for fused projections, "" for a whole matrix
+
+    def matrix_names(self) -> list[str]:
+        return [f"{self.name}.{s}" if s else self.name for s in self.slice_names]
+
+
+def name_matches(name: str, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def _is_fused_qkv(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """GPT-2's c_attn: a Conv1D producing [q; k; v], each n_embd wide, laid out contiguously."""
+    n_embd = getattr(getattr(model, "config", None), "n_embd", None)
+    return is_conv1d(module) and name.split(".")[-1] == "c_attn" and n_embd is not None and module.nf == 3 * n_embd
+
+
+def find_targets(model: nn.Module, target_modules: list[str], fused_slices: list[str],
+                 exclude_modules: list[str] = ()) -> list[TargetSpec]:
+    """The modules to adapt, in model order. Raises ConfigError when nothing usable matches."""
+    specs, skipped = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, DSEELayer) or not name_matches(name, target_modules):
+            continue
+        if name_matches(name, list(exclude_modules)):
+            continue
+        try:
+            out_features, in_features = base_shape(module)
+        except TypeError:
+            skipped.append(f"{name} ({type(module).__name__})")
+            continue
+        if fused_slices and _is_fused_qkv(model, name, module):
+            width = out_features // 3
+            names = tuple(s for s in SLICE_ORDER if s in fused_slices)
+            slices = tuple((SLICE_ORDER.index(s) * width, width) for s in names)
+        else:
+            names, slices = ("",), ((0, out_features),)
+        specs.append(TargetSpec(name, out_features, in_features, slices, names))
+    if not specs:
+        hint = f"; matched but not adaptable: {', '.join(skipped[:3])}" if skipped else ""
+        examples = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)})
+        raise ConfigError(
+            f"dsee.target_modules {target_modules} match no adaptable module{hint}; "
+            f"this model's linear layers are named: {', '.join(examples[:12])}"
+        )
+    return specs
+
+
+def check_num_sparse(specs: list[TargetSpec], num_sparse: int) -> None:
+    for spec in specs:
+        rows = spec.slices[0][1]
+        if num_sparse > rows * spec.in_features:
+            raise ConfigError(
+                f"dsee.num_sparse={num_sparse} is larger than the {rows} x {spec.in_features} matrix "
+                f"{spec.matrix_names()[0]}; use at most {rows * spec.in_features}"
+            )
+
+
+def check_rank(specs: list[TargetSpec], rank: int) -> None:
+    for spec in specs:
+        limit = min(spec.slices[0][1], spec.in_features)
+        if rank > limit:
+            raise ConfigError(f"dsee.lora_rank={rank} exceeds min(out, in)={limit} of {spec.matrix_names()[0]}; use at most {limit}")
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject_dsee(
+    model: nn.Module, specs: list[TargetSpec], support: dict[str, torch.Tensor], *,
+    rank: int, alpha: float, dropout: float, seed: int,
+) -> dict[str, DSEELayer]:
+    """Replace each target with a DSEELayer; `support[matrix_name]` is its (2 x N) index, slice-local.
+
+    A is drawn from a generator seeded by (seed, module name), so every rank, world size and ZeRO
+    stage builds identical adapters."""
+    layers = {}
+    for spec in specs:
+        base = model.get_submodule(spec.name)
+        parts = []
+        for (start, _), matrix in zip(spec.slices, spec.matrix_names()):
+            idx = support.get(matrix)
+            if idx is not None and idx.numel():
+                parts.append(idx + torch.tensor([[start], [0]]))
+        index = torch.cat(parts, dim=1) if parts else None
+        layer = DSEELayer(base, rank=rank, alpha=alpha, dropout=dropout, slices=list(spec.slices),
+                          sparse_index=index, generator=matrix_generator(seed, spec.name + ".lora_a"))
+        set_submodule(model, spec.name, layer)
+        layers[spec.name] = layer
+    return layers
+
+
+def mark_only_adapters_trainable(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze everything; then unfreeze A, B and the sparse values. Returns the trainable parameters."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    trainable = []
+    for module in model.modules():
+        if isinstance(module, DSEELayer):
+            for param in module.adapter_params().values():
+                param.requires_grad_(True)
+                trainable.append(param)
+    return trainable
+
+
+def dsee_layers(model: nn.Module) -> dict[str, DSEELayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, DSEELayer)}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) counts; correct under ZeRO-3, where partitioned tensors look empty."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = getattr(param, "ds_numel", None) or param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    layers = dsee_layers(model)
+    n_sparse = sum(layer.num_sparse for layer in layers.values())
+    return (f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%) "
+            f"in {len(layers)} DSEE layers ({n_sparse:,} sparse values)")

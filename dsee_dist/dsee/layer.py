@@ -1,0 +1,184 @@
+"""The DSEE layer: a frozen projection plus a low-rank and a sparse trainable update.
+
+For a frozen weight W0 (out x in) and each adapted row block ("slice") s of it:
+
+    y = W0 x + b + (alpha / r) * B_s A_s drop(x) + (alpha / r) * S x
+
+- A_s: r x in (Kaiming-uniform), B_s: d x r (zeros), so the update is exactly zero at step 0.
+- S: out x in with N non-zeros per slice, stored as `sparse_values` (N per slice, zeros at start)
+  plus a fixed `sparse_index` buffer (2 x N: row in W0's out dimension, column). Optimizer state
+  is therefore O(N), not O(out * in).
+- A slice is a contiguous block of output rows: the whole matrix for `nn.Linear`-style
+  projections, or the q / k / v thirds of GPT-2's fused `c_attn`, each adapted independently.
+
+Both GPT-2's `Conv1D` (weight stored in x out) and `nn.Linear` (out x in) are wrapped; all
+matrices here use the (out x in) convention, and `Conv1D` weights are transposed at the edges.
+No ranks, no files: distributed concerns live elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # GPT-2's transposed linear layer
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear or Conv1D, also when its weight is ZeRO-3 partitioned."""
+    if is_conv1d(module):
+        return module.nf, module.nx
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    raise TypeError(f"cannot adapt {type(module).__name__}: only nn.Linear and GPT-2 Conv1D are supported")
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight as an (out x in) view (a transpose for Conv1D)."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+class DSEELayer(nn.Module):
+    """Wraps a frozen `nn.Linear` or GPT-2 `Conv1D` with DSEE's low-rank + sparse update."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        slices: list[tuple[int, int]] | None = None,
+        sparse_index: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        out_features, in_features = base_shape(base)
+        slices = list(slices) if slices else [(0, out_features)]
+        sizes = {size for _, size in slices}
+        if len(sizes) != 1:
+            raise ValueError(f"all adapted slices must have the same size, got {slices}")
+        starts = [start for start, _ in slices]
+        if starts != sorted(starts) or any(a + s > b for (a, s), b in zip(slices, starts[1:])) or slices[-1][0] + slices[-1][1] > out_features:
+            raise ValueError(f"slices {slices} must be ordered, disjoint and inside {out_features} output rows")
+        self.base = base
+        self.in_features, self.out_features = in_features, out_features
+        self.rank, self.alpha = rank, float(alpha)
+        self.scaling = self.alpha / rank
+        self.slices = slices
+        self.slice_size = slices[0][1]
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+        dtype = base.weight.dtype
+        n_slices = len(slices)
+        self.lora_a = nn.Parameter(torch.empty(n_slices * rank, in_features, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(n_slices, self.slice_size, rank, dtype=dtype))
+        self.reset_lora_a(generator)
+        if sparse_index is not None and sparse_index.numel() > 0:
+            sparse_index = sparse_index.to(torch.long)
+            if sparse_index.dim() != 2 or sparse_index.shape[0] != 2:
+                raise ValueError("sparse_index must have shape (2, N): rows and columns")
+            if int(sparse_index[0].max()) >= out_features or int(sparse_index[1].max()) >= in_features or int(sparse_index.min()) < 0:
+                raise ValueError(f"sparse_index out of range for a {out_features} x {in_features} weight")
+            self.register_buffer("sparse_index", sparse_index.clone(), persistent=True)
+            self.sparse_values = nn.Parameter(torch.zeros(sparse_index.shape[1], dtype=dtype))
+        else:
+            self.register_buffer("sparse_index", torch.zeros(2, 0, dtype=torch.long), persistent=True)
+            self.sparse_values = None
+        # Whether the slices tile the whole output: then the low-rank update is added without padding.
+        self._covers_output = n_slices == 1 and slices[0] == (0, out_features)
+
+    def reset_lora_a(self, generator: torch.Generator | None = None) -> None:
+        """Kaiming-uniform A per slice (as LoRA and PEFT), drawn from `generator` for reproducibility."""
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on an (r x in) matrix
+        with torch.no_grad():
+            values = torch.rand(self.lora_a.shape, generator=generator, dtype=torch.float32) * (2 * bound) - bound
+            self.lora_a.copy_(values.to(self.lora_a.dtype))
+
+    @property
+    def num_sparse(self) -> int:
+        return int(self.sparse_index.shape[1])
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        params = {"lora_a": self.lora_a, "lora_b": self.lora_b}
+        if self.sparse_values is not None:
+            params["sparse_values"] = self.sparse_values
+        return params
+
+    # ------------------------------------------------------------------ forward
+
+    def _low_rank(self, x: torch.Tensor) -> torch.Tensor:
+        """B A drop(x) for every slice, laid out over the full output dimension."""
+        h = F.linear(self.lora_dropout(x), self.lora_a)  # (..., n_slices * r)
+        if self._covers_output:
+            return F.linear(h, self.lora_b[0])  # (..., out)
+        parts, cursor = [], 0
+        for i, (start, size) in enumerate(self.slices):
+            if start > cursor:
+                parts.append(h.new_zeros(*h.shape[:-1], start - cursor))
+            parts.append(F.linear(h[..., i * self.rank:(i + 1) * self.rank], self.lora_b[i]))  # (..., d)
+            cursor = start + size
+        if cursor < self.out_features:
+            parts.append(h.new_zeros(*h.shape[:-1], self.out_features - cursor))
+        return torch.cat(parts, dim=-1)
+
+    def _sparse(self, x: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+        """into + S x, computed from the N entries alone: gather x's columns, scatter-add into rows."""
+        rows, cols = self.sparse_index
+        contrib = x.index_select(-1, cols) * self.sparse_values  # (..., N)
+        return into.index_add(-1, rows, contrib)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            return result
+        x = x.to(self.lora_a.dtype)
+        delta = self._low_rank(x)
+        if self.sparse_values is not None:
+            delta = self._sparse(x, delta)
+        return result + (self.scaling * delta).to(result.dtype)
+
+    # ------------------------------------------------------------------ merged weights
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) (B A + S) as a dense (out x in) matrix. Needs the adapter tensors gathered."""
+        delta = torch.zeros(self.out_features, self.in_features, dtype=self.lora_a.dtype, device=self.lora_a.device)
+        for i, (start, size) in enumerate(self.slices):
+            delta[start:start + size] = self.lora_b[i] @ self.lora_a[i * self.rank:(i + 1) * self.rank]
+        if self.sparse_values is not None:
+            rows, cols = self.sparse_index
+            delta.index_put_((rows, cols), self.sparse_values, accumulate=True)
+        return delta * self.scaling
+
+    def merge(self) -> None:
+        """Add the update into the base weight (checked for non-finite values before committing)."""
+        if self.merged:
+            return
+        with torch.no_grad():
+            merged = weight_out_in(self.base).detach().clone() + self.delta_weight().to(self.base.weight.dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError("merging would write non-finite values into the base weight; the adapter is broken")
+            weight_out_in(self.base).copy_(merged)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        with torch.no_grad():
+            weight_out_in(self.base).sub_(self.delta_weight().to(self.base.weight.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}, "
+                f"slices={self.slices}, num_sparse={self.num_sparse}")

@@ -1,0 +1,87 @@
+"""Loading the pretrained decoder: a local Hugging Face directory, or a built-in small GPT-2.
+
+Knows nothing of DSEE. Under ZeRO-3 the model is created partitioned through transformers' own
+DeepSpeed integration (`HfDeepSpeedConfig` alive before `from_pretrained`), so no rank ever holds
+the full model. A bare `deepspeed.zero.Init` around a transformers 5 model leaves weights wrongly
+initialised (METHOD.md §4); tests/distributed checks the loaded weights against the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+# name -> GPT-2 shape. Built-in models are randomly initialised from train.seed (no download).
+BUILTIN_MODELS: dict[str, dict] = {
+    "gpt2-tiny": dict(n_layer=2, n_embd=64, n_head=4, n_positions=256),
+    "gpt2-mini": dict(n_layer=4, n_embd=128, n_head=4, n_positions=512),
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024),
+}
+
+BUILTIN_MARKER = "dsee_builtin.json"
+
+# Keeps transformers' DeepSpeed integration alive while ZeRO-3 models are created (it is a weakref there).
+_HF_DS_CONFIG = None
+
+
+def build_builtin_model(name: str, vocab_size: int, seed: int):
+    """A randomly initialised GPT-2 of the named shape (seeded, identical on every rank and machine)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    shape = BUILTIN_MODELS[name]
+    config = GPT2Config(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, pad_token_id=0, **shape)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+def materialize_builtin_model(name: str, tokenizer, seed: int, target_dir: str | os.PathLike) -> Path:
+    """Write the built-in model and its tokenizer as an ordinary HF directory (atomically).
+
+    Called on rank 0 only; the directory is then loaded like any pretrained model. Reused when it
+    already holds the same model (same name, seed and tokenizer vocabulary).
+    """
+    target = Path(target_dir)
+    marker = {"name": name, "seed": seed, "vocab_size": len(tokenizer), "shape": BUILTIN_MODELS[name]}
+    if (target / BUILTIN_MARKER).is_file() and json.loads((target / BUILTIN_MARKER).read_text()) == marker:
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = build_builtin_model(name, len(tokenizer), seed)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def load_model(path: str | os.PathLike, ds_config: dict | None = None):
+    """Load a causal LM from a local directory (or hub name), partitioned at creation under ZeRO-3."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    global _HF_DS_CONFIG
+    stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
+    dtype = torch.bfloat16 if (ds_config or {}).get("bf16", {}).get("enabled") else torch.float32
+    if stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
+    else:
+        _HF_DS_CONFIG = None
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok

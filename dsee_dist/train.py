@@ -1,0 +1,219 @@
+"""DSEE fine-tuning on the DeepSpeed engine.
+
+    python -m dsee_dist.train --config configs/quickstart.yaml [section.key=value ...]
+    deepspeed --num_gpus 2 -m dsee_dist.train --config ... # or torchrun, or srun
+
+Reads top to bottom: config -> distributed init -> base model + tokenizer -> data -> model
+(partitioned under ZeRO-3) -> support of S -> DSEE injection -> engine -> loop -> adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data, distributed, models
+from .adapter import save_adapter
+from .config import Config, dump_yaml, load_config, resolve_path
+from .dsee.inject import check_num_sparse, check_rank, find_targets, inject_dsee, mark_only_adapters_trainable, parameter_summary
+from .dsee.placement import load_or_compute_support
+from .errors import DSEEError
+from .metrics import MetricsLogger
+from .tokenizer import train_bpe_tokenizer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dsee_dist.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    parser.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=20 ds.zero_optimization.stage=2")
+    return parser.parse_args(argv)
+
+
+def make_logger(is_rank_zero: bool):
+    def log(message: str) -> None:
+        if is_rank_zero:
+            print(f"[dsee] {message}", flush=True)
+    return log
+
+
+def prepare_base_model(cfg: Config, out_dir: Path, log) -> str:
+    """Path of the base model directory; for a built-in model, written once into out_dir/base_model."""
+    if cfg.model.path is not None:
+        path = resolve_path(cfg, cfg.model.path)
+        return str(path) if path.exists() else cfg.model.path
+
+    def build() -> str:
+        train_source, _ = data.data_sources(cfg, out_dir)
+        texts = data.read_training_texts(cfg, train_source)
+        tokenizer = train_bpe_tokenizer(texts, cfg.model.tokenizer_vocab_size)
+        path = models.materialize_builtin_model(cfg.model.builtin, tokenizer, cfg.train.seed, out_dir / "base_model")
+        log(f"model: built-in {cfg.model.builtin} (random init, seed {cfg.train.seed}), tokenizer of {len(tokenizer)} tokens -> {path}")
+        return str(path)
+
+    return distributed.on_rank_zero(build)
+
+
+def lr_lambda(schedule: str, warmup_steps: int, max_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def token_loss_sum(engine, batch: dict, dev) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over the labelled tokens of one micro-batch, and their count."""
+    logits = engine(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
+    labels = batch["labels"][:, 1:].to(dev)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE_INDEX,
+                           reduction="sum")
+    return loss, int((labels != data.IGNORE_INDEX).sum())
+
+
+def train_step(engine, micro_batches: list[dict], dev, world_size: int) -> float:
+    """One optimizer step; returns the mean token loss over the whole global batch.
+
+    The loss is normalised by the global number of labelled tokens (all ranks, all micro-batches), so
+    the gradient, and the logged loss, do not depend on how the global batch is split across ranks."""
+    local_tokens = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro_batches)
+    (global_tokens,) = distributed.all_reduce_sum([local_tokens])
+    # DeepSpeed divides each backward by grad_accum and averages gradients over ranks: undo both.
+    scale = world_size * len(micro_batches) / max(global_tokens, 1.0)
+    loss_total = 0.0
+    for batch in micro_batches:
+        loss_sum, _ = token_loss_sum(engine, batch, dev)
+        engine.backward(loss_sum * scale)
+        engine.step()
+        loss_total += loss_sum.item()
+    (loss_total,) = distributed.all_reduce_sum([loss_total])
+    return loss_total / max(global_tokens, 1.0)
+
+
+@torch.no_grad()
+def evaluate(engine, split: data.TokenizedSplit, cfg: Config, dist_info, pad_id: int, dev) -> dict:
+    engine.eval()
+    loss_sum = tokens = 0.0
+    for indices in data.eval_batches(split, cfg.eval.micro_batch_size, dist_info.rank, dist_info.world_size,
+                                     cfg.eval.max_batches):
+        batch = data.collate(split, indices or [0], pad_id)  # an empty share still joins ZeRO-3's collectives
+        loss, n = token_loss_sum(engine, batch, dev)
+        if indices:
+            loss_sum, tokens = loss_sum + loss.item(), tokens + n
+    engine.train()
+    loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens])
+    eval_loss = loss_sum / max(tokens, 1.0)
+    return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_tokens": int(tokens)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    dist_info = distributed.init_distributed()
+    log = make_logger(dist_info.is_rank_zero)
+    out_dir = Path(cfg.output.dir)
+    if dist_info.is_rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.resolved.yaml").write_text(dump_yaml(cfg))
+    distributed.barrier()
+    torch.manual_seed(cfg.train.seed)
+    log(f"world size {dist_info.world_size}; output in {out_dir}")
+
+    # Data first: a built-in model's tokenizer is trained on it.
+    if cfg.data.format == "synthetic_e2e":
+        distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
+    base_model = prepare_base_model(cfg, out_dir, log)
+    tokenizer = models.load_tokenizer(base_model)
+    train_split, eval_split = data.load_splits(cfg, tokenizer, out_dir, log)
+    log(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
+
+    # Model: partitioned at creation under ZeRO-3.
+    ds_config = distributed.build_deepspeed_config(
+        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)), cfg.deepspeed.overrides,
+        micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_clip=cfg.train.grad_clip, world_size=dist_info.world_size)
+    model = models.load_model(base_model, ds_config)
+    log(f"model: {base_model} (ZeRO stage {distributed.zero_stage(ds_config)})")
+
+    # DSEE: pick the support of S from the frozen weights, then wrap the targets and freeze the rest.
+    d = cfg.dsee
+    specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
+    check_rank(specs, d.lora_rank)
+    check_num_sparse(specs, d.num_sparse)
+    support = load_or_compute_support(model, specs, d, cfg.train.seed, out_dir, dist_info, log=log)
+    inject_dsee(model, specs, support, rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout, seed=cfg.train.seed)
+    trainable = mark_only_adapters_trainable(model)
+    log(parameter_summary(model))
+
+    # Engine: only the adapter parameters reach the optimizer.
+    schedule = data.GlobalBatchSchedule(len(train_split), cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
+                                        dist_info.rank, dist_info.world_size, cfg.train.seed)
+    max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
+    optimizer = distributed.build_optimizer([{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas,
+                                            cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps))
+    engine, optimizer, scheduler = distributed.build_engine(model, optimizer, scheduler, ds_config)
+    dev = distributed.device()
+    pad_id = tokenizer.pad_token_id
+    log(f"training {max_steps} steps of {schedule.global_batch} examples "
+        f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
+
+    metrics = MetricsLogger(out_dir, dist_info.is_rank_zero, max_steps)
+    t_last = time.time()
+    for step in range(max_steps):
+        lr = optimizer.param_groups[0]["lr"]
+        batches = [data.collate(train_split, idx, pad_id) for idx in schedule.micro_batches(step)]
+        loss = train_step(engine, batches, dev, dist_info.world_size)
+        metrics.advance(loss)
+        if (step + 1) % cfg.train.log_every_n_steps == 0 or step + 1 == max_steps:
+            grad_norm = engine.get_global_grad_norm()
+            now = time.time()
+            metrics.log(step + 1, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                   "step_time_s": round((now - t_last) / cfg.train.log_every_n_steps, 4)})
+            t_last = now
+        if cfg.eval.every_n_steps and (step + 1) % cfg.eval.every_n_steps == 0 and step + 1 < max_steps:
+            result = evaluate(engine, eval_split, cfg, dist_info, pad_id, dev)
+            metrics.log(step + 1, result)
+            log(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+    result = evaluate(engine, eval_split, cfg, dist_info, pad_id, dev)
+    metrics.log(max_steps, result)
+    metrics.close()
+    log(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+
+    save_adapter(engine.module, out_dir / "adapter", base_model=str(Path(base_model).resolve()) if Path(base_model).exists() else base_model,
+                 dsee_cfg=cfg.dsee, is_rank_zero=dist_info.is_rank_zero)
+    distributed.barrier()
+    log(f"adapter written to {out_dir / 'adapter'}")
+    distributed.shutdown()
+    return 0
+
+
+def run(argv: list[str] | None = None) -> int:
+    """`main` with user errors turned into one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except DSEEError as exc:
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"dsee_dist: error: {exc}", file=sys.stderr, flush=True)
+        distributed.shutdown()
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(run())
