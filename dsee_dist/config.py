@@ -38,6 +38,9 @@ class ModelConfig:
     builtin: str | None = None
     # Vocabulary size of the locally trained tokenizer (built-in models only).
     tokenizer_vocab_size: int = 512
+    # Overrides the model's own dropout probabilities (GPT-2 resid/embd/attn_pdrop, attention_dropout, ...);
+    # null keeps the model's values.
+    dropout: float | None = None
 
 
 @dataclass
@@ -186,6 +189,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
@@ -317,6 +325,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.tokenizer_vocab_size must be at least 300 (byte-level BPE has 257 base symbols), "
                           f"got {m.tokenizer_vocab_size}")
 
+    if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1) or null, got {m.dropout}")
     if d.format not in DATA_FORMATS:
         raise ConfigError(f"data.format '{d.format}' is not supported; choose one of: " + ", ".join(DATA_FORMATS))
     if d.format != "synthetic_e2e":

@@ -59,8 +59,14 @@ def materialize_builtin_model(name: str, tokenizer, seed: int, target_dir: str |
     return target
 
 
-def load_model(path: str | os.PathLike, ds_config: dict | None = None):
-    """Load a causal LM from a local directory (or hub name), partitioned at creation under ZeRO-3."""
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "attention_dropout",
+                "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
+
+
+def load_model(path: str | os.PathLike, ds_config: dict | None = None, dropout: float | None = None):
+    """Load a causal LM from a local directory (or hub name), partitioned at creation under ZeRO-3.
+
+    `dropout` (if not None) replaces every dropout probability the model's config defines."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -73,7 +79,13 @@ def load_model(path: str | os.PathLike, ds_config: dict | None = None):
         _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
     else:
         _HF_DS_CONFIG = None
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    overrides = {}
+    if dropout is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path))
+        overrides = {key: dropout for key in DROPOUT_KEYS if isinstance(getattr(config, key, None), float)}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **overrides)
     model.config.use_cache = False
     return model
 

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)), cfg.deepspeed.overrides,
         micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
         grad_clip=cfg.train.grad_clip, world_size=dist_info.world_size)
-    model = models.load_model(base_model, ds_config)
+    model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
     log(f"model: {base_model} (ZeRO stage {distributed.zero_stage(ds_config)})")
 
     # DSEE: pick the support of S from the frozen weights, then wrap the targets and freeze the rest.
@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
 
     metrics = MetricsLogger(out_dir, dist_info.is_rank_zero, max_steps)
+    engine.train()  # from_pretrained returns the model in eval mode
     t_last = time.time()
     for step in range(max_steps):
         lr = optimizer.param_groups[0]["lr"]

@@ -1,0 +1,47 @@
+"""Launching real training jobs for the distributed tests (deepspeed launcher, gloo on CPU)."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+TINY_RUN = [
+    "model.builtin=gpt2-tiny", "model.tokenizer_vocab_size=400", "model.dropout=0.0",
+    "data.synthetic_train_examples=256", "data.synthetic_eval_examples=24", "data.block_size=64",
+    "dsee.lora_rank=4", "dsee.lora_alpha=8", "dsee.num_sparse=16",
+    "train.max_steps=6", "train.micro_batch_size=4", "train.lr=1e-2", "train.warmup_steps=0",
+    "train.log_every_n_steps=1", "eval.every_n_steps=3", "eval.micro_batch_size=4",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(world_size: int, out_dir: Path, *overrides: str, config: str = "configs/quickstart.yaml") -> list[str]:
+    args = ["--config", config, f"output.dir={out_dir}", *overrides]
+    if world_size == 1:
+        return [sys.executable, "-m", "dsee_dist.train", *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
+            "--master_port", str(free_port()), "--module", "dsee_dist.train", *args]
+
+
+def run_training(world_size: int, out_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(world_size, out_dir, *overrides), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(out_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(out_dir) if "loss" in row]

@@ -1,0 +1,80 @@
+"""Config loading, overrides, validation, and the CLI's one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dsee_dist.config import load_config
+from dsee_dist.errors import ConfigError
+from tests.conftest import REPO
+
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.deepspeed.config
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(REPO / "configs/quickstart.yaml",
+                      ["train.max_steps=7", "dsee.target_modules=c_attn,c_proj", "ds.zero_optimization.stage=2", "train.lr=1e-3"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 1e-3
+    assert cfg.dsee.target_modules == ["c_attn", "c_proj"]
+    assert cfg.deepspeed.overrides == {"zero_optimization": {"stage": 2}}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+    ("dsee.lora_rank=0", "dsee.lora_rank must be >= 1"),
+    ("dsee.num_sparse=-1", "dsee.num_sparse must be >= 0"),
+    ("dsee.support=svd", "dsee.support 'svd'"),
+    ("dsee.fused_slices=[q,x]", "dsee.fused_slices"),
+    ("train.lr=fast", "train.lr' must be a number"),
+    ("model.path=/nonexistent/model", "model.path '/nonexistent/model' does not exist"),
+    ("deepspeed.config=configs/ds/zero9.json", "deepspeed.config 'configs/ds/zero9.json' does not exist"),
+    ("train.epochs=2", "exactly one of train.max_steps or train.epochs"),
+])
+def test_bad_values_raise_a_config_error_naming_the_key(override, message):
+    extra = ["model.builtin=null"] if override.startswith("model.path") else []
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(REPO / "configs/quickstart.yaml", [override, *extra])
+
+
+def _run_train(tmp_path, *overrides, config=None):
+    cmd = [sys.executable, "-m", "dsee_dist.train", "--config", str(config or REPO / "configs/quickstart.yaml"),
+           f"output.dir={tmp_path / 'out'}", "model.builtin=gpt2-tiny", "data.synthetic_train_examples=64",
+           "data.synthetic_eval_examples=8", "train.max_steps=1", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["nonsense.key=1"], "unknown config key 'nonsense'"),
+    (["data.format=e2e", "data.train_path=/no/such.csv"], "data.train_path '/no/such.csv' does not exist"),
+    (["dsee.target_modules=[q_proj]"], "match no adaptable module"),
+    (["dsee.lora_rank=65"], "dsee.lora_rank=65 exceeds"),
+    (["dsee.num_sparse=5000"], "dsee.num_sparse=5000 is larger than the 64 x 64 matrix"),
+])
+def test_cli_bad_config_fails_with_one_clear_line(tmp_path, overrides, message):
+    proc = _run_train(tmp_path, *overrides)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsee_dist: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_cli_missing_config_file(tmp_path):
+    proc = _run_train(tmp_path, config=tmp_path / "missing.yaml")
+    assert proc.returncode == 2 and "config file" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_cli_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  builtin: gpt2-tiny\n bad indent: [\n")
+    proc = _run_train(tmp_path, config=bad)
+    assert proc.returncode == 2 and "is not valid YAML" in proc.stderr
