@@ -221,6 +221,15 @@ def build_engine(model, optimizer, lr_scheduler, ds_config: dict):
     return engine, optimizer, lr_scheduler
 
 
+def optimizer_state_numel(engine) -> int:
+    """Values in this rank's Adam first-moment state: shows what the optimizer really holds (only
+    the adapters, and under ZeRO >= 1 only this rank's partition of them)."""
+    opt = engine.optimizer
+    while getattr(opt, "optimizer", None) is not None and opt.optimizer is not opt:
+        opt = opt.optimizer
+    return sum(state["exp_avg"].numel() for state in opt.state.values() if "exp_avg" in state)
+
+
 def build_optimizer(param_groups, ds_config: dict, lr: float, betas, weight_decay: float):
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload == "cpu" and torch.cuda.is_available():

@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
         grad_clip=cfg.train.grad_clip, world_size=dist_info.world_size)
     model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
-    log(f"model: {base_model} (ZeRO stage {distributed.zero_stage(ds_config)})")
+    log(f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})")
 
     # DSEE: pick the support of S from the frozen weights, then wrap the targets and freeze the rest.
     d = cfg.dsee
@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         batches = [data.collate(train_split, idx, pad_id) for idx in schedule.micro_batches(step)]
         loss = train_step(engine, batches, dev, dist_info.world_size)
         metrics.advance(loss)
+        if step == 0:
+            (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(engine)])
+            log(f"optimizer state: {int(state_total):,} Adam moment values over {dist_info.world_size} ranks "
+                f"for {sum(p.ds_numel if hasattr(p, 'ds_numel') else p.numel() for p in trainable):,} trainable parameters")
+            metrics.log(1, {"optimizer_state_numel": int(state_total)})
         if (step + 1) % cfg.train.log_every_n_steps == 0 or step + 1 == max_steps:
             grad_norm = engine.get_global_grad_norm()
             now = time.time()

@@ -118,36 +118,29 @@ class DSEELayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _low_rank(self, x: torch.Tensor) -> torch.Tensor:
-        """B A drop(x) for every slice, laid out over the full output dimension."""
-        h = F.linear(self.lora_dropout(x), self.lora_a)  # (..., n_slices * r)
+    def _placed_lora_b(self) -> torch.Tensor:
+        """B of every slice placed at its rows of an (out x n_slices*r) matrix, zeros elsewhere: one
+        small matrix, so the fused low-rank update is a single matmul with no padded activations."""
         if self._covers_output:
-            return F.linear(h, self.lora_b[0])  # (..., out)
-        parts, cursor = [], 0
+            return self.lora_b[0]
+        placed = self.lora_b.new_zeros(self.out_features, len(self.slices) * self.rank)
         for i, (start, size) in enumerate(self.slices):
-            if start > cursor:
-                parts.append(h.new_zeros(*h.shape[:-1], start - cursor))
-            parts.append(F.linear(h[..., i * self.rank:(i + 1) * self.rank], self.lora_b[i]))  # (..., d)
-            cursor = start + size
-        if cursor < self.out_features:
-            parts.append(h.new_zeros(*h.shape[:-1], self.out_features - cursor))
-        return torch.cat(parts, dim=-1)
-
-    def _sparse(self, x: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
-        """into + S x, computed from the N entries alone: gather x's columns, scatter-add into rows."""
-        rows, cols = self.sparse_index
-        contrib = x.index_select(-1, cols) * self.sparse_values  # (..., N)
-        return into.index_add(-1, rows, contrib)
+            placed[start:start + size, i * self.rank:(i + 1) * self.rank] = self.lora_b[i]
+        return placed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         if self.merged:
             return result
         x = x.to(self.lora_a.dtype)
-        delta = self._low_rank(x)
+        # B A drop(x) for every slice, over the full output dimension: (..., out)
+        delta = F.linear(F.linear(self.lora_dropout(x), self.lora_a), self._placed_lora_b())
         if self.sparse_values is not None:
-            delta = self._sparse(x, delta)
-        return result + (self.scaling * delta).to(result.dtype)
+            # S x from the N entries alone: gather x's columns, scatter-add into the rows (in place on
+            # `delta`, a fresh matmul output that autograd does not need)
+            rows, cols = self.sparse_index
+            delta.index_add_(-1, rows, x.index_select(-1, cols) * self.sparse_values)
+        return torch.add(result, delta.to(result.dtype), alpha=self.scaling)
 
     # ------------------------------------------------------------------ merged weights
 

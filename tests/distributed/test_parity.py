@@ -106,3 +106,15 @@ def test_zero3_adapter_holds_real_tensors_and_reproduces_eval_loss(runs):
     final_eval = [r["eval_loss"] for r in read_metrics(out_dir) if "eval_loss" in r][-1]
     assert loss_sum / tokens == pytest.approx(final_eval, rel=1e-5)
     assert math.isfinite(final_eval)
+
+
+def test_only_adapters_carry_optimizer_state_and_zero_partitions_it(runs):
+    trainable = 2 * (2 * 4 * 64 + 2 * 64 * 4 + 2 * 16)  # 2 layers x (A + B + sparse values of q and v)
+
+    def state(name):
+        return next(r["optimizer_state_numel"] for r in read_metrics(runs[name][0]) if "optimizer_state_numel" in r)
+
+    assert state("ws1_zero0") == trainable
+    assert state("ws2_zero0") == 2 * trainable  # replicated on both ranks
+    for name in ("ws2_zero2", "ws2_zero3"):  # partitioned: one copy over both ranks (plus alignment padding)
+        assert trainable <= state(name) <= trainable + 64, name
