@@ -213,9 +213,12 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except DSEEError as exc:
+        import os
+
         import torch.distributed as dist
 
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+        if rank == 0:  # every rank fails the same way; one line is enough
             print(f"dsee_dist: error: {exc}", file=sys.stderr, flush=True)
         distributed.shutdown()
         return exc.exit_code

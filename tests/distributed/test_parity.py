@@ -118,3 +118,33 @@ def test_only_adapters_carry_optimizer_state_and_zero_partitions_it(runs):
     assert state("ws2_zero0") == 2 * trainable  # replicated on both ranks
     for name in ("ws2_zero2", "ws2_zero3"):  # partitioned: one copy over both ranks (plus alignment padding)
         assert trainable <= state(name) <= trainable + 64, name
+
+
+def test_torchrun_runs_the_same_program_with_the_same_losses(runs, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tests.distributed.launch import free_port
+
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "dsee_dist.train", "--config", "configs/quickstart.yaml", f"output.dir={out}", *TINY_RUN,
+           "deepspeed.config=configs/ds/zero2_fp32.json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(train_losses(runs["ws1_zero0"][0])),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_config_error_under_the_launcher_is_one_line_and_nonzero(tmp_path):
+    import subprocess
+
+    from tests.conftest import REPO
+    from tests.distributed.launch import train_command
+
+    proc = subprocess.run(train_command(2, tmp_path / "bad", *TINY_RUN, "dsee.target_modules=[nothing_here]"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("dsee_dist: error:")]
+    assert len(errors) == 1 and "match no adaptable module" in errors[0]
