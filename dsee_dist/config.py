@@ -114,6 +114,9 @@ class TrainConfig:
     # 0 disables clipping.
     grad_clip: float = 1.0
     log_every_n_steps: int = 1
+    # Stop with a checkpoint after this many optimizer steps of this job (0 = run to the end); for
+    # time-boxed allocations: the next job continues with resume=auto.
+    stop_after_steps: int = 0
 
 
 @dataclass
@@ -123,6 +126,14 @@ class EvalConfig:
     micro_batch_size: int = 8
     # Evaluate on at most this many batches per rank (0 = the whole evaluation set).
     max_batches: int = 0
+
+
+@dataclass
+class CheckpointConfig:
+    # Save a sharded checkpoint every N optimizer steps (0 = only at the end and on preemption).
+    every: int = 0
+    # Keep the newest K complete checkpoints (0 = keep all).
+    keep_last: int = 2
 
 
 @dataclass
@@ -147,7 +158,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    # `auto`: continue from the newest complete checkpoint in output.dir (fresh start if none);
+    # a path: continue from that checkpoint; null: fresh start.
+    resume: str | None = None
     # Directory of the YAML this config came from (for resolving relative paths); not a user key.
     source_dir: str = field(default="", metadata={"internal": True})
 
@@ -375,8 +390,8 @@ def validate(cfg: Config) -> None:
     for key in ("micro_batch_size", "grad_accum_steps", "log_every_n_steps"):
         if getattr(t, key) < 1:
             raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0:
-        raise ConfigError("train.warmup_steps, train.grad_clip and train.weight_decay must be >= 0")
+    if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0 or t.stop_after_steps < 0:
+        raise ConfigError("train.warmup_steps, train.grad_clip, train.weight_decay and train.stop_after_steps must be >= 0")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
     if cfg.eval.every_n_steps < 0 or cfg.eval.max_batches < 0 or cfg.eval.micro_batch_size < 1:
@@ -385,6 +400,10 @@ def validate(cfg: Config) -> None:
     ds_path = resolve_path(cfg, cfg.deepspeed.config)
     if not ds_path.is_file():
         raise ConfigError(f"deepspeed.config '{cfg.deepspeed.config}' does not exist; use one of configs/ds/*.json")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
+        raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 0")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+        raise ConfigError(f"resume '{cfg.resume}' does not exist; use resume=auto or the path of a checkpoint directory")
     if not cfg.output.dir:
         raise ConfigError("output.dir is empty; give a directory for checkpoints, metrics and the adapter")
 

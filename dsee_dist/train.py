@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 import warnings
@@ -19,13 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data, distributed, models
+from . import checkpoint, data, distributed, models
 from .adapter import save_adapter
 from .config import Config, dump_yaml, load_config, resolve_path
 from .dsee.inject import check_num_sparse, check_rank, find_targets, inject_dsee, mark_only_adapters_trainable, parameter_summary
-from .dsee.placement import load_or_compute_support
+from .dsee.placement import SUPPORT_FILE, load_or_compute_support
 from .errors import DSEEError
 from .metrics import MetricsLogger
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from .tokenizer import train_bpe_tokenizer
 
 
@@ -59,6 +61,28 @@ def prepare_base_model(cfg: Config, out_dir: Path, log) -> str:
         return str(path)
 
     return distributed.on_rank_zero(build)
+
+
+def find_resume(cfg: Config, out_dir: Path, log) -> checkpoint.ResumeInfo | None:
+    """Rank 0: the checkpoint to continue from (verified), or None for a fresh start."""
+    path = checkpoint.find_resume_checkpoint(out_dir, cfg.resume, log=log)
+    if path is None:
+        if cfg.resume == "auto":
+            log("resume: no complete checkpoint in the output directory; starting fresh")
+        return None
+    info = checkpoint.read_trainer_state(path)
+    support = out_dir / SUPPORT_FILE
+    if not support.is_file() and (path / SUPPORT_FILE).is_file():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path / SUPPORT_FILE, support)
+    return info
+
+
+def save(engine, cfg: Config, out_dir: Path, step: int, dist_info, base_model: str, log) -> None:
+    support = out_dir / SUPPORT_FILE
+    checkpoint.save_checkpoint(engine, out_dir, step, config=cfg.to_dict(), dist_info=dist_info,
+                               keep_last=cfg.checkpoint.keep_last, base_model=base_model,
+                               extra_files={SUPPORT_FILE: support} if support.is_file() else {}, log=log)
 
 
 def lr_lambda(schedule: str, warmup_steps: int, max_steps: int):
@@ -137,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data.format == "synthetic_e2e":
         distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
     base_model = prepare_base_model(cfg, out_dir, log)
+    base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
     tokenizer = models.load_tokenizer(base_model)
     train_split, eval_split = data.load_splits(cfg, tokenizer, out_dir, log)
     log(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
+
+    # Resume is decided before the support, so a resumed job uses the support saved with its checkpoint.
+    resume = distributed.on_rank_zero(lambda: find_resume(cfg, out_dir, log))
+    if resume is not None:
+        checkpoint.check_compatible(resume, cfg.to_dict(), dist_info.world_size)
 
     # Model: partitioned at creation under ZeRO-3.
     ds_config = distributed.build_deepspeed_config(
@@ -169,22 +199,31 @@ def main(argv: list[str] | None = None) -> int:
     engine, optimizer, scheduler = distributed.build_engine(model, optimizer, scheduler, ds_config)
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
+    start_step = 0
+    if resume is not None:
+        checkpoint.load_checkpoint(engine, resume, dist_info)
+        start_step = resume.step
+        if dist_info.is_rank_zero:
+            checkpoint.truncate_metrics(out_dir, start_step)
+        log(f"resume: continuing from step {start_step} of {resume.path}"
+            + (f" (written at world size {resume.world_size}, resharded)" if resume.world_size != dist_info.world_size else ""))
     log(f"training {max_steps} steps of {schedule.global_batch} examples "
         f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
 
-    metrics = MetricsLogger(out_dir, dist_info.is_rank_zero, max_steps)
+    metrics = MetricsLogger(out_dir, dist_info.is_rank_zero, max_steps, start_step)
+    preemption = PreemptionHandler(log)
     engine.train()  # from_pretrained returns the model in eval mode
     t_last = time.time()
-    for step in range(max_steps):
+    for step in range(start_step, max_steps):
         lr = optimizer.param_groups[0]["lr"]
         batches = [data.collate(train_split, idx, pad_id) for idx in schedule.micro_batches(step)]
         loss = train_step(engine, batches, dev, dist_info.world_size)
         metrics.advance(loss)
-        if step == 0:
+        if step == start_step:
             (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(engine)])
             log(f"optimizer state: {int(state_total):,} Adam moment values over {dist_info.world_size} ranks "
                 f"for {sum(p.ds_numel if hasattr(p, 'ds_numel') else p.numel() for p in trainable):,} trainable parameters")
-            metrics.log(1, {"optimizer_state_numel": int(state_total)})
+            metrics.log(step + 1, {"optimizer_state_numel": int(state_total)})
         if (step + 1) % cfg.train.log_every_n_steps == 0 or step + 1 == max_steps:
             grad_norm = engine.get_global_grad_norm()
             now = time.time()
@@ -195,13 +234,31 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate(engine, eval_split, cfg, dist_info, pad_id, dev)
             metrics.log(step + 1, result)
             log(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+        stop = preemption.should_stop()
+        planned_stop = cfg.train.stop_after_steps > 0 and step + 1 - start_step >= cfg.train.stop_after_steps
+        every = cfg.checkpoint.every
+        if stop or planned_stop or step + 1 == max_steps or (every and (step + 1) % every == 0):
+            save(engine, cfg, out_dir, step + 1, dist_info, base_model, log)
+        if planned_stop and step + 1 < max_steps:
+            metrics.close()
+            log(f"stopping after {cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
+                f"resume=auto continues from step {step + 1}")
+            distributed.shutdown()
+            return 0
+        if stop:
+            metrics.close()
+            log(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {step + 1} "
+                f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto")
+            distributed.shutdown()
+            return PREEMPTED_EXIT_CODE
+    preemption.restore()
     result = evaluate(engine, eval_split, cfg, dist_info, pad_id, dev)
     metrics.log(max_steps, result)
     metrics.close()
     log(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
 
-    save_adapter(engine.module, out_dir / "adapter", base_model=str(Path(base_model).resolve()) if Path(base_model).exists() else base_model,
-                 dsee_cfg=cfg.dsee, is_rank_zero=dist_info.is_rank_zero)
+    save_adapter(engine.module, out_dir / "adapter", base_model=base_model, dsee_cfg=cfg.dsee,
+                 is_rank_zero=dist_info.is_rank_zero)
     distributed.barrier()
     log(f"adapter written to {out_dir / 'adapter'}")
     distributed.shutdown()

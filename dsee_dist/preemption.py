@@ -1,0 +1,44 @@
+"""Graceful preemption: on SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint is saved, and
+the job exits with PREEMPTED_EXIT_CODE so a requeued job resumes (`resume=auto`).
+
+SLURM sends such a signal before a time limit with `sbatch --signal=USR1@120` (or
+`scancel --signal=USR1`). Ranks agree on stopping through an all-reduce after every step, so a signal
+that reaches only some ranks still stops all of them at the same step. A second signal while saving
+only sets the same flag again: the save completes and the previous checkpoint stays intact.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from . import distributed
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
+PREEMPTED_EXIT_CODE = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionHandler:
+    def __init__(self, log=print):
+        self.requested = False
+        self.signal_name = None
+        self._log = log
+        self._previous = {}
+        for sig in SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.signal_name = signal.Signals(signum).name
+            print(f"[dsee] received {self.signal_name}: checkpointing after the current step", file=sys.stderr, flush=True)
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank if any rank was signalled."""
+        (flag,) = distributed.all_reduce_sum([1.0 if self.requested else 0.0])
+        return flag > 0
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
