@@ -100,6 +100,7 @@ def save_checkpoint(engine, out_dir: Path, step: int, *, config: dict, dist_info
     engine.save_checkpoint(str(root), tag=partial, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=True)
     torch.save(_rng_state(), root / partial / f"rng_rank_{dist_info.rank:05d}.pt")
+    _maybe_inject_fault(dist_info.rank, step)
     distributed.barrier()  # every rank's shards are on disk
     final = root / tag
     if dist_info.is_rank_zero:
@@ -117,6 +118,16 @@ def save_checkpoint(engine, out_dir: Path, step: int, *, config: dict, dist_info
         log(f"checkpoint: step {step} saved to {final}")
     distributed.barrier()
     return final
+
+
+def _maybe_inject_fault(rank: int, step: int) -> None:
+    """Test aid: DSEE_FAULT_KILL_IN_SAVE=RANK:STEP makes that rank kill -9 itself after writing its shards
+    of that step's checkpoint, before the save is committed (what a node failure mid-save looks like)."""
+    spec = os.environ.get("DSEE_FAULT_KILL_IN_SAVE")
+    if spec and spec == f"{rank}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

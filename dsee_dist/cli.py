@@ -1,4 +1,5 @@
-"""`dsee-dist` command line: `dsee-dist train --config X.yaml [overrides]`, `dsee-dist quickstart`.
+"""`dsee-dist` command line: `train --config X.yaml [overrides]`, `export CHECKPOINT --adapter/--merged DIR`,
+`quickstart`.
 
 `dsee-dist quickstart` launches the built-in default (configs/quickstart.yaml) on 2 ranks with the
 `deepspeed` launcher; `train` runs in this process (use it under deepspeed/torchrun/srun).
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run training in this process (under deepspeed, torchrun, srun or alone)")
     train.add_argument("rest", nargs=argparse.REMAINDER)
+    export = sub.add_parser("export", help="a checkpoint -> adapter-only export and/or merged Hugging Face model")
+    export.add_argument("rest", nargs=argparse.REMAINDER)
     quick = sub.add_parser("quickstart", help="the built-in default: a small GPT-2 with DSEE, 2 ranks, ZeRO-3")
     quick.add_argument("--ranks", type=int, default=2)
     quick.add_argument("--master_port", type=int, default=29561)
@@ -42,4 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         from .train import run
 
         return run(args.rest)
+    if args.command == "export":
+        from .export import main as export_main
+
+        return export_main(args.rest)
     return _quickstart(args)

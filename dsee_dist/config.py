@@ -300,9 +300,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     return cfg
 
 
-def config_from_dict(data: dict) -> Config:
+def config_from_dict(data: dict, validate: bool = True) -> Config:
+    """A Config from a resolved dict (e.g. a checkpoint's). `validate=False` skips the file checks,
+    for configs recorded on another machine."""
     cfg = _build(Config, data)
-    validate(cfg)
+    if validate:
+        globals()["validate"](cfg)
     return cfg
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -29,6 +30,10 @@ from .errors import DSEEError
 from .metrics import MetricsLogger
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from .tokenizer import train_bpe_tokenizer
+
+
+# Test aid: seconds to sleep after every step (so a test can signal a job mid-run); 0 in real use.
+STEP_DELAY_S = float(os.environ.get("DSEE_DEBUG_STEP_DELAY", "0"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -219,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         batches = [data.collate(train_split, idx, pad_id) for idx in schedule.micro_batches(step)]
         loss = train_step(engine, batches, dev, dist_info.world_size)
         metrics.advance(loss)
+        if STEP_DELAY_S:
+            time.sleep(STEP_DELAY_S)
         if step == start_step:
             (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(engine)])
             log(f"optimizer state: {int(state_total):,} Adam moment values over {dist_info.world_size} ranks "
@@ -270,8 +277,6 @@ def run(argv: list[str] | None = None) -> int:
     try:
         return main(argv)
     except DSEEError as exc:
-        import os
-
         import torch.distributed as dist
 
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
