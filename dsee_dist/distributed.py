@@ -58,7 +58,24 @@ def init_distributed() -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(local_rank)
+    else:
+        _unlink_cpu_shm_segments(local_rank)
     return DistInfo(rank, world_size, local_rank)
+
+
+def _unlink_cpu_shm_segments(local_rank: int) -> None:
+    """DeepSpeed's CPU allreduce maps one 66 MB /dev/shm segment per rank and never unlinks it, so every
+    job leaks them (RAM-backed) until the machine runs out of memory. Once every rank has mapped them
+    (after the barrier), the names can go: the mappings stay valid until the processes exit, so nothing
+    is left behind even after a kill -9."""
+    barrier()
+    if local_rank != 0:
+        return
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        for segment in shm.glob(prefix + "*"):
+            segment.unlink(missing_ok=True)
 
 
 def shutdown() -> None:
@@ -218,7 +235,26 @@ def build_engine(model, optimizer, lr_scheduler, ds_config: dict):
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config,
         model_parameters=None,
     )
+    _exclude_tied_frozen_weights_from_checkpoints(engine)
     return engine, optimizer, lr_scheduler
+
+
+def _exclude_tied_frozen_weights_from_checkpoints(engine) -> None:
+    """`save_checkpoint(exclude_frozen_parameters=True)` drops frozen tensors found by `named_parameters()`,
+    which skips tied duplicates: GPT-2's lm_head.weight (tied to the frozen embedding) would be written
+    into every adapter-sized checkpoint (51 M values for GPT-2). Drop frozen tensors under all their names."""
+    original = engine.module_state_dict
+
+    def module_state_dict(destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        state = original(destination=destination, prefix=prefix, keep_vars=keep_vars,
+                          exclude_frozen_parameters=exclude_frozen_parameters)
+        if exclude_frozen_parameters:
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(prefix + name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
 
 
 def optimizer_state_numel(engine) -> int:

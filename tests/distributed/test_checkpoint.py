@@ -47,6 +47,10 @@ def test_resume_continues_the_exact_loss_curve(stage, uninterrupted, tmp_path):
     assert "resume: continuing from step 4" in proc.stdout
     ref = uninterrupted[stage]
     assert train_losses(out) == pytest.approx(train_losses(ref), rel=1e-6, abs=1e-6) and len(train_losses(out)) == STEPS
+    # adapter-sized: the frozen base (tied lm_head included) is not rewritten
+    for f in (out / "checkpoints" / "step_00000008").glob("*model_states.pt"):
+        module = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        assert {k.rsplit(".", 1)[-1] for k in module} == {"lora_a", "lora_b", "sparse_values", "sparse_index"}, f
     for key, value in _adapter(ref).items():
         torch.testing.assert_close(_adapter(out)[key], value, rtol=1e-6, atol=1e-7, msg=key)
 

@@ -148,3 +148,11 @@ def test_config_error_under_the_launcher_is_one_line_and_nonzero(tmp_path):
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("dsee_dist: error:")]
     assert len(errors) == 1 and "match no adaptable module" in errors[0]
+
+
+def test_jobs_leave_no_shared_memory_segments_behind(runs):
+    # DeepSpeed's CPU allreduce never unlinks its 66 MB /dev/shm segments; init_distributed does.
+    import os
+    from pathlib import Path
+
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))

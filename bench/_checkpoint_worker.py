@@ -1,0 +1,82 @@
+"""One checkpoint measurement (save + load through dsee_dist.checkpoint); launched by bench/checkpoint.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dsee_dist import checkpoint, distributed  # noqa: E402
+from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable  # noqa: E402
+from dsee_dist.dsee.support import matrix_generator, select_support  # noqa: E402
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    p = argparse.ArgumentParser()
+    p.add_argument("--method", choices=["full", "dsee"], required=True)
+    p.add_argument("--ds-config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-layer", type=int, default=24)
+    p.add_argument("--n-embd", type=int, default=1024)
+    p.add_argument("--n-head", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--num-sparse", type=int, default=16)
+    p.add_argument("--local_rank", type=int, default=None)
+    args = p.parse_args()
+    info = distributed.init_distributed()
+    ds = distributed.build_deepspeed_config(json.loads(Path(args.ds_config).read_text()), {}, micro_batch_size=1,
+                                            grad_accum_steps=1, grad_clip=1.0, world_size=info.world_size)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+                                       vocab_size=args.vocab, n_positions=64))
+    index_bytes = 0
+    if args.method == "full":
+        params = list(model.parameters())
+    else:
+        specs = find_targets(model, ["c_attn"], ["q", "v"])
+        support = {m: select_support(torch.zeros(args.n_embd, args.n_embd), args.num_sparse, "random",
+                                     generator=matrix_generator(0, m)) for s in specs for m in s.matrix_names()}
+        index_bytes = sum(t.numel() * t.element_size() for t in support.values())
+        inject_dsee(model, specs, support, rank=args.rank, alpha=2 * args.rank, dropout=0.0, seed=0)
+        params = mark_only_adapters_trainable(model)
+    engine, _, _ = distributed.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
+    x = torch.randint(0, args.vocab, (1, 16))
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()  # creates the optimizer state
+    n_trainable = sum(p.numel() for p in params)
+    lp_bytes = sum(p.numel() * p.element_size() for p in params)
+    # what must be saved to continue exactly: working weights + fp32 master + two Adam moments
+    state_bytes = lp_bytes + n_trainable * 4 * 3
+
+    out = Path(args.out)
+    distributed.barrier()
+    t0 = time.perf_counter()
+    path = checkpoint.save_checkpoint(engine, out, 1, config={"bench": True}, dist_info=info, keep_last=1,
+                                      base_model="bench", log=lambda m: None)
+    save_s = time.perf_counter() - t0
+    distributed.barrier()
+    t0 = time.perf_counter()
+    engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
+    distributed.barrier()
+    load_s = time.perf_counter() - t0
+    if info.is_rank_zero:
+        ckpt_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        Path(args.out, "result.json").write_text(json.dumps({
+            "trainable_params": n_trainable, "trainable_state_bytes": state_bytes, "index_bytes": index_bytes,
+            "checkpoint_bytes": ckpt_bytes, "save_s": save_s, "load_s": load_s}))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()
