@@ -54,8 +54,8 @@ def main() -> None:
     x = torch.randint(0, args.vocab, (1, 16))
     engine.backward(engine(input_ids=x, labels=x).loss)
     engine.step()  # creates the optimizer state
-    n_trainable = sum(p.numel() for p in params)
-    lp_bytes = sum(p.numel() * p.element_size() for p in params)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 partitions look empty
+    lp_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
     # what must be saved to continue exactly: working weights + fp32 master + two Adam moments
     state_bytes = lp_bytes + n_trainable * 4 * 3
 
