@@ -107,7 +107,8 @@ def save_checkpoint(engine, out_dir: Path, step: int, *, config: dict, dist_info
         for name, source in dict(extra_files).items():
             shutil.copyfile(source, root / partial / name)
         (root / partial / TRAINER_STATE).write_text(json.dumps(
-            {"step": step, "world_size": dist_info.world_size, "base_model": base_model, "config": config}, indent=1))
+            {"step": step, "world_size": dist_info.world_size, "zero_stage": engine.zero_optimization_stage(),
+             "base_model": base_model, "config": config}, indent=1))
         files = sorted(p for p in (root / partial).rglob("*") if p.is_file())
         manifest = {str(p.relative_to(root / partial)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
         (root / partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -210,13 +211,14 @@ class ResumeInfo:
     path: Path
     step: int
     world_size: int
+    zero_stage: int
     base_model: str
     config: dict
 
 
 def read_trainer_state(path: Path) -> ResumeInfo:
     state = json.loads((path / TRAINER_STATE).read_text())
-    return ResumeInfo(path, state["step"], state["world_size"], state["base_model"], state["config"])
+    return ResumeInfo(path, state["step"], state["world_size"], state["zero_stage"], state["base_model"], state["config"])
 
 
 def global_batch(config: dict, world_size: int) -> int:
@@ -243,8 +245,17 @@ def _get(d: dict, dotted: str):
 
 
 def load_checkpoint(engine, info: ResumeInfo, dist_info) -> None:
-    """Restore engine (trainable parameters, optimizer, LR scheduler) and this rank's RNG states."""
-    if info.world_size != dist_info.world_size:
+    """Restore engine (trainable parameters, optimizer, LR scheduler) and this rank's RNG states.
+
+    DeepSpeed loads its own checkpoint when the partitioning is unchanged (same world size and ZeRO
+    stage; stage 0 is never partitioned). Otherwise the trainable state is resharded."""
+    stage = engine.zero_optimization_stage()
+    same_partitioning = info.zero_stage == stage and (info.world_size == dist_info.world_size or stage == 0)
+    if not same_partitioning:
+        if info.zero_stage == 0 or stage == 0:
+            raise DSEEError(f"checkpoint '{info.path}' was written under ZeRO stage {info.zero_stage} at world size "
+                            f"{info.world_size}; resuming it under stage {stage} at world size {dist_info.world_size} "
+                            f"needs ZeRO stage >= 1 on both sides (or the original stage and world size)")
         from .reshard import load_resharded
 
         load_resharded(engine, info.path)
@@ -254,7 +265,7 @@ def load_checkpoint(engine, info: ResumeInfo, dist_info) -> None:
         if load_path is None:
             raise DSEEError(f"DeepSpeed could not load checkpoint '{info.path}'")
     rng_file = info.path / f"rng_rank_{dist_info.rank:05d}.pt"
-    if rng_file.is_file() and info.world_size == dist_info.world_size:
+    if rng_file.is_file() and info.world_size == dist_info.world_size:  # one stream per rank: only meaningful 1:1
         _set_rng_state(torch.load(rng_file, weights_only=False))
 
 

@@ -39,6 +39,12 @@ class PreemptionHandler:
         (flag,) = distributed.all_reduce_sum([1.0 if self.requested else 0.0])
         return flag > 0
 
+    def ignore_further_signals(self) -> None:
+        """After the preemption checkpoint: a late signal must not kill the process while it tears down
+        (and turn the documented exit status into a signal death). SIG_IGN survives interpreter shutdown."""
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

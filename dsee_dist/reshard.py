@@ -113,9 +113,6 @@ def load_resharded(engine, checkpoint_dir: Path) -> None:
     """Load a checkpoint written at another world size into `engine` (every rank calls this)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    if engine.zero_optimization_stage() == 0:
-        raise DSEEError("resuming at a different world size needs ZeRO stage >= 1 in the resumed run "
-                        "(stage 0 checkpoints load at any world size without resharding)")
     state, meta = consolidate_trainable_state(checkpoint_dir)
     _ensure_optimizer_state(engine)
     named = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}

@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         if dist_info.is_rank_zero:
             checkpoint.truncate_metrics(out_dir, start_step)
         log(f"resume: continuing from step {start_step} of {resume.path}"
-            + (f" (written at world size {resume.world_size}, resharded)" if resume.world_size != dist_info.world_size else ""))
+            + (f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
+               if (resume.world_size, resume.zero_stage) != (dist_info.world_size, engine.zero_optimization_stage())
+               and resume.zero_stage else ""))
     log(f"training {max_steps} steps of {schedule.global_batch} examples "
         f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
 
@@ -253,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             distributed.shutdown()
             return 0
         if stop:
+            preemption.ignore_further_signals()
             metrics.close()
             log(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {step + 1} "
                 f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto")
