@@ -15,20 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _launch import ROOT, run_worker
 
 
 def main() -> None:
@@ -40,17 +31,13 @@ def main() -> None:
     p.add_argument("--n-head", default="16")
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary directory)")
     args = p.parse_args()
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions"))
     results = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for method in ("dsee", "full"):
             out = Path(tmp) / method
-            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--master_port",
-                   str(_port()), str(ROOT / "bench" / "_checkpoint_worker.py"), "--method", method,
-                   "--ds-config", str(ROOT / "configs" / "ds" / f"zero{args.stage}_fp32.json"), "--out", str(out),
-                   "--n-layer", args.n_layer, "--n-embd", args.n_embd, "--n-head", args.n_head]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            proc = run_worker("_checkpoint_worker.py", args.ranks, "--method", method,
+                              "--ds-config", str(ROOT / "configs" / "ds" / f"zero{args.stage}_fp32.json"), "--out", str(out),
+                              "--n-layer", args.n_layer, "--n-embd", args.n_embd, "--n-head", args.n_head)
             if proc.returncode != 0 or not (out / "result.json").is_file():
                 sys.exit(f"bench/checkpoint.py: {method} failed:\n{proc.stderr[-3000:]}")
             r = json.loads((out / "result.json").read_text())

@@ -20,20 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _launch import ROOT, run_worker
 
 
 def main() -> None:
@@ -52,8 +43,6 @@ def main() -> None:
                    help="launches per method, in alternating order (full lora dsee, dsee lora full, ...); "
                         "each method keeps its lowest median, which removes most launch-to-launch drift on shared CPUs")
     args = p.parse_args()
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions"))
     per_stage = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages.split(","):
@@ -62,14 +51,12 @@ def main() -> None:
             order = [m for r in range(args.repeats) for m in (("full", "lora", "dsee") if r % 2 == 0 else ("dsee", "lora", "full"))]
             for launch, method in enumerate(order):
                 result = Path(tmp) / f"{stage}_{method}_{launch}.json"
-                cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks),
-                       "--master_port", str(_port()), str(ROOT / "bench" / "_step_worker.py"),
-                       "--method", method, "--ds-config", str(ds), "--result", str(result),
-                       "--n-layer", args.n_layer, "--n-embd", args.n_embd, "--seq", args.seq,
-                       "--micro-batch", args.micro_batch, "--rank", args.rank, "--num-sparse", args.num_sparse,
-                       "--steps", args.steps]
+                worker_args = ["--method", method, "--ds-config", str(ds), "--result", str(result),
+                               "--n-layer", args.n_layer, "--n-embd", args.n_embd, "--seq", args.seq,
+                               "--micro-batch", args.micro_batch, "--rank", args.rank, "--num-sparse", args.num_sparse,
+                               "--steps", args.steps]
                 for _attempt in range(2):  # gloo teardown rarely aborts a finished job at exit; retry once
-                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+                    proc = run_worker("_step_worker.py", args.ranks, *worker_args)
                     if proc.returncode == 0 and result.is_file():
                         break
                 if proc.returncode != 0 or not result.is_file():

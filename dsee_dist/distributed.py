@@ -33,7 +33,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host right now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,7 +49,7 @@ def init_distributed() -> DistInfo:
         # Plain `python -m dsee_dist.train`: a world of one.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         backend = get_accelerator().communication_backend_name()
         if backend == "ccl":  # the CPU accelerator's default needs oneCCL; gloo ships with torch

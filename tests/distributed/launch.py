@@ -1,11 +1,11 @@
 """Launching real training jobs for the distributed tests (deepspeed launcher, gloo on CPU)."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from dsee_dist.distributed import free_port
 from tests.conftest import REPO
 
 TINY_RUN = [
@@ -15,12 +15,6 @@ TINY_RUN = [
     "train.max_steps=6", "train.micro_batch_size=4", "train.lr=1e-2", "train.warmup_steps=0",
     "train.log_every_n_steps=1", "eval.every_n_steps=3", "eval.micro_batch_size=4",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(world_size: int, out_dir: Path, *overrides: str, config: str = "configs/quickstart.yaml") -> list[str]:
