@@ -1,0 +1,58 @@
+"""Launch preflight: bad hostfiles, node counts and rendezvous settings fail with one clear line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dsee_dist.errors import DSEEError
+from dsee_dist.launch_check import check_allocation, check_rendezvous, parse_hostfile
+from tests.conftest import REPO
+
+
+def test_shipped_example_parses():
+    assert parse_hostfile(REPO / "hostfile.example") == {"node001": 8, "node002": 8}
+
+
+@pytest.mark.parametrize("text,message", [
+    ("node1 slots=2\nnode2 gpus=2\n", ":2: 'node2 gpus=2' is not of the form 'hostname slots=N'"),
+    ("node1 slots=0\n", ":1: slots must be a positive integer"),
+    ("node1 slots=x\n", ":1: slots must be a positive integer"),
+    ("node1 slots=2\nnode1 slots=2\n", ":2: host 'node1' is listed twice"),
+    ("# only comments\n\n", "lists no hosts"),
+])
+def test_malformed_hostfiles_name_the_line(tmp_path, text, message):
+    path = tmp_path / "hf"
+    path.write_text(text)
+    with pytest.raises(DSEEError, match=message.replace("'", ".").replace("(", r"\(")):
+        parse_hostfile(path)
+
+
+def test_comments_and_blank_lines_are_ignored(tmp_path):
+    path = tmp_path / "hf"
+    path.write_text("# nodes\nnode1 slots=2   # first\n\n10.0.0.2 slots=4\n")
+    assert parse_hostfile(path) == {"node1": 2, "10.0.0.2": 4}
+
+
+def test_node_count_must_match_hostfile_and_allocation():
+    with pytest.raises(DSEEError, match="--nnodes 3 does not match the 2 hosts"):
+        check_allocation({"a": 1, "b": 1}, 3, {})
+    with pytest.raises(DSEEError, match="the Slurm allocation has 4"):
+        check_allocation({"a": 1, "b": 1}, None, {"SLURM_JOB_NUM_NODES": "4"})
+    check_allocation({"a": 1, "b": 1}, 2, {"SLURM_JOB_NUM_NODES": "2"})
+
+
+def test_master_addr_is_required_outside_slurm_only():
+    with pytest.raises(DSEEError, match="MASTER_ADDR is not set"):
+        check_rendezvous({}, multi_node=True)
+    check_rendezvous({"SLURM_JOB_ID": "7"}, multi_node=True)
+    check_rendezvous({}, multi_node=False)
+    with pytest.raises(DSEEError, match="MASTER_PORT 'abc'"):
+        check_rendezvous({"MASTER_ADDR": "n1", "MASTER_PORT": "abc"}, multi_node=True)
+
+
+def test_cli_missing_hostfile_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dsee_dist.launch_check", "--hostfile", str(tmp_path / "nope")],
+                          capture_output=True, text=True, cwd=REPO, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
