@@ -244,11 +244,11 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def load_checkpoint(engine, info: ResumeInfo, dist_info) -> None:
+def load_checkpoint(engine, info: ResumeInfo, dist_info) -> bool:
     """Restore engine (trainable parameters, optimizer, LR scheduler) and this rank's RNG states.
 
     DeepSpeed loads its own checkpoint when the partitioning is unchanged (same world size and ZeRO
-    stage; stage 0 is never partitioned). Otherwise the trainable state is resharded."""
+    stage; stage 0 is never partitioned). Otherwise the trainable state is resharded; returns whether it was."""
     stage = engine.zero_optimization_stage()
     same_partitioning = info.zero_stage == stage and (info.world_size == dist_info.world_size or stage == 0)
     if not same_partitioning:
@@ -267,6 +267,7 @@ def load_checkpoint(engine, info: ResumeInfo, dist_info) -> None:
     rng_file = info.path / f"rng_rank_{dist_info.rank:05d}.pt"
     if rng_file.is_file() and info.world_size == dist_info.world_size:  # one stream per rank: only meaningful 1:1
         _set_rng_state(torch.load(rng_file, weights_only=False))
+    return not same_partitioning
 
 
 def truncate_metrics(out_dir: Path, step: int) -> None:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from . import checkpoint, data, distributed, models
 from .adapter import save_adapter
 from .config import Config, dump_yaml, load_config, resolve_path
-from .dsee.inject import check_num_sparse, check_rank, find_targets, inject_dsee, mark_only_adapters_trainable, parameter_summary
+from .dsee.inject import (check_num_sparse, check_rank, count_parameters, find_targets, inject_dsee,
+                          mark_only_adapters_trainable, parameter_summary)
 from .dsee.placement import SUPPORT_FILE, load_or_compute_support
 from .errors import DSEEError
 from .metrics import MetricsLogger
@@ -206,14 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     pad_id = tokenizer.pad_token_id
     start_step = 0
     if resume is not None:
-        checkpoint.load_checkpoint(engine, resume, dist_info)
+        resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
         start_step = resume.step
         if dist_info.is_rank_zero:
             checkpoint.truncate_metrics(out_dir, start_step)
         log(f"resume: continuing from step {start_step} of {resume.path}"
-            + (f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
-               if (resume.world_size, resume.zero_stage) != (dist_info.world_size, engine.zero_optimization_stage())
-               and resume.zero_stage else ""))
+            + (f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)" if resharded else ""))
     log(f"training {max_steps} steps of {schedule.global_batch} examples "
         f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
 
@@ -231,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if step == start_step:
             (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(engine)])
             log(f"optimizer state: {int(state_total):,} Adam moment values over {dist_info.world_size} ranks "
-                f"for {sum(p.ds_numel if hasattr(p, 'ds_numel') else p.numel() for p in trainable):,} trainable parameters")
+                f"for {count_parameters(model)[0]:,} trainable parameters")
             metrics.log(step + 1, {"optimizer_state_numel": int(state_total)})
         if (step + 1) % cfg.train.log_every_n_steps == 0 or step + 1 == max_steps:
             grad_norm = engine.get_global_grad_norm()
@@ -248,19 +247,17 @@ def main(argv: list[str] | None = None) -> int:
         every = cfg.checkpoint.every
         if stop or planned_stop or step + 1 == max_steps or (every and (step + 1) % every == 0):
             save(engine, cfg, out_dir, step + 1, dist_info, base_model, log)
-        if planned_stop and step + 1 < max_steps:
+        if stop or (planned_stop and step + 1 < max_steps):
+            if stop:
+                preemption.ignore_further_signals()
+                log(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {step + 1} "
+                    f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto")
+            else:
+                log(f"stopping after {cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
+                    f"resume=auto continues from step {step + 1}")
             metrics.close()
-            log(f"stopping after {cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
-                f"resume=auto continues from step {step + 1}")
             distributed.shutdown()
-            return 0
-        if stop:
-            preemption.ignore_further_signals()
-            metrics.close()
-            log(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {step + 1} "
-                f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto")
-            distributed.shutdown()
-            return PREEMPTED_EXIT_CODE
+            return PREEMPTED_EXIT_CODE if stop else 0
     preemption.restore()
     result = evaluate(engine, eval_split, cfg, dist_info, pad_id, dev)
     metrics.log(max_steps, result)
