@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "train":
-        from .train import run
+        from .train import exit_process, run
 
-        return run(args.rest)
+        exit_process(run(args.rest))
     if args.command == "export":
         from .export import main as export_main
 

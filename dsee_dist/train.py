@@ -286,5 +286,15 @@ def run(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
+def exit_process(code: int) -> None:
+    """End the process without interpreter teardown. gloo's background threads can abort a process at
+    exit ("terminate called without an active exception", status 250) after a fully successful run, even
+    after destroy_process_group; the launcher would then report a finished job as failed. By now every
+    file is written and closed, so only the streams need flushing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run())
+    exit_process(run())
