@@ -266,11 +266,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_nested(base: dict, extra: dict) -> dict:
+    """`extra` merged over `base`, recursing into mappings present in both."""
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_nested(out[key], value)
         else:
             out[key] = value
     return out
@@ -293,7 +294,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, dsee:, ...)")
         source_dir = str(path.resolve().parent)
-    data = _merge(data, parse_overrides(list(overrides)))
+    data = merge_nested(data, parse_overrides(list(overrides)))
     cfg = _build(Config, data)
     cfg.source_dir = source_dir
     validate(cfg)

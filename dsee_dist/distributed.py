@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .config import merge_nested
 from .errors import ConfigError
 
 
@@ -178,13 +179,6 @@ def resolve_deepspeed_json(path: Path) -> dict:
         raise ConfigError(f"DeepSpeed config '{path}' is not valid JSON (line {exc.lineno}): {exc.msg}") from None
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 OWNED_KEYS = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.grad_accum_steps",
@@ -195,7 +189,7 @@ OWNED_KEYS = {
 def build_deepspeed_config(engine_json: dict, overrides: dict, *, micro_batch_size: int, grad_accum_steps: int,
                            grad_clip: float, world_size: int) -> dict:
     """Engine JSON + overrides + the experiment-owned settings; a conflicting value is an error."""
-    ds = _merge(engine_json, overrides)
+    ds = merge_nested(engine_json, overrides)
     owned = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
@@ -258,13 +252,18 @@ def _exclude_tied_frozen_weights_from_checkpoints(engine) -> None:
     engine.module_state_dict = module_state_dict
 
 
-def optimizer_state_numel(engine) -> int:
-    """Values in this rank's Adam first-moment state: shows what the optimizer really holds (only
-    the adapters, and under ZeRO >= 1 only this rank's partition of them)."""
+def inner_optimizer(engine):
+    """The torch optimizer inside DeepSpeed's ZeRO wrappers (its state is keyed by the flat fp32 partitions)."""
     opt = engine.optimizer
     while getattr(opt, "optimizer", None) is not None and opt.optimizer is not opt:
         opt = opt.optimizer
-    return sum(state["exp_avg"].numel() for state in opt.state.values() if "exp_avg" in state)
+    return opt
+
+
+def optimizer_state_numel(engine) -> int:
+    """Values in this rank's Adam first-moment state: shows what the optimizer really holds (only
+    the adapters, and under ZeRO >= 1 only this rank's partition of them)."""
+    return sum(state["exp_avg"].numel() for state in inner_optimizer(engine).state.values() if "exp_avg" in state)
 
 
 def build_optimizer(param_groups, ds_config: dict, lr: float, betas, weight_decay: float):

@@ -87,17 +87,10 @@ def consolidate_trainable_state(checkpoint_dir: Path) -> tuple[dict[str, dict[st
     return full, meta
 
 
-def _inner_optimizer(engine):
-    opt = engine.optimizer
-    while getattr(opt, "optimizer", None) is not None and opt.optimizer is not opt:
-        opt = opt.optimizer
-    return opt
-
-
 def _ensure_optimizer_state(engine) -> None:
     """Adam creates its state at the first step; create it (zeros) now so it can be written into, and
     let ZeRO-1/2 re-link its per-parameter views of the flat partitions."""
-    inner = _inner_optimizer(engine)
+    inner = distributed.inner_optimizer(engine)
     flats = [p for group in inner.param_groups for p in group["params"]]
     for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
         flats += list(getattr(engine.optimizer, attr, []) or [])
@@ -128,7 +121,7 @@ def load_resharded(engine, checkpoint_dir: Path) -> None:
         with distributed.gathered([param], modifier_rank=0):
             if not distributed.is_partitioned(param) or torch.distributed.get_rank() == 0:
                 param.data.copy_(value.to(param.dtype))
-    for group_state in _inner_optimizer(engine).state.values():
+    for group_state in distributed.inner_optimizer(engine).state.values():
         if "step" in group_state:
             group_state["step"] = torch.tensor(float(meta["step"])) if torch.is_tensor(group_state["step"]) else meta["step"]
     if engine.lr_scheduler is not None and meta["lr_scheduler"] is not None:
