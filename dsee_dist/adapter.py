@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .dsee.inject import dsee_layers
-from .dsee.layer import DSEELayer
+from .dsee.layer import DSEELayer, delta_from_factors
 from .errors import DSEEError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -62,6 +62,20 @@ def read_adapter_config(adapter_dir: Path) -> dict:
     if config.get("format_version") != FORMAT_VERSION:
         raise DSEEError(f"adapter '{adapter_dir}' has format_version {config.get('format_version')}; this dsee_dist reads {FORMAT_VERSION}")
     return config
+
+
+def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json, tensors) of an adapter directory."""
+    return read_adapter_config(adapter_dir), load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+
+
+def layer_delta(config: dict, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """(alpha / r)(B A + S) of one adapted module as a dense fp32 (out x in) matrix."""
+    meta = config["layers"][name]
+    return delta_from_factors(tensors[f"{name}.lora_a"].float(), tensors[f"{name}.lora_b"].float(),
+                              tensors[f"{name}.sparse_values"].float() if f"{name}.sparse_values" in tensors else None,
+                              tensors[f"{name}.sparse_index"], [tuple(s) for s in meta["slices"]],
+                              meta["out_features"], config["lora_alpha"] / config["lora_rank"])
 
 
 def apply_adapter(model, adapter_dir: Path) -> dict[str, DSEELayer]:

@@ -25,6 +25,11 @@ SUPPORT_METHODS = ("decomposition", "magnitude", "random")
 DATA_FORMATS = ("synthetic_e2e", "e2e", "text", "jsonl")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 FUSED_SLICE_NAMES = ("q", "k", "v")
+PRUNE_METHODS = ("none", "unstructured", "structured")
+PRUNE_SCORES = ("delta", "merged", "base", "random")
+PRUNE_HEAD_SCORES = ("delta", "delta+base")
+PRUNE_GROUPINGS = ("adaptation", "kind", "global")
+PRUNE_MODULE_KINDS = ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out")
 
 
 @dataclass
@@ -137,6 +142,39 @@ class CheckpointConfig:
 
 
 @dataclass
+class PruneConfig:
+    """The two-stage recipe (METHOD.md §3): stage 1 tunes A, B, S for `train.*` steps; the final weights
+    are pruned; stage 2 re-tunes A, B, S on the pruned base for `retrain_*` steps. `none` = one stage."""
+
+    method: str = "none"
+    # --- unstructured: remove `ratio` of the entries of each group, ranked globally within the group.
+    # delta: |ΔW| for adapted matrices, |W0| for the others (the reference's ABS); merged: |W0 + ΔW|;
+    # base: |W0|; random.
+    score: str = "delta"
+    ratio: float = 0.2
+    # adaptation: two groups, "adapted" and "frozen" (the reference); kind: one group per module kind; global.
+    grouping: str = "adaptation"
+    # Per-group ratios overriding `ratio`, e.g. {adapted: 0.3, frozen: 0.2}.
+    group_ratios: dict = field(default_factory=dict)
+    # Prunable module kinds (embeddings and the LM head never are).
+    modules: list[str] = field(default_factory=lambda: list(PRUNE_MODULE_KINDS))
+    # --- structured: per layer, remove `heads_removed` heads (or round(head_ratio * heads)) and
+    # round(mlp_ratio * inner) MLP neurons, the lowest-scoring ones.
+    heads_removed: int = 0
+    head_ratio: float = 0.0
+    mlp_ratio: float = 0.0
+    # delta: sum of |ΔW| over a head's q and v rows (a neuron's c_fc row and c_proj column), |W0| where not
+    # adapted; delta+base adds |W0|.
+    head_score: str = "delta"
+    # --- stage 2: exactly one of retrain_steps / retrain_epochs; retrain_lr null = train.lr.
+    retrain_steps: int = 0
+    retrain_epochs: float = 0.0
+    retrain_lr: float | None = None
+    # Context length the FLOPs report assumes.
+    flops_context: int = 128
+
+
+@dataclass
 class OutputConfig:
     dir: str = "runs/dsee"
 
@@ -159,6 +197,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     # `auto`: continue from the newest complete checkpoint in output.dir (fresh start if none);
     # a path: continue from that checkpoint; null: fresh start.
@@ -410,6 +449,46 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"resume '{cfg.resume}' does not exist; use resume=auto or the path of a checkpoint directory")
     if not cfg.output.dir:
         raise ConfigError("output.dir is empty; give a directory for checkpoints, metrics and the adapter")
+    validate_prune(cfg)
+
+
+def validate_prune(cfg: Config) -> None:
+    p = cfg.prune
+    if p.method not in PRUNE_METHODS:
+        raise ConfigError(f"prune.method '{p.method}' is not supported; choose one of: " + ", ".join(PRUNE_METHODS))
+    if p.method == "none":
+        return
+    if p.score not in PRUNE_SCORES:
+        raise ConfigError(f"prune.score '{p.score}' is not supported; choose one of: " + ", ".join(PRUNE_SCORES))
+    if p.head_score not in PRUNE_HEAD_SCORES:
+        raise ConfigError(f"prune.head_score '{p.head_score}' is not supported; choose one of: " + ", ".join(PRUNE_HEAD_SCORES))
+    if p.grouping not in PRUNE_GROUPINGS:
+        raise ConfigError(f"prune.grouping '{p.grouping}' is not supported; choose one of: " + ", ".join(PRUNE_GROUPINGS))
+    for kind in p.modules:
+        if kind not in PRUNE_MODULE_KINDS:
+            raise ConfigError(f"prune.modules: '{kind}' is not a prunable module kind; choose from: " + ", ".join(PRUNE_MODULE_KINDS))
+    ratios = {"prune.ratio": p.ratio, "prune.head_ratio": p.head_ratio, "prune.mlp_ratio": p.mlp_ratio,
+              **{f"prune.group_ratios.{k}": v for k, v in p.group_ratios.items()}}
+    for key, value in ratios.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be a fraction in [0, 1) (the share removed), got {value!r}")
+    if p.heads_removed < 0:
+        raise ConfigError(f"prune.heads_removed must be >= 0, got {p.heads_removed}")
+    if p.heads_removed and p.head_ratio:
+        raise ConfigError("set at most one of prune.heads_removed and prune.head_ratio")
+    if p.method == "unstructured" and not p.modules:
+        raise ConfigError("prune.modules is empty; name the module kinds to prune, e.g. [attn_q, attn_v, mlp_in]")
+    if p.method == "structured" and not (p.heads_removed or p.head_ratio or p.mlp_ratio):
+        raise ConfigError("prune.method=structured removes nothing; set prune.heads_removed, prune.head_ratio or prune.mlp_ratio")
+    if p.retrain_steps < 0 or p.retrain_epochs < 0 or (p.retrain_steps > 0) == (p.retrain_epochs > 0):
+        raise ConfigError("set exactly one of prune.retrain_steps or prune.retrain_epochs to a positive value (stage 2 length)")
+    if p.retrain_lr is not None and p.retrain_lr <= 0:
+        raise ConfigError(f"prune.retrain_lr must be > 0 or null, got {p.retrain_lr}")
+    if p.flops_context < 1:
+        raise ConfigError(f"prune.flops_context must be >= 1, got {p.flops_context}")
+    if cfg.resume not in (None, "auto"):
+        raise ConfigError("a two-stage (prune.method != none) run resumes by itself from its output directory; "
+                          "use resume=auto (or null to start over), not a checkpoint path")
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -104,6 +104,15 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks of an integer or float tensor; returned on the CPU."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    on_device = t.to(device())
+    dist.all_reduce(on_device)
+    return on_device.cpu()
+
+
 def broadcast_object(obj, src: int = 0):
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return obj

@@ -7,13 +7,17 @@ Runs in one process on CPU, whatever the ZeRO stage and world size the checkpoin
 the trainable tensors are reassembled from DeepSpeed's per-rank files, the frozen base comes from the
 model directory recorded in the checkpoint, the support from the checkpoint itself. The merged model
 holds W0 + (alpha/r)(B A + S) in every adapted matrix and loads with plain
-`transformers.AutoModelForCausalLM.from_pretrained`. Outputs are written to a temporary name and
+`transformers.AutoModelForCausalLM.from_pretrained`. After pruning (a stage-2 checkpoint), the base is
+the pruned one and the mask is applied to the merged weight, so the stated sparsity is the real one
+(`dsee_export.json` reports it per matrix); a structurally pruned export carries its modeling file and
+loads with `trust_remote_code=True` or `dsee_dist.pruned_gpt2.load_pruned_model`. Outputs are written to a temporary name and
 renamed when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -26,9 +30,16 @@ from .adapter import save_adapter
 from .checkpoint import find_resume_checkpoint, read_trainer_state
 from .config import config_from_dict
 from .dsee.inject import dsee_layers, find_targets, inject_dsee, set_submodule
+from .dsee.layer import weight_out_in
 from .dsee.placement import SUPPORT_FILE
 from .errors import DSEEError
+from .models import end_zero3_init
+from .pruned_gpt2 import register
+from .pruning.stage2 import attach_keep_masks
+from .pruning.structured import write_remote_code
 from .reshard import consolidate_trainable_state
+
+EXPORT_REPORT = "dsee_export.json"
 
 
 def load_trainable_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
@@ -49,6 +60,8 @@ def build_model_from_checkpoint(checkpoint_dir: Path, base_model: str | None = N
     base = base_model or info.base_model
     if not Path(base).exists() and base.startswith("/"):
         raise DSEEError(f"the base model '{base}' recorded in the checkpoint does not exist; pass --base-model")
+    register()
+    end_zero3_init()  # whole tensors, also in a process that trained under ZeRO-3
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     d = cfg.dsee
     specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
@@ -61,6 +74,8 @@ def build_model_from_checkpoint(checkpoint_dir: Path, base_model: str | None = N
                 if f"{name}.{key}" not in tensors:
                     raise DSEEError(f"checkpoint '{checkpoint_dir}' has no tensor {name}.{key}")
                 param.copy_(tensors[f"{name}.{key}"])
+    if Path(base).is_dir():  # a pruned base: the update is masked like the base
+        attach_keep_masks(model, Path(base), None)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), cfg, base
@@ -73,18 +88,52 @@ def merge_into_base(model) -> None:
         set_submodule(model, name, layer.base)
 
 
-def save_merged(model, base_model: str, target: Path) -> None:
+def save_merged(model, base_model: str, target: Path, report: dict | None = None) -> None:
     from transformers import AutoTokenizer
 
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    if getattr(model.config, "auto_map", None):  # a structurally pruned model: ship its modeling file
+        write_remote_code(tmp)
     try:
         AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
     except (OSError, ValueError):  # a base without a tokenizer: the model alone
         pass
+    if report is not None:
+        (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+def sparsity_report(model, pruning: dict | None) -> dict:
+    """Zeros actually present in every prunable matrix of the merged model (per matrix and in total)."""
+    from .pruning.targets import KINDS, prunable_matrices
+
+    matrices = {}
+    for m in prunable_matrices(model.config, list(KINDS)):
+        w = weight_out_in(model.get_submodule(m.module))[m.rows[0]:m.rows[0] + m.rows[1]]
+        matrices[m.name] = {"kind": m.kind, "zeros": int((w == 0).sum()), "numel": m.numel}
+    zeros, numel = sum(v["zeros"] for v in matrices.values()), sum(v["numel"] for v in matrices.values())
+    return {"pruning": {k: v for k, v in (pruning or {}).items() if k != "matrices"}, "matrices": matrices,
+            "total": {"zeros": zeros, "numel": numel, "sparsity": zeros / max(numel, 1)}}
+
+
+def export_merged(checkpoint_dir: Path, target: Path, base_model: str | None = None, log=print) -> dict:
+    """The merged model of a checkpoint (pruning masks applied to the merged weights), with
+    `dsee_export.json`: the real sparsity of every prunable matrix and the FLOPs per token."""
+    from .pruning.flops import flops_per_token
+    from .pruning.unstructured import read_report
+
+    model, cfg, base = build_model_from_checkpoint(Path(checkpoint_dir), base_model)
+    merge_into_base(model)
+    report = sparsity_report(model, read_report(Path(base)) if Path(base).is_dir() else None)
+    report["flops_per_token"] = flops_per_token(model.config, cfg.prune.flops_context)
+    save_merged(model, base, Path(target), report)
+    total = report["total"]
+    log(f"merged model written to {target}: {total['zeros']:,} of {total['numel']:,} prunable weights are zero "
+        f"({100 * total['sparsity']:.2f}%), {report['flops_per_token']['total'] / 1e6:.2f} MFLOPs per token")
+    return report
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -110,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             save_adapter(model, Path(args.adapter), base_model=base, dsee_cfg=cfg.dsee, is_rank_zero=True)
             print(f"[dsee] adapter written to {args.adapter}", flush=True)
         if args.merged:
-            merge_into_base(model)
-            save_merged(model, base, Path(args.merged))
-            print(f"[dsee] merged model written to {args.merged}", flush=True)
+            export_merged(ckpt, Path(args.merged), args.base_model, log=lambda m: print(f"[dsee] {m}", flush=True))
     except DSEEError as exc:
         print(f"dsee-dist export: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -70,6 +70,9 @@ def load_model(path: str | os.PathLike, ds_config: dict | None = None, dropout: 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .pruned_gpt2 import register
+
+    register()  # structurally pruned bases (stage 2) load without remote code
     global _HF_DS_CONFIG
     stage = (ds_config or {}).get("zero_optimization", {}).get("stage", 0)
     dtype = torch.bfloat16 if (ds_config or {}).get("bf16", {}).get("enabled") else torch.float32
@@ -88,6 +91,12 @@ def load_model(path: str | os.PathLike, ds_config: dict | None = None, dropout: 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **overrides)
     model.config.use_cache = False
     return model
+
+
+def end_zero3_init() -> None:
+    """Models created from now on are ordinary (whole) models, e.g. for an export after a ZeRO-3 run."""
+    global _HF_DS_CONFIG
+    _HF_DS_CONFIG = None
 
 
 def load_tokenizer(path: str | os.PathLike):

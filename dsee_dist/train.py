@@ -16,17 +16,19 @@ import shutil
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, distributed, models
+from . import checkpoint, data, distributed, models, two_stage
 from .adapter import save_adapter
 from .config import Config, dump_yaml, load_config, resolve_path
 from .dsee.inject import (check_num_sparse, check_rank, count_parameters, find_targets, inject_dsee,
                           mark_only_adapters_trainable, parameter_summary)
 from .dsee.placement import SUPPORT_FILE, load_or_compute_support
+from .pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
 from .errors import DSEEError
 from .metrics import MetricsLogger
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
@@ -148,6 +150,18 @@ def evaluate(engine, split: data.TokenizedSplit, cfg: Config, dist_info, pad_id:
     return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_tokens": int(tokens)}
 
 
+@dataclass
+class StageInputs:
+    """What a training stage needs beyond its config: the data, and for stage 2 the stage-1 adapter
+    (restricted to what pruning kept) and the pruned model's masks."""
+
+    tokenizer: object
+    train_split: data.TokenizedSplit
+    eval_split: data.TokenizedSplit
+    init_adapter: tuple[dict, dict] | None = None
+    masks_dir: Path | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
@@ -171,7 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = models.load_tokenizer(base_model)
     train_split, eval_split = data.load_splits(cfg, tokenizer, out_dir, log)
     log(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
+    inputs = StageInputs(tokenizer, train_split, eval_split)
 
+    if cfg.prune.method == "none":
+        code, finished = train_stage(cfg, out_dir, base_model, inputs, dist_info, log)
+    else:
+        code, finished = two_stage.run(cfg, out_dir, base_model, inputs, dist_info, log, train_stage)
+    distributed.shutdown()
+    return code
+
+
+def train_stage(cfg: Config, out_dir: Path, base_model: str, inputs: StageInputs, dist_info, log) -> tuple[int, bool]:
+    """One DSEE training run into `out_dir` (checkpoints, metrics, adapter). Returns (exit status, whether
+    it reached its last step)."""
+    train_split, eval_split = inputs.train_split, inputs.eval_split
+    if dist_info.is_rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     # Resume is decided before the support, so a resumed job uses the support saved with its checkpoint.
     resume = distributed.on_rank_zero(lambda: find_resume(cfg, out_dir, log))
     if resume is not None:
@@ -185,14 +215,23 @@ def main(argv: list[str] | None = None) -> int:
     model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
     log(f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})")
 
-    # DSEE: pick the support of S from the frozen weights, then wrap the targets and freeze the rest.
+    # DSEE: pick the support of S from the frozen weights (or take the stage-1 adapter's), then wrap the
+    # targets and freeze the rest.
     d = cfg.dsee
     specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
     check_rank(specs, d.lora_rank)
-    check_num_sparse(specs, d.num_sparse)
+    if inputs.init_adapter is not None:
+        distributed.on_rank_zero(lambda: write_support_from_adapter(inputs.init_adapter, specs, d, cfg.train.seed, out_dir))
+    else:
+        check_num_sparse(specs, d.num_sparse)
     support = load_or_compute_support(model, specs, d, cfg.train.seed, out_dir, dist_info, log=log)
     inject_dsee(model, specs, support, rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout, seed=cfg.train.seed)
+    if inputs.init_adapter is not None:
+        copy_adapter_values(model, inputs.init_adapter[1])
     trainable = mark_only_adapters_trainable(model)
+    if inputs.masks_dir is not None:
+        n_masked = attach_keep_masks(model, inputs.masks_dir, ds_config)
+        log(f"prune: masks on the update of {n_masked} adapted modules (pruned entries stay zero)")
     log(parameter_summary(model))
 
     # Engine: only the adapter parameters reach the optimizer.
@@ -204,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps))
     engine, optimizer, scheduler = distributed.build_engine(model, optimizer, scheduler, ds_config)
     dev = distributed.device()
-    pad_id = tokenizer.pad_token_id
+    pad_id = inputs.tokenizer.pad_token_id
     start_step = 0
     if resume is not None:
         resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
@@ -256,8 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"stopping after {cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
                     f"resume=auto continues from step {step + 1}")
             metrics.close()
-            distributed.shutdown()
-            return PREEMPTED_EXIT_CODE if stop else 0
+            return (PREEMPTED_EXIT_CODE if stop else 0), False
     preemption.restore()
     result = evaluate(engine, eval_split, cfg, dist_info, pad_id, dev)
     metrics.log(max_steps, result)
@@ -268,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                  is_rank_zero=dist_info.is_rank_zero)
     distributed.barrier()
     log(f"adapter written to {out_dir / 'adapter'}")
-    distributed.shutdown()
-    return 0
+    return 0, True
 
 
 def run(argv: list[str] | None = None) -> int:

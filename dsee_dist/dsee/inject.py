@@ -45,9 +45,11 @@ def name_matches(name: str, patterns: list[str]) -> bool:
 
 
 def _is_fused_qkv(model: nn.Module, name: str, module: nn.Module) -> bool:
-    """GPT-2's c_attn: a Conv1D producing [q; k; v], each n_embd wide, laid out contiguously."""
+    """GPT-2's c_attn: a Conv1D producing [q; k; v] of equal widths (n_embd, or fewer after head pruning),
+    laid out contiguously."""
     n_embd = getattr(getattr(model, "config", None), "n_embd", None)
-    return is_conv1d(module) and name.split(".")[-1] == "c_attn" and n_embd is not None and module.nf == 3 * n_embd
+    return is_conv1d(module) and name.split(".")[-1] == "c_attn" and n_embd is not None and module.nf % 3 == 0 \
+        and module.nf <= 3 * n_embd
 
 
 def find_targets(model: nn.Module, target_modules: list[str], fused_slices: list[str],

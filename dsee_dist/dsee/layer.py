@@ -18,6 +18,7 @@ No ranks, no files: distributed concerns live elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -46,6 +47,48 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The module's weight as an (out x in) view (a transpose for Conv1D)."""
     return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def _slice_rows(slices, device) -> torch.Tensor:
+    """The output rows of all slices, in slice order."""
+    return torch.cat([torch.arange(start, start + size, device=device) for start, size in slices])
+
+
+def _sparse_in_slices(values, index, slices, like: torch.Tensor) -> torch.Tensor:
+    """S laid out like the slices (n_slices x slice_size x in); zeros when there is no sparse part."""
+    dense = torch.zeros_like(like)
+    if values is None or index.shape[1] == 0:
+        return dense
+    rows, cols = index
+    starts = torch.tensor([start for start, _ in slices], device=rows.device)
+    which = torch.searchsorted(starts, rows, right=True) - 1
+    return dense.index_put((which, rows - starts[which], cols), values.to(dense.dtype), accumulate=True)
+
+
+def delta_from_factors(lora_a, lora_b, sparse_values, sparse_index, slices, out_features: int, scaling: float,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(alpha / r) (B A + S) [* M] as a dense (out x in) matrix, from the factors of one DSEE layer
+    (also those read back from an adapter file). `mask`: n_slices x slice_size x in, 1 = kept."""
+    n_slices, _, rank = lora_b.shape
+    per_slice = torch.bmm(lora_b, lora_a.reshape(n_slices, rank, -1))
+    per_slice = per_slice + _sparse_in_slices(sparse_values, sparse_index, slices, per_slice)
+    if mask is not None:
+        per_slice = per_slice * mask.to(per_slice.dtype)
+    delta = per_slice.new_zeros(out_features, per_slice.shape[-1])
+    delta[_slice_rows(slices, delta.device)] = per_slice.flatten(0, 1)
+    return delta * scaling
+
+
+class PruneMask(nn.Module):
+    """A frozen 0/1 mask over the adapted rows of a DSEE layer. A module of its own so that, under ZeRO-3,
+    it is partitioned with the base and gathered only while this layer runs."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype):
+        super().__init__()
+        self.mask = nn.Parameter(torch.ones(shape, dtype=dtype), requires_grad=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.mask.to(t.dtype)
 
 
 class DSEELayer(nn.Module):
@@ -98,6 +141,8 @@ class DSEELayer(nn.Module):
             self.sparse_values = None
         # Whether the slices tile the whole output: then the low-rank update is added without padding.
         self._covers_output = n_slices == 1 and slices[0] == (0, out_features)
+        # After unstructured pruning (stage 2): which entries of the adapted rows survive (frozen, 0/1).
+        self.prune_mask: PruneMask | None = None
 
     def reset_lora_a(self, generator: torch.Generator | None = None) -> None:
         """Kaiming-uniform A per slice (as LoRA and PEFT), drawn from `generator` for reproducibility."""
@@ -133,6 +178,8 @@ class DSEELayer(nn.Module):
         if self.merged:
             return result
         x = x.to(self.lora_a.dtype)
+        if self.prune_mask is not None:
+            return torch.add(result, self._masked_delta(x).to(result.dtype), alpha=self.scaling)
         # B A drop(x) for every slice, over the full output dimension: (..., out)
         delta = F.linear(F.linear(self.lora_dropout(x), self.lora_a), self._placed_lora_b())
         if self.sparse_values is not None:
@@ -142,17 +189,44 @@ class DSEELayer(nn.Module):
             delta.index_add_(-1, rows, x.index_select(-1, cols) * self.sparse_values)
         return torch.add(result, delta.to(result.dtype), alpha=self.scaling)
 
+    def _masked_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """After unstructured pruning: x ((B A + S) * M)^T on the adapted rows, so that pruned entries of the
+        effective weight (W0 * M + ((B A + S) * M)) are exactly zero during training, as in the export.
+        The update is materialised per slice (n_slices x size x in): a small cost next to the base matmul."""
+        low_rank = torch.bmm(self.lora_b, self.lora_a.view(len(self.slices), self.rank, self.in_features))
+        sparse = _sparse_in_slices(self.sparse_values, self.sparse_index, self.slices, low_rank)
+        if isinstance(self.lora_dropout, nn.Identity):
+            rows_out = F.linear(x, self.prune_mask(low_rank + sparse).flatten(0, 1))
+        else:
+            rows_out = (F.linear(self.lora_dropout(x), self.prune_mask(low_rank).flatten(0, 1))
+                        + F.linear(x, self.prune_mask(sparse).flatten(0, 1)))
+        if self._covers_output:
+            return rows_out
+        return rows_out.new_zeros(*rows_out.shape[:-1], self.out_features).index_copy(
+            -1, _slice_rows(self.slices, rows_out.device), rows_out)
+
+    def attach_prune_mask(self, keep: torch.Tensor, create_context=None, gathered=None) -> None:
+        """Keep only the entries where `keep` (n_slices x slice_size x in, bool) is true in the update.
+
+        `create_context` (e.g. deepspeed.zero.Init) partitions the mask as it is created; `gathered(params,
+        modifier_rank)` gathers it for writing. Both default to no-ops (no ZeRO-3)."""
+        shape = (len(self.slices), self.slice_size, self.in_features)
+        if tuple(keep.shape) != shape:
+            raise ValueError(f"prune mask of shape {tuple(keep.shape)} does not fit the adapted rows {shape}")
+        with create_context or contextlib.nullcontext():
+            self.prune_mask = PruneMask(shape, self.lora_a.dtype)
+        with (gathered or (lambda params, modifier_rank: contextlib.nullcontext()))([self.prune_mask.mask], 0):
+            with torch.no_grad():
+                self.prune_mask.mask.copy_(keep.to(self.prune_mask.mask.dtype))
+
     # ------------------------------------------------------------------ merged weights
 
     def delta_weight(self) -> torch.Tensor:
-        """(alpha / r) (B A + S) as a dense (out x in) matrix. Needs the adapter tensors gathered."""
-        delta = torch.zeros(self.out_features, self.in_features, dtype=self.lora_a.dtype, device=self.lora_a.device)
-        for i, (start, size) in enumerate(self.slices):
-            delta[start:start + size] = self.lora_b[i] @ self.lora_a[i * self.rank:(i + 1) * self.rank]
-        if self.sparse_values is not None:
-            rows, cols = self.sparse_index
-            delta.index_put_((rows, cols), self.sparse_values, accumulate=True)
-        return delta * self.scaling
+        """(alpha / r) (B A + S), times the pruning mask if any, as a dense (out x in) matrix. Needs the
+        adapter tensors (and the mask) gathered."""
+        mask = self.prune_mask.mask if self.prune_mask is not None else None
+        return delta_from_factors(self.lora_a, self.lora_b, self.sparse_values, self.sparse_index, self.slices,
+                                  self.out_features, self.scaling, mask=mask)
 
     def merge(self) -> None:
         """Add the update into the base weight (checked for non-finite values before committing)."""

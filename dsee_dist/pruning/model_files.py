@@ -1,0 +1,106 @@
+"""Reading a Hugging Face model directory one tensor at a time, and writing a pruned copy from several ranks.
+
+A pruned model is written as a sharded safetensors directory: rank r writes the modules it owns to
+`model-<r+1>-of-<W+1>.safetensors`, rank 0 the untouched tensors to the last shard plus the index,
+config and tokenizer files. No rank ever loads the whole model. Everything goes to `<target>.partial`
+and is renamed to `<target>` only when every rank has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .. import distributed
+from ..errors import DSEEError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
+INDEX_FILE = "model.safetensors.index.json"
+ANCHOR = "h.0.attn.c_attn.weight"
+
+
+class ModelFiles:
+    """The tensors of a local model directory (single or sharded safetensors), read lazily."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.dir = Path(model_dir)
+        if (self.dir / INDEX_FILE).is_file():
+            weight_map = json.loads((self.dir / INDEX_FILE).read_text())["weight_map"]
+        elif (self.dir / "model.safetensors").is_file():
+            with safe_open(str(self.dir / "model.safetensors"), framework="pt") as f:
+                weight_map = {key: "model.safetensors" for key in f.keys()}
+        else:
+            raise DSEEError(f"pruning reads the base model's safetensors files, and '{self.dir}' has none; "
+                            f"save the model with save_pretrained(safe_serialization=True) into a local directory")
+        self.weight_map: dict[str, str] = weight_map
+        anchors = [k for k in weight_map if k.endswith(ANCHOR)]
+        if not anchors:
+            raise DSEEError(f"'{self.dir}' does not hold a GPT-2-style model (no '{ANCHOR}' tensor)")
+        self.prefix = anchors[0][: -len(ANCHOR)]  # "transformer." or "" (the original GPT-2 files)
+
+    def key(self, module: str, tensor: str = "weight") -> str:
+        """File key of a model module's tensor ('transformer.h.0.attn.c_attn' -> '<prefix>h.0.attn.c_attn.weight')."""
+        rest = module[len("transformer."):] if module.startswith("transformer.") else module
+        return f"{self.prefix}{rest}.{tensor}"
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.dir / self.weight_map[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+
+def copy_side_files(source: Path, target: Path) -> None:
+    """Tokenizer, generation config and the like: every file but weights, index and config.json."""
+    for path in source.iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in (INDEX_FILE, "config.json") \
+                and not path.name.startswith("dsee_"):
+            shutil.copyfile(path, target / path.name)
+
+
+def write_pruned_model(target: Path, files: ModelFiles, my_tensors: dict[str, torch.Tensor], replaced: set[str],
+                       write_rank_zero_files, dist_info, extra_shards: dict[str, dict[str, torch.Tensor]] = ()) -> None:
+    """Collective. `my_tensors`: this rank's pruned tensors by file key; `replaced`: every key any rank
+    replaces (or drops); `write_rank_zero_files(tmp_dir)`: config, report and the like (rank 0);
+    `extra_shards`: more safetensors files this rank writes (name -> tensors), e.g. pruning masks."""
+    target = Path(target)
+    tmp = target.with_name(target.name + ".partial")
+    rank, world = dist_info.rank, dist_info.world_size
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    shard = f"model-{rank + 1:05d}-of-{world + 1:05d}.safetensors"
+    save_file({k: v.contiguous() for k, v in my_tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
+    for name, tensors in dict(extra_shards).items():
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / name))
+    written = {k: shard for k in my_tensors}
+    if rank == 0:
+        rest_shard = f"model-{world + 1:05d}-of-{world + 1:05d}.safetensors"
+        rest = {k: files.get(k).contiguous() for k in files.keys() if k not in replaced}
+        save_file(rest, str(tmp / rest_shard), metadata={"format": "pt"})
+        written.update({k: rest_shard for k in rest})
+        my_tensors = {**my_tensors, **rest}
+    sizes = sum(v.numel() * v.element_size() for v in my_tensors.values())
+    parts = distributed.all_gather_object((written, sizes))
+    if rank == 0:
+        weight_map, total = {}, 0
+        for part_written, part_sizes in parts:
+            weight_map.update(part_written)
+            total += part_sizes
+        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+        copy_side_files(files.dir, tmp)
+        write_rank_zero_files(tmp)
+    distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    distributed.barrier()

@@ -1,0 +1,63 @@
+"""Pruning scores. Element scores rank entries for unstructured pruning; head and neuron scores rank
+whole attention heads and MLP neurons for structured pruning.
+
+Element scores (METHOD.md §3, after the reference's --prune_mode):
+- `delta`  (reference ABS): |ΔW| for adapted matrices, |W0| for non-adapted ones;
+- `merged` (WABS): |W0 + ΔW|;
+- `base`: |W0|;
+- `random`: uniform noise drawn from a generator seeded by (seed, matrix name), so every rank and
+  world size draws the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..dsee.support import matrix_generator
+
+ELEMENT_SCORES = ("delta", "merged", "base", "random")
+HEAD_SCORES = ("delta", "delta+base")
+
+
+def element_scores(score: str, w0: torch.Tensor, delta: torch.Tensor | None, *, seed: int, name: str) -> torch.Tensor:
+    """Non-negative fp32 scores, the shape of w0 (out x in); lower = pruned first."""
+    if score == "random":
+        return torch.rand(w0.shape, generator=matrix_generator(seed, name + ".prune"), dtype=torch.float32)
+    w0 = w0.float()
+    if delta is None or score == "base":
+        values = w0.abs()
+    elif score == "delta":
+        values = delta.float().abs()
+    elif score == "merged":
+        values = (w0 + delta.float()).abs()
+    else:
+        raise ValueError(f"unknown element score '{score}'")
+    return values + 0.0  # -0.0 -> +0.0: the bit patterns of non-negative floats sort like the values
+
+
+def head_scores(q_w0, v_w0, q_delta, v_delta, head_dim: int, score: str) -> torch.Tensor:
+    """Per head: sum over its rows of |ΔW_q| + |ΔW_v| (|W0| where a slice is not adapted), plus |W0_q| +
+    |W0_v| for `delta+base`. Inputs are (width x in) row blocks of q and v."""
+    total = torch.zeros(q_w0.shape[0], dtype=torch.float32)
+    for w0, delta in ((q_w0, q_delta), (v_w0, v_delta)):
+        total += (delta if delta is not None else w0).float().abs().sum(dim=1)
+        if score == "delta+base" and delta is not None:
+            total += w0.float().abs().sum(dim=1)
+    return total.view(-1, head_dim).sum(dim=1)
+
+
+def neuron_scores(fc_w0, proj_w0, fc_delta, proj_delta, score: str) -> torch.Tensor:
+    """Per MLP neuron j: |row j of c_fc| + |column j of c_proj|, using ΔW where that module is adapted
+    (plus |W0| for `delta+base`), W0 otherwise. fc: (inner x d), proj: (d x inner), both (out x in)."""
+    total = torch.zeros(fc_w0.shape[0], dtype=torch.float32)
+    for w0, delta, dim in ((fc_w0, fc_delta, 1), (proj_w0, proj_delta, 0)):
+        total += (delta if delta is not None else w0).float().abs().sum(dim=dim)
+        if score == "delta+base" and delta is not None:
+            total += w0.float().abs().sum(dim=dim)
+    return total
+
+
+def lowest(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k lowest scores, ties broken by index (sorted ascending)."""
+    order = sorted(range(scores.numel()), key=lambda i: (float(scores[i]), i))
+    return sorted(order[:k])

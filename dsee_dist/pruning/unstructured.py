@@ -1,0 +1,141 @@
+"""Unstructured pruning of the final weights: the lowest-scoring fraction of each group, ranked globally
+over the group (METHOD.md §3), written as a pruned copy of the base model.
+
+Work is split by module: module i is scored and written by rank i % world_size, which reads only that
+module's weight from the base files and keeps only the scores of the modules it owns. The threshold of
+each group comes from `selection.lowest_k_masks` (all-reduced histograms), so no rank gathers other
+ranks' weights, scores or masks. Output (`<target>`):
+
+- the base model with pruned entries set to zero (plain GPT-2: loads with transformers);
+- `dsee_masks-<rank>.safetensors`: for every adapted module, the kept entries of its adapted rows
+  (n_slices x rows x in, bool), which stage 2 applies to the update so that (W0 + ΔW) * M holds during
+  training exactly as in the export;
+- `dsee_pruning.json`: method, score, per-matrix and per-group sparsity.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..adapter import layer_delta
+from .model_files import ModelFiles, write_pruned_model
+from .scores import element_scores
+from .selection import lowest_k_masks
+from .targets import PrunableMatrix, file_to_out_in, out_in_to_file, prunable_matrices
+
+REPORT_FILE = "dsee_pruning.json"
+MASKS_PATTERN = "dsee_masks-{rank:05d}.safetensors"
+
+
+def group_of(matrix: PrunableMatrix, adapted: bool, grouping: str) -> str:
+    if grouping == "global":
+        return "all"
+    if grouping == "kind":
+        return matrix.kind
+    return "adapted" if adapted else "frozen"
+
+
+def adapted_rows(adapter_config: dict, matrix: PrunableMatrix) -> int | None:
+    """Index of the adapter slice that covers exactly this matrix's rows, or None if it is not adapted."""
+    meta = adapter_config["layers"].get(matrix.module)
+    if meta is None:
+        return None
+    for i, (start, size) in enumerate(meta["slices"]):
+        if (start, size) == tuple(matrix.rows) or (start <= matrix.rows[0] and matrix.rows[0] + matrix.rows[1] <= start + size):
+            return i
+    return None
+
+
+def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, *,
+                       seed: int, log=print) -> dict:
+    """Collective. Writes the pruned model to `target`; returns the report (on every rank)."""
+    from transformers import AutoConfig
+
+    adapter_config, adapter_tensors = adapter
+    files = ModelFiles(base_dir)
+    model_config = AutoConfig.from_pretrained(base_dir)
+    matrices = prunable_matrices(model_config, prune_cfg.modules)
+    modules = list(dict.fromkeys(m.module for m in matrices))
+    owner = {module: i % dist_info.world_size for i, module in enumerate(modules)}
+    mine = [m for m in modules if owner[m] == dist_info.rank]
+    groups = {m.name: group_of(m, adapted_rows(adapter_config, m) is not None, prune_cfg.grouping) for m in matrices}
+
+    # 1. Scores of the modules this rank owns.
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    for module in mine:
+        w0 = file_to_out_in(files.get(files.key(module))).float()
+        delta = layer_delta(adapter_config, adapter_tensors, module) if module in adapter_config["layers"] else None
+        for m in (m for m in matrices if m.module == module):
+            rows = slice(m.rows[0], m.rows[0] + m.rows[1])
+            d = delta[rows] if delta is not None and adapted_rows(adapter_config, m) is not None else None
+            scores.setdefault(groups[m.name], {})[m.name] = element_scores(prune_cfg.score, w0[rows], d, seed=seed, name=m.name)
+
+    # 2. One global threshold per group.
+    pruned: dict[str, torch.Tensor] = {}
+    group_stats = {}
+    for group in sorted(set(groups.values())):
+        order = [m.name for m in matrices if groups[m.name] == group]
+        total = sum(m.numel for m in matrices if groups[m.name] == group)
+        ratio = prune_cfg.group_ratios.get(group, prune_cfg.ratio)
+        k = round(ratio * total)
+        pruned.update(lowest_k_masks(scores.get(group, {}), order, k))
+        group_stats[group] = {"ratio": ratio, "pruned": k, "numel": total, "matrices": len(order)}
+        log(f"prune: group '{group}': {k:,} of {total:,} entries ({100.0 * k / max(total, 1):.2f}%) "
+            f"over {len(order)} matrices, score '{prune_cfg.score}'")
+    del scores
+
+    # 3. The pruned weights and the masks of the adapted rows, for the modules this rank owns.
+    my_tensors, my_masks, my_stats = {}, {}, {}
+    for module in mine:
+        key = files.key(module)
+        w = file_to_out_in(files.get(key)).clone()
+        module_matrices = [m for m in matrices if m.module == module]
+        for m in module_matrices:
+            w[m.rows[0]:m.rows[0] + m.rows[1]][pruned[m.name]] = 0
+            my_stats[m.name] = {"kind": m.kind, "group": groups[m.name], "pruned": int(pruned[m.name].sum()), "numel": m.numel}
+        my_tensors[key] = out_in_to_file(w)
+        meta = adapter_config["layers"].get(module)
+        if meta is not None:
+            keep = torch.ones(len(meta["slices"]), meta["slices"][0][1], meta["in_features"], dtype=torch.bool)
+            for m in module_matrices:
+                i = adapted_rows(adapter_config, m)
+                if i is not None:
+                    local = m.rows[0] - meta["slices"][i][0]
+                    keep[i, local:local + m.rows[1]] = ~pruned[m.name]
+            my_masks[f"{module}.keep"] = keep
+    stats: dict[str, dict] = {}
+    for part in distributed.all_gather_object(my_stats):
+        stats.update(part)
+    report = {
+        "method": "unstructured", "score": prune_cfg.score, "grouping": prune_cfg.grouping, "groups": group_stats,
+        "matrices": {m.name: stats[m.name] for m in matrices},
+        "total": {"pruned": sum(s["pruned"] for s in stats.values()), "numel": sum(s["numel"] for s in stats.values())},
+        "masks": MASKS_PATTERN.format(rank=0).replace("00000", "*") if adapter_config["layers"] else None,
+    }
+
+    def rank_zero_files(tmp: Path) -> None:
+        model_config.save_pretrained(tmp)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
+
+    write_pruned_model(target, files, my_tensors, {files.key(m) for m in modules}, rank_zero_files, dist_info,
+                       extra_shards={MASKS_PATTERN.format(rank=dist_info.rank): my_masks} if my_masks else {})
+    return report
+
+
+def read_keep_masks(model_dir: Path) -> dict[str, torch.Tensor]:
+    """{adapted module name: bool keep mask of its adapted rows} from a pruned model directory ({} if none)."""
+    from safetensors.torch import load_file
+
+    masks = {}
+    for path in sorted(Path(model_dir).glob("dsee_masks-*.safetensors")):
+        masks.update({k[: -len(".keep")]: v for k, v in load_file(str(path)).items()})
+    return masks
+
+
+def read_report(model_dir: Path) -> dict | None:
+    path = Path(model_dir) / REPORT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,109 @@
+"""The two-stage recipe from one config (METHOD.md §3): stage 1 tunes A, B, S on the pretrained base;
+the final weights are pruned; stage 2 re-tunes A, B, S on the pruned base; the result is exported.
+
+    output.dir/
+        stage1/          a complete DSEE run: checkpoints/, metrics.jsonl, support, adapter/
+        pruned_base/     the pruned base model (written by all ranks, renamed when complete)
+        stage2/          the re-tuning run on pruned_base/, started from stage 1's adapter
+        final/           merged, pruned Hugging Face model + dsee_export.json (sparsity, FLOPs)
+
+Every part is resumable with resume=auto: a finished stage is recognised by its adapter/, the pruning
+by pruned_base/ (both written atomically), and a stage in progress resumes from its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from . import distributed
+from .adapter import ADAPTER_CONFIG, read_adapter
+from .checkpoint import find_resume_checkpoint
+from .config import Config
+from .pruning.flops import compare, flops_per_token, format_report
+from .pruning.structured import prune_structured, slice_adapter
+from .pruning.unstructured import prune_unstructured
+
+STAGE1, PRUNED, STAGE2, FINAL = "stage1", "pruned_base", "stage2", "final"
+
+
+def stage_configs(cfg: Config, out_dir: Path) -> tuple[Config, Config]:
+    p = cfg.prune
+    stage1 = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out_dir / STAGE1)))
+    stage2 = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, path=str((out_dir / PRUNED).resolve()), builtin=None),
+        train=dataclasses.replace(cfg.train, max_steps=p.retrain_steps, epochs=p.retrain_epochs,
+                                  lr=p.retrain_lr or cfg.train.lr),
+        output=dataclasses.replace(cfg.output, dir=str(out_dir / STAGE2)),
+        resume="auto",
+    )
+    return stage1, stage2
+
+
+def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, train_stage) -> tuple[int, bool]:
+    cfg1, cfg2 = stage_configs(cfg, out_dir)
+    pruned_dir = out_dir / PRUNED
+    if cfg.resume is None and dist_info.is_rank_zero:  # a fresh start: nothing of an earlier run is reused
+        for name in (STAGE1, PRUNED, PRUNED + ".partial", STAGE2, FINAL):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+    distributed.barrier()
+
+    if not (pruned_dir / "config.json").is_file():
+        if not (out_dir / STAGE1 / "adapter" / ADAPTER_CONFIG).is_file():
+            log(f"stage 1 of 2: DSEE tuning of A, B, S -> {out_dir / STAGE1}")
+            code, finished = train_stage(cfg1, out_dir / STAGE1, base_model, inputs, dist_info, log)
+            if not finished:
+                return code, False
+        log(f"pruning ({cfg.prune.method}) -> {pruned_dir}")
+        adapter = read_adapter(out_dir / STAGE1 / "adapter")
+        if not Path(base_model).is_dir():
+            from .errors import DSEEError
+
+            raise DSEEError(f"pruning reads the base model's files, and '{base_model}' is not a local directory; "
+                            f"download it (e.g. huggingface-cli download) and set model.path to the directory")
+        if cfg.prune.method == "unstructured":
+            prune_unstructured(cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log)
+        else:
+            prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log)
+    log_flops(base_model, pruned_dir, cfg.prune.flops_context, dist_info, log)
+
+    adapter = read_adapter(out_dir / STAGE1 / "adapter")
+    if cfg.prune.method == "structured":
+        from transformers import AutoConfig
+
+        from .pruning.unstructured import read_report
+
+        adapter = slice_adapter(adapter, read_report(pruned_dir)["plan"], AutoConfig.from_pretrained(base_model))
+    log(f"stage 2 of 2: re-tuning A, B, S on the pruned base -> {out_dir / STAGE2}")
+    stage_inputs = dataclasses.replace(inputs, init_adapter=adapter,
+                                       masks_dir=pruned_dir if cfg.prune.method == "unstructured" else None)
+    code, finished = train_stage(cfg2, out_dir / STAGE2, str(pruned_dir.resolve()), stage_inputs, dist_info, log)
+    if not finished:
+        return code, False
+
+    def export_final() -> None:
+        from .export import export_merged
+
+        ckpt = find_resume_checkpoint(out_dir / STAGE2, str(out_dir / STAGE2))
+        export_merged(ckpt, out_dir / FINAL, log=log)
+
+    distributed.on_rank_zero(export_final)
+    log(f"final pruned model written to {out_dir / FINAL}")
+    return 0, True
+
+
+def log_flops(base_model: str, pruned_dir: Path, context: int, dist_info, log) -> None:
+    from transformers import AutoConfig
+
+    from .pruned_gpt2 import register
+
+    register()
+    dense = flops_per_token(AutoConfig.from_pretrained(base_model), context)
+    pruned = flops_per_token(AutoConfig.from_pretrained(str(pruned_dir)), context)
+    saved = compare(dense, pruned)
+    log(f"FLOPs per token (context {context}): dense {dense['total'] / 1e6:.2f} M, pruned {pruned['total'] / 1e6:.2f} M; "
+        f"saved {100 * saved['blocks_saved']:.1f}% of the blocks' FLOPs, {100 * saved['total_saved']:.1f}% overall")
+    if dist_info.is_rank_zero:
+        (pruned_dir.parent / "flops.txt").write_text(format_report("dense", dense) + "\n" + format_report("pruned", pruned) + "\n")
