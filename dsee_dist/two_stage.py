@@ -42,7 +42,26 @@ def stage_configs(cfg: Config, out_dir: Path) -> tuple[Config, Config]:
     return stage1, stage2
 
 
+def check_request(prune_cfg, base_model: str) -> None:
+    """Refuse a pruning request the model cannot satisfy before any training (ConfigError)."""
+    from transformers import AutoConfig
+
+    from .pruned_gpt2 import register
+    from .pruning.structured import heads_to_remove
+    from .pruning.targets import gpt2_shape, prunable_matrices
+
+    register()
+    model_config = AutoConfig.from_pretrained(base_model)
+    shape = gpt2_shape(model_config)
+    if prune_cfg.method == "structured":
+        for heads in shape["heads"]:
+            heads_to_remove(prune_cfg, heads)
+    else:
+        prunable_matrices(model_config, prune_cfg.modules)
+
+
 def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, train_stage) -> tuple[int, bool]:
+    check_request(cfg.prune, base_model)
     cfg1, cfg2 = stage_configs(cfg, out_dir)
     pruned_dir = out_dir / PRUNED
     if cfg.resume is None and dist_info.is_rank_zero:  # a fresh start: nothing of an earlier run is reused

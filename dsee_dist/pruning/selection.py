@@ -47,6 +47,9 @@ def lowest_k_masks(local_scores: dict[str, torch.Tensor], order: list[str], k: i
     if k <= 0:
         return {n: torch.zeros_like(local_scores[n], dtype=torch.bool) for n in names}
     keys = {n: _keys(local_scores[n]) for n in names}
+    (total,) = distributed.all_reduce_sum([sum(k.numel() for k in keys.values())])
+    if k > total:
+        raise ValueError(f"cannot prune {k} entries of a group of {int(total)}")
     threshold = kth_smallest_key([keys[n] for n in names], k)
     below = {n: keys[n] < threshold for n in names}
     equal_counts = {n: int((keys[n] == threshold).sum()) for n in names}

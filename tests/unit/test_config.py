@@ -89,3 +89,19 @@ def test_cli_malformed_yaml(tmp_path):
     bad.write_text("model:\n  builtin: gpt2-tiny\n bad indent: [\n")
     proc = _run_train(tmp_path, config=bad)
     assert proc.returncode == 2 and "is not valid YAML" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["prune.method=unstructured", "prune.ratio=1.0", "prune.retrain_steps=1"], "prune.ratio must be a fraction in [0, 1)"),
+    (["prune.method=unstructured", "prune.ratio=-0.1", "prune.retrain_steps=1"], "prune.ratio must be a fraction in [0, 1)"),
+    (["prune.method=unstructured", "prune.modules=[attn_q,ffn]", "prune.retrain_steps=1"], "prune.modules: 'ffn' is not a prunable"),
+    (["prune.method=structured", "prune.heads_removed=4", "prune.retrain_steps=1"], "removing 4 heads per layer leaves none"),
+    (["prune.method=structured", "prune.retrain_steps=1"], "prune.method=structured removes nothing"),
+    (["prune.method=unstructured"], "exactly one of prune.retrain_steps or prune.retrain_epochs"),
+])
+def test_cli_bad_pruning_requests_fail_before_training(tmp_path, overrides, message):
+    proc = _run_train(tmp_path, *overrides)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dsee_dist: error:")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "stage 1 of 2" not in proc.stdout and not (tmp_path / "out" / "stage1").exists()

@@ -1,0 +1,139 @@
+"""The two-stage recipe under ZeRO-3 at world size 2: masks and scores equal a single process's, pruned
+entries stay zero through training and resume, and every export reloads with the training-time logits."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dsee_dist.adapter import read_adapter
+from dsee_dist.config import config_from_dict
+from dsee_dist.distributed import DistInfo
+from dsee_dist.export import build_model_from_checkpoint
+from dsee_dist.pruning.model_files import ModelFiles
+from dsee_dist.pruning.structured import plan_structured
+from dsee_dist.pruning.unstructured import prune_unstructured
+from tests.distributed.launch import TINY_RUN, read_metrics, run_training
+
+pytestmark = pytest.mark.distributed
+
+SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)
+ZERO3 = "deepspeed.config=configs/ds/zero3_fp32.json"
+UNSTRUCTURED = [*TINY_RUN, ZERO3, "eval.every_n_steps=0", "prune.method=unstructured", "prune.ratio=0.3",
+                "prune.group_ratios={adapted: 0.5}", "prune.retrain_steps=5"]
+STRUCTURED = [*TINY_RUN, ZERO3, "eval.every_n_steps=0", "prune.method=structured", "prune.heads_removed=1",
+              "prune.mlp_ratio=0.25", "prune.retrain_steps=4"]
+
+
+def _losses(stage_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(stage_dir) if "loss" in row]
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+def _stage2_checkpoint(out: Path) -> Path:
+    return sorted((out / "stage2" / "checkpoints").glob("step_*"))[-1]
+
+
+@pytest.fixture(scope="module")
+def unstructured_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unstructured")
+    run_training(2, root / "full", *UNSTRUCTURED)
+    for _ in range(3):  # stage 1 to step 3 | stage 1 to 6, prune, stage 2 to 3 | stage 2 to 5
+        run_training(2, root / "resumed", *UNSTRUCTURED, "train.stop_after_steps=3", "resume=auto")
+    return root / "full", root / "resumed"
+
+
+def test_world_size_2_zero3_masks_equal_a_single_process_prune(unstructured_runs, tmp_path):
+    full, _ = unstructured_runs
+    cfg = config_from_dict(json.loads((_stage2_checkpoint(full) / "trainer_state.json").read_text())["config"],
+                           validate=False)
+    prune_unstructured(cfg.prune, str(full / "base_model"), read_adapter(full / "stage1" / "adapter"),
+                       tmp_path / "single", SINGLE, seed=cfg.train.seed, log=lambda m: None)
+    distributed, single = _weights(full / "pruned_base"), _weights(tmp_path / "single")
+    assert distributed.keys() == single.keys()
+    for key in single:
+        assert torch.equal(distributed[key], single[key]), key
+    assert any(bool((t == 0).any()) for k, t in single.items() if k.endswith(".keep"))
+
+
+def test_export_has_the_requested_sparsity_and_reproduces_training_logits(unstructured_runs):
+    full, _ = unstructured_runs
+    report = json.loads((full / "final" / "dsee_export.json").read_text())
+    exported = AutoModelForCausalLM.from_pretrained(full / "final").eval()  # plain transformers
+    assert type(exported).__name__ == "GPT2LMHeadModel"
+    pruning = json.loads((full / "pruned_base" / "dsee_pruning.json").read_text())
+    per_group: dict[str, list[int]] = {}
+    for name, stats in pruning["matrices"].items():
+        module, _, part = name.rpartition(".")
+        module, rows = (module, {"q": 0, "k": 1, "v": 2}[part]) if part in "qkv" else (name, None)
+        w = exported.get_submodule(module).weight.detach().t()
+        if rows is not None:
+            w = w[rows * 64:(rows + 1) * 64]
+        zeros = int((w == 0).sum())
+        assert abs(zeros - stats["pruned"]) <= 1, name  # the stated sparsity is the real one
+        assert report["matrices"][name]["zeros"] == zeros
+        per_group.setdefault(stats["group"], [0, 0])
+        per_group[stats["group"]][0] += zeros
+        per_group[stats["group"]][1] += w.numel()
+    assert per_group["adapted"][0] == round(0.5 * per_group["adapted"][1])
+    assert abs(per_group["frozen"][0] - round(0.3 * per_group["frozen"][1])) <= len(pruning["matrices"])
+    training_model, _, _ = build_model_from_checkpoint(_stage2_checkpoint(full))  # masked update, unmerged
+    x = torch.randint(0, 400, (3, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, training_model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pruned_entries_stay_zero_through_training_and_resume(unstructured_runs):
+    full, resumed = unstructured_runs
+    pruned_base = _weights(full / "pruned_base")
+    for out in (full, resumed):
+        final = _weights(out / "final")
+        checked = 0
+        for key, w0 in pruned_base.items():
+            if key in final and key.endswith("weight") and (w0 == 0).any():
+                assert torch.all(final[key][w0 == 0] == 0), key  # 5 stage-2 steps later, still zero
+                checked += 1
+        assert checked == 8  # 2 layers x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
+    # the interrupted run (3 launches) continues the exact loss curves and picks the same masks
+    for stage in ("stage1", "stage2"):
+        torch.testing.assert_close(_losses(resumed / stage), _losses(full / stage), atol=1e-5, rtol=1e-5)
+    assert len(_losses(full / "stage2")) == 5
+    resumed_base = _weights(resumed / "pruned_base")
+    assert all(torch.equal(resumed_base[k], pruned_base[k]) for k in pruned_base)
+    final_full, final_resumed = _weights(full / "final"), _weights(resumed / "final")
+    for key in final_full:
+        torch.testing.assert_close(final_resumed[key], final_full[key], atol=1e-5, rtol=1e-5)
+
+
+def test_structured_scores_match_single_process_and_export_reloads(tmp_path):
+    out = tmp_path / "structured"
+    run_training(2, out, *STRUCTURED)
+    cfg = config_from_dict(json.loads((_stage2_checkpoint(out) / "trainer_state.json").read_text())["config"], validate=False)
+    files = ModelFiles(out / "base_model")
+    single = plan_structured(cfg.prune, files, AutoConfig.from_pretrained(out / "base_model"),
+                             read_adapter(out / "stage1" / "adapter"), SINGLE, log=lambda m: None)
+    distributed = json.loads((out / "pruned_base" / "dsee_pruning.json").read_text())["plan"]
+    for key in ("head_scores", "neuron_scores"):
+        torch.testing.assert_close(torch.tensor(distributed[key]), torch.tensor(single[key]), atol=1e-6, rtol=1e-6)
+    assert distributed["heads_removed"] == single["heads_removed"]
+    assert distributed["neurons_removed"] == single["neurons_removed"]
+
+    exported = AutoModelForCausalLM.from_pretrained(out / "final", trust_remote_code=True).eval()
+    dense = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    assert sum(p.numel() for p in exported.parameters()) < sum(p.numel() for p in dense.parameters())
+    assert exported.config.heads_per_layer == [3, 3] and exported.config.inner_per_layer == [192, 192]
+    training_model, _, _ = build_model_from_checkpoint(_stage2_checkpoint(out))
+    x = torch.randint(0, 400, (3, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, training_model(x).logits, atol=1e-5, rtol=1e-5)
+    flops = json.loads((out / "final" / "dsee_export.json").read_text())["flops_per_token"]
+    assert flops["blocks_total"] < 0.8 * 2 * (2 * 64 * 3 * 64 + 4 * 64 * 128 + 2 * 64 * 64 + 4 * 64 * 256)
