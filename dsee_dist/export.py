@@ -137,6 +137,8 @@ def export_merged(checkpoint_dir: Path, target: Path, base_model: str | None = N
 
 
 def resolve_checkpoint(path: str) -> Path:
+    if (Path(path) / "stage2").is_dir() and not (Path(path) / "checkpoints").is_dir():  # a two-stage run's output.dir
+        path = str(Path(path) / "stage2")
     found = find_resume_checkpoint(Path(path), path)
     assert found is not None
     return found

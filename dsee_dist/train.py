@@ -230,8 +230,9 @@ def train_stage(cfg: Config, out_dir: Path, base_model: str, inputs: StageInputs
         copy_adapter_values(model, inputs.init_adapter[1])
     trainable = mark_only_adapters_trainable(model)
     if inputs.masks_dir is not None:
-        n_masked = attach_keep_masks(model, inputs.masks_dir, ds_config)
-        log(f"prune: masks on the update of {n_masked} adapted modules (pruned entries stay zero)")
+        n_masked, n_partitioned = attach_keep_masks(model, inputs.masks_dir, ds_config)
+        log(f"prune: masks on the update of {n_masked} adapted modules (pruned entries stay zero), "
+            f"{n_partitioned} of them partitioned across ranks")
     log(parameter_summary(model))
 
     # Engine: only the adapter parameters reach the optimizer.

@@ -73,19 +73,21 @@ def read_keep_mask(path: Path, module: str) -> torch.Tensor:
         return f.get_tensor(module + ".keep")
 
 
-def attach_keep_masks(model, model_dir: Path, ds_config: dict | None) -> int:
-    """Give every adapted module with a stored mask its PruneMask; returns how many. Collective under ZeRO-3."""
+def attach_keep_masks(model, model_dir: Path, ds_config: dict | None) -> tuple[int, int]:
+    """Give every adapted module with a stored mask its PruneMask. Collective under ZeRO-3.
+    Returns (masks attached, how many of them are partitioned across ranks)."""
     files = keep_mask_files(model_dir)
     create = None
     if distributed.zero_stage(ds_config or {}) == 3:
         import deepspeed
 
         create = lambda: deepspeed.zero.Init(config_dict_or_path=ds_config)  # noqa: E731 - a fresh context per module
-    count = 0
+    count = partitioned = 0
     for name, layer in dsee_layers(model).items():
         if name not in files:
             continue
         layer.attach_prune_mask(read_keep_mask(files[name], name), create_context=create() if create else None,
                                 gathered=distributed.gathered)
         count += 1
-    return count
+        partitioned += distributed.is_partitioned(layer.prune_mask.mask)
+    return count, partitioned

@@ -105,3 +105,17 @@ def test_cli_bad_pruning_requests_fail_before_training(tmp_path, overrides, mess
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dsee_dist: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
     assert "stage 1 of 2" not in proc.stdout and not (tmp_path / "out" / "stage1").exists()
+
+
+def test_extends_merges_over_the_parent_and_refuses_cycles(tmp_path):
+    (tmp_path / "parent.yaml").write_text((REPO / "configs/quickstart.yaml").read_text())
+    (tmp_path / "child.yaml").write_text("extends: parent.yaml\ntrain:\n  lr: 0.5\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.train.lr == 0.5 and cfg.train.max_steps == 150 and cfg.dsee.num_sparse == 64
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="extends 'missing.yaml', which does not exist"):
+        load_config(tmp_path / "orphan.yaml")

@@ -58,7 +58,7 @@ def test_masked_update_keeps_pruned_entries_of_the_effective_weight_zero(tmp_pat
     pruned_base = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     stage2 = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     apply_adapter(stage2, tmp_path / "adapter")
-    assert attach_keep_masks(stage2, tmp_path / "pruned", None) == 2
+    assert attach_keep_masks(stage2, tmp_path / "pruned", None) == (2, 0)
     x = torch.randint(0, 97, (2, 9))
     logits = stage2(x).logits
     # definition: every adapted weight is (W0 * M + ΔW) * M, where M is W0's zero pattern after pruning
