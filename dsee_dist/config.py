@@ -316,7 +316,7 @@ def merge_nested(base: dict, extra: dict) -> dict:
     return out
 
 
-def _resolve_extends(path: Path, data: dict, seen: tuple = ()) -> dict:
+def resolve_extends(path: Path, data: dict, seen: tuple = ()) -> dict:
     """`extends: other.yaml` (relative to this file): this file's sections merged over that one's."""
     parent = data.pop("extends", None)
     if parent is None:
@@ -327,7 +327,7 @@ def _resolve_extends(path: Path, data: dict, seen: tuple = ()) -> dict:
     if not parent_path.is_file():
         raise ConfigError(f"config file '{path}' extends '{parent}', which does not exist next to it")
     base = yaml.safe_load(parent_path.read_text()) or {}
-    base = _resolve_extends(parent_path, base, seen + (path.resolve(),))
+    base = resolve_extends(parent_path, base, seen + (path.resolve(),))
     return merge_nested(base, data)
 
 
@@ -347,7 +347,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix its syntax") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, data:, dsee:, ...)")
-        data = _resolve_extends(path, data)
+        data = resolve_extends(path, data)
         source_dir = str(path.resolve().parent)
     data = merge_nested(data, parse_overrides(list(overrides)))
     cfg = _build(Config, data)

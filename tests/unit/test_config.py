@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsee_dist.config import load_config
+from dsee_dist.config import load_config, resolve_extends
 from dsee_dist.errors import ConfigError
 from tests.conftest import REPO
 
@@ -20,7 +20,7 @@ def test_every_shipped_config_loads(path, tmp_path):
     # rest of the config is still validated.
     from dsee_dist.synthetic_e2e import generate_examples, write_csv
 
-    raw = yaml.safe_load(path.read_text())
+    raw = resolve_extends(path, yaml.safe_load(path.read_text()))  # a recipe may inherit its data paths
     overrides = []
     for key in ("train_path", "eval_path"):
         value = raw.get("data", {}).get(key)

@@ -1,0 +1,24 @@
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.harness import Cluster, missing_tools
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Two Slurm nodes as network namespaces; torn down by PID afterwards, also when a test fails."""
+    if os.geteuid() != 0:
+        pytest.skip("the cluster tier needs root (network namespaces); .ci/run runs it as root")
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"the cluster tier needs {', '.join(missing)}: apt-get install slurmctld slurmd slurm-client munge")
+    root = Path(tempfile.mkdtemp(prefix="dsee-cluster-"))
+    c = Cluster(root)
+    c.start()
+    try:
+        yield c
+    finally:
+        c.stop()
