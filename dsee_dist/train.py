@@ -329,6 +329,11 @@ def exit_process(code: int) -> None:
     exit ("terminate called without an active exception", status 250) after a fully successful run, even
     after destroy_process_group; the launcher would then report a finished job as failed. By now every
     file is written and closed, so only the streams need flushing."""
+    status_file = os.environ.get("DSEE_EXIT_STATUS_FILE")
+    if status_file and os.environ.get("RANK", "0") == "0":
+        # For batch scripts: the launcher between them and the ranks may report another status (e.g. srun
+        # after --kill-on-bad-exit stopped the other nodes), so rank 0 states its own, e.g. 75 = requeue me.
+        Path(status_file).write_text(f"{code}\n")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

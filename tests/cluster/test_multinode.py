@@ -4,6 +4,7 @@ configs as on one node, the same losses."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -47,3 +48,57 @@ def test_deepspeed_no_ssh_two_nodes_equals_one_node(cluster, tmp_path, one_node_
     losses = train_losses(out)
     assert len(losses) == len(one_node_reference) == 6
     assert losses == pytest.approx(one_node_reference, abs=1e-5)
+
+
+def submit(cluster, tmp_path, out, *overrides, env_extra=None, sbatch_args=()):
+    env = node_env(**(env_extra or {}))
+    log = tmp_path / "slurm-%j.out"
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={log}", f"--chdir={REPO}", *sbatch_args,
+                           "launch/slurm/dsee.sbatch", "configs/quickstart.yaml", f"output.dir={out}", *ZERO3_RUN,
+                           *overrides], env={**env, "SLURM_CONF": str(cluster.conf)}, capture_output=True, text=True,
+                          check=True)
+    job = proc.stdout.strip().split(";")[0]
+    return job, tmp_path / f"slurm-{job}.out"
+
+
+def test_sbatch_script_runs_two_nodes_to_completion(cluster, tmp_path, one_node_reference):
+    out = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, out)
+    state = cluster.wait_job(job, 300)
+    text = log.read_text()
+    assert state == "COMPLETED", text[-4000:]
+    assert "2 nodes x 1 ranks, master node1" in text
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
+
+
+def _wait_for_steps(out, n, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if len(train_losses(out)) >= n:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{out}: fewer than {n} steps after {timeout}s")
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_losses(cluster, tmp_path, one_node_reference):
+    out = tmp_path / "run"
+    job, log = submit(cluster, tmp_path, out, env_extra={"DSEE_DEBUG_STEP_DELAY": "1.5"})
+    _wait_for_steps(out, 2)
+    cluster.slurm("scancel", "--signal=USR1", job)  # what Slurm sends before a time limit or preemption
+    deadline = time.time() + 120
+    while cluster.job_field(job, "Restarts") in (None, "0") and time.time() < deadline:
+        time.sleep(0.3)
+    # Slurm holds a requeued job back for a while (its BeginTime); start it now to keep the test short
+    cluster.slurm("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+    state = cluster.wait_job(job, 300, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    text = log.read_text()
+    assert state == "COMPLETED", text[-4000:]
+    assert "preempted: checkpoint saved; requeueing" in text
+    assert "(restart 1)" in text and "resume: continuing from step" in text
+    assert int(cluster.job_field(job, "Restarts")) == 1
+    assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
