@@ -186,6 +186,9 @@ class DeepSpeedSection:
     config: str = "configs/ds/zero3_fp32.json"
     # Nested values merged over the JSON (`ds.zero_optimization.stage=2` on the command line).
     overrides: dict = field(default_factory=dict)
+    # A collective that waits this long for another rank fails the job with a clear error instead of
+    # hanging (a lost node, a cut network). Keep it above the longest checkpoint save or support computation.
+    timeout_s: int = 1800
 
 
 @dataclass
@@ -459,6 +462,8 @@ def validate(cfg: Config) -> None:
     ds_path = resolve_path(cfg, cfg.deepspeed.config)
     if not ds_path.is_file():
         raise ConfigError(f"deepspeed.config '{cfg.deepspeed.config}' does not exist; use one of configs/ds/*.json")
+    if cfg.deepspeed.timeout_s < 1:
+        raise ConfigError(f"deepspeed.timeout_s must be >= 1 second, got {cfg.deepspeed.timeout_s}")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
         raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 0")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():

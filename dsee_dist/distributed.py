@@ -41,11 +41,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistInfo:
-    """Join (or, alone, create) the process group. Backend: NCCL on CUDA, gloo on CPU."""
+LOST_PEER_EXIT_CODE = 3
+_LOST_PEER_MARKERS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                      "connectFullMesh", "Broken pipe", "NCCL communicator was aborted", "Socket Timeout")
+
+
+def is_lost_peer(exc: BaseException) -> bool:
+    """Whether an exception from a collective means another rank or node went away (or the network)."""
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _LOST_PEER_MARKERS)
+
+
+def init_distributed(timeout_s: float = 1800) -> DistInfo:
+    """Join (or, alone, create) the process group. Backend: NCCL on CUDA, gloo on CPU. A collective that
+    waits longer than `timeout_s` for another rank fails (instead of hanging when a node is lost).
+
+    Ranks started directly by Slurm (`srun python -m dsee_dist.train`, one task per rank) take RANK,
+    WORLD_SIZE and LOCAL_RANK from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID."""
+    import datetime
+
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ \
+            and int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        os.environ.setdefault("MASTER_PORT", "29500")
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ and "PMI_RANK" not in os.environ:
         # Plain `python -m dsee_dist.train`: a world of one.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -55,7 +76,7 @@ def init_distributed() -> DistInfo:
         backend = get_accelerator().communication_backend_name()
         if backend == "ccl":  # the CPU accelerator's default needs oneCCL; gloo ships with torch
             backend = "gloo"
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() == "cuda":

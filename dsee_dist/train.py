@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    dist_info = distributed.init_distributed()
+    dist_info = distributed.init_distributed(cfg.deepspeed.timeout_s)
     log = make_logger(dist_info.is_rank_zero)
     out_dir = Path(cfg.output.dir)
     if dist_info.is_rank_zero:
@@ -322,6 +322,16 @@ def run(argv: list[str] | None = None) -> int:
             print(f"dsee_dist: error: {exc}", file=sys.stderr, flush=True)
         distributed.shutdown()
         return exc.exit_code
+    except RuntimeError as exc:
+        if not distributed.is_lost_peer(exc):
+            raise
+        # A node or rank went away mid-collective: one line per surviving rank, no teardown (it would wait
+        # for the lost peer again); the launcher stops the other ranks.
+        print(f"dsee_dist: error: rank {os.environ.get('RANK', '?')} lost contact with the other ranks "
+              f"({str(exc).splitlines()[0][:160]}): a node failed or the network between nodes is down; "
+              f"resubmit the same job (resume=auto) to continue from the last complete checkpoint",
+              file=sys.stderr, flush=True)
+        return distributed.LOST_PEER_EXIT_CODE
 
 
 def exit_process(code: int) -> None:

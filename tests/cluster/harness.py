@@ -68,8 +68,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
 SchedulerParameters=defer_batch=0
-SlurmctldTimeout=10
-SlurmdTimeout=10
+SlurmctldTimeout=30
+SlurmdTimeout=30
 MinJobAge=600
 KillWait=10
 InactiveLimit=0

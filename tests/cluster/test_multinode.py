@@ -102,3 +102,39 @@ def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_losses(clust
     assert "(restart 1)" in text and "resume: continuing from step" in text
     assert int(cluster.job_field(job, "Restarts")) == 1
     assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
+
+
+def test_lost_node_fails_the_job_in_bounded_time_and_a_resubmission_resumes(cluster, tmp_path, one_node_reference):
+    out = tmp_path / "run"
+    settings = ("checkpoint.every=2", "deepspeed.timeout_s=15")
+    # --no-requeue: with the script's default --requeue, Slurm would requeue the job itself after a node
+    # failure; here the job must fail so that a resubmission is what resumes it
+    job, log = submit(cluster, tmp_path, out, *settings, env_extra={"DSEE_DEBUG_STEP_DELAY": "1.5"},
+                      sbatch_args=("--no-requeue",))
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline:
+        time.sleep(0.3)
+    cluster.link("node2", up=False)  # node2 drops off the network mid-run
+    cut = time.time()
+    try:
+        # the surviving ranks stop waiting after deepspeed.timeout_s and say why, in one line
+        while "lost contact with the other ranks" not in log.read_text() and time.time() - cut < 60:
+            time.sleep(0.5)
+        noticed_after = time.time() - cut
+        # Slurm ends the job once it declares node2 lost (SlurmdTimeout=30 s in this cluster)
+        state = cluster.wait_job(job, 150)
+    finally:
+        cluster.link("node2", up=True)
+    text = log.read_text()
+    assert noticed_after < 60, text[-3000:]
+    assert "resubmit the same job (resume=auto)" in text
+    assert state in ("FAILED", "NODE_FAIL", "CANCELLED"), text[-3000:]
+    cluster.wait_idle(timeout=120)
+    saved_step = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    assert 2 <= saved_step < 6
+    job2, log2 = submit(cluster, tmp_path, out, *settings)
+    state2 = cluster.wait_job(job2, 300)
+    text2 = log2.read_text()
+    assert state2 == "COMPLETED", text2[-4000:]
+    assert f"resume: continuing from step {saved_step}" in text2
+    assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
