@@ -344,6 +344,9 @@ def exit_process(code: int) -> None:
         # For batch scripts: the launcher between them and the ranks may report another status (e.g. srun
         # after --kill-on-bad-exit stopped the other nodes), so rank 0 states its own, e.g. 75 = requeue me.
         Path(status_file).write_text(f"{code}\n")
+    mpi = sys.modules.get("mpi4py.MPI")  # started by mpirun: MPI wants MPI_Finalize before any exit
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -2,6 +2,7 @@
 configs as on one node, the same losses."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -137,4 +138,20 @@ def test_lost_node_fails_the_job_in_bounded_time_and_a_resubmission_resumes(clus
     text2 = log2.read_text()
     assert state2 == "COMPLETED", text2[-4000:]
     assert f"resume: continuing from step {saved_step}" in text2
+    assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
+
+
+def test_mpirun_two_ranks_find_each_other_through_mpi4py(tmp_path, one_node_reference):
+    pytest.importorskip("mpi4py", reason="pip install -e '.[mpi]' (.ci/run does)")
+    if shutil.which("mpirun") is None:
+        pytest.skip("needs Open MPI: apt-get install openmpi-bin libopenmpi-dev (.ci/run does)")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), MASTER_PORT=str(free_port()),
+               MPIRUN_ARGS="--allow-run-as-root --oversubscribe")
+    proc = subprocess.run(["launch/mpi/mpirun.sh", str(hostfile), "configs/quickstart.yaml", f"output.dir={out}",
+                           *ZERO3_RUN], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world size 2" in proc.stdout
     assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
