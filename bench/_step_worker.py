@@ -19,6 +19,58 @@ from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_
 from dsee_dist.dsee.support import matrix_generator, select_support  # noqa: E402
 
 
+# Bytes this rank sends into collectives during the measured steps, by kind: "grad" (all-reduce,
+# reduce-scatter, reduce: gradient reduction) and "param" (all-gather, broadcast: parameter gathering).
+COMM = {"grad": 0, "param": 0}
+COUNTING = [False]
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def count_collectives() -> None:
+    """Wrap torch.distributed's collectives before DeepSpeed binds them (it caches some at init)."""
+    import torch.distributed as dist
+
+    def wrap(name: str, kind: str, size) -> None:
+        original = getattr(dist, name, None)
+        if original is None:
+            return
+
+        def counted(*args, **kwargs):
+            if COUNTING[0]:
+                COMM[kind] += size(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+    first = lambda *a, **k: _nbytes(k.get("tensor", a[0] if a else None))  # noqa: E731
+    wrap("all_reduce", "grad", first)
+    wrap("reduce", "grad", first)
+    wrap("reduce_scatter_tensor", "grad", lambda *a, **k: _nbytes(k.get("input", a[1] if len(a) > 1 else None)))
+    wrap("reduce_scatter", "grad", lambda *a, **k: sum(_nbytes(t) for t in k.get("input_list", a[1] if len(a) > 1 else [])))
+    wrap("all_gather_into_tensor", "param", lambda *a, **k: _nbytes(k.get("output_tensor", a[0] if a else None)))
+    wrap("all_gather", "param", lambda *a, **k: sum(_nbytes(t) for t in k.get("tensor_list", a[0] if a else [])))
+    wrap("broadcast", "param", first)
+
+
+def model_state_bytes(model, engine) -> int:
+    """This rank's parameters (its ZeRO-3 partition, or whole) + optimizer master copies and moments."""
+    total = 0
+    for p in model.parameters():
+        local = getattr(p, "ds_tensor", None)
+        total += _nbytes(local) if local is not None else _nbytes(p)
+    zero = engine.optimizer
+    masters = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", None)
+    inner = distributed.inner_optimizer(engine)
+    masters = masters or [p for group in inner.param_groups for p in group["params"]]
+    total += sum(_nbytes(m) for m in masters)
+    for state in inner.state.values():
+        total += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
+    return total
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     p = argparse.ArgumentParser()
@@ -36,8 +88,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--result", required=True)
     p.add_argument("--local_rank", type=int, default=None)
+    p.add_argument("--count-comm", action="store_true", help="count collective bytes during the measured steps")
     args = p.parse_args()
 
+    if args.count_comm:
+        count_collectives()
     info = distributed.init_distributed()
     if not torch.cuda.is_available():  # one rank per core share: oversubscription makes CPU timings noise
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
@@ -80,19 +135,29 @@ def main() -> None:
     for i in range(args.warmup + args.steps):
         x = torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=g).to(dev)
         distributed.barrier()
+        COUNTING[0] = i >= args.warmup
         t0 = time.perf_counter()
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
         engine.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
+        COUNTING[0] = False
         distributed.barrier()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    import resource
+
+    per_rank = distributed.all_gather_object({
+        "grad_bytes_per_step": COMM["grad"] / args.steps, "param_bytes_per_step": COMM["param"] / args.steps,
+        "model_state_bytes": model_state_bytes(model, engine),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    })
     if info.is_rank_zero:
         Path(args.result).write_text(json.dumps({"median_step_s": statistics.median(times), "trainable": trainable,
-                                                 "steps": len(times)}))
+                                                 "steps": len(times), "per_rank": per_rank}))
     distributed.shutdown()
 
 

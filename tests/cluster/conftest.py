@@ -7,7 +7,7 @@ import pytest
 from tests.cluster.harness import Cluster, missing_tools
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
     """Two Slurm nodes as network namespaces; torn down by PID afterwards, also when a test fails."""
     if os.geteuid() != 0:

@@ -8,15 +8,16 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from dsee_dist.distributed import free_port
 from tests.cluster.harness import NODES
 from tests.conftest import REPO
-from tests.distributed.launch import TINY_RUN, run_training, train_losses
+from tests.distributed.launch import run_training, train_losses
 
 pytestmark = pytest.mark.cluster
 
-ZERO3_RUN = [*TINY_RUN, "deepspeed.config=configs/ds/zero3_fp32.json", "eval.every_n_steps=0"]
+CONFIG = "configs/multinode/tiny_cpu.yaml"  # built-in gpt2-tiny, ZeRO-3 fp32, 6 steps
 MASTER = NODES["node1"]
 
 
@@ -29,7 +30,7 @@ def node_env(**extra) -> dict:
 @pytest.fixture(scope="module")
 def one_node_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("one_node") / "run"
-    run_training(2, out, *ZERO3_RUN)
+    run_training(2, out, config=CONFIG)
     return train_losses(out)
 
 
@@ -38,8 +39,8 @@ def test_deepspeed_no_ssh_two_nodes_equals_one_node(cluster, tmp_path, one_node_
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
     out = tmp_path / "run"
     port = str(free_port())
-    procs = [cluster.popen_on(node, ["launch/deepspeed_multinode.sh", "--no-ssh", str(hostfile), "configs/quickstart.yaml",
-                                     f"output.dir={out}", *ZERO3_RUN],
+    procs = [cluster.popen_on(node, ["launch/deepspeed_multinode.sh", "--no-ssh", str(hostfile), CONFIG,
+                                     f"output.dir={out}"],
                               node_env(NODE_RANK=str(i), MASTER_PORT=port), tmp_path / f"{node}.log")
              for i, node in enumerate(NODES)]
     codes = [p.wait(timeout=300) for p in procs]
@@ -55,8 +56,7 @@ def submit(cluster, tmp_path, out, *overrides, env_extra=None, sbatch_args=()):
     env = node_env(**(env_extra or {}))
     log = tmp_path / "slurm-%j.out"
     proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={log}", f"--chdir={REPO}", *sbatch_args,
-                           "launch/slurm/dsee.sbatch", "configs/quickstart.yaml", f"output.dir={out}", *ZERO3_RUN,
-                           *overrides], env={**env, "SLURM_CONF": str(cluster.conf)}, capture_output=True, text=True,
+                           "launch/slurm/dsee.sbatch", CONFIG, f"output.dir={out}", *overrides], env={**env, "SLURM_CONF": str(cluster.conf)}, capture_output=True, text=True,
                           check=True)
     job = proc.stdout.strip().split(";")[0]
     return job, tmp_path / f"slurm-{job}.out"
@@ -150,8 +150,8 @@ def test_mpirun_two_ranks_find_each_other_through_mpi4py(tmp_path, one_node_refe
     out = tmp_path / "run"
     env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), MASTER_PORT=str(free_port()),
                MPIRUN_ARGS="--allow-run-as-root --oversubscribe")
-    proc = subprocess.run(["launch/mpi/mpirun.sh", str(hostfile), "configs/quickstart.yaml", f"output.dir={out}",
-                           *ZERO3_RUN], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["launch/mpi/mpirun.sh", str(hostfile), CONFIG, f"output.dir={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
+

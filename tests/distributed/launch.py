@@ -25,9 +25,10 @@ def train_command(world_size: int, out_dir: Path, *overrides: str, config: str =
             "--master_port", str(free_port()), "--module", "dsee_dist.train", *args]
 
 
-def run_training(world_size: int, out_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_command(world_size, out_dir, *overrides), cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+def run_training(world_size: int, out_dir: Path, *overrides: str, timeout: int = 600,
+                 config: str = "configs/quickstart.yaml") -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_command(world_size, out_dir, *overrides, config=config), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
