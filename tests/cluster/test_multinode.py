@@ -155,3 +155,22 @@ def test_mpirun_two_ranks_find_each_other_through_mpi4py(tmp_path, one_node_refe
     assert "world size 2" in proc.stdout
     assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
 
+
+
+def test_accelerate_launch_two_nodes_equals_one_node(cluster, tmp_path, one_node_reference):
+    pytest.importorskip("accelerate")
+    shipped = yaml.safe_load((REPO / "launch/accelerate/multinode.yaml").read_text())
+    cpu = {**shipped, "use_cpu": True, "mixed_precision": "no", "num_processes": 2, "num_machines": 2,
+           "main_process_ip": MASTER, "main_process_port": free_port()}  # 2 nodes x 1 CPU rank
+    config = tmp_path / "accelerate.yaml"
+    config.write_text(yaml.safe_dump(cpu))
+    out = tmp_path / "run"
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    procs = [cluster.popen_on(node, [*accelerate, "--config_file", str(config), "--machine_rank", str(i),
+                                     "-m", "dsee_dist.train", "--config", CONFIG, f"output.dir={out}"],
+                              node_env(), tmp_path / f"{node}.log")
+             for i, node in enumerate(NODES)]
+    codes = [p.wait(timeout=300) for p in procs]
+    logs = "".join((tmp_path / f"{node}.log").read_text()[-3000:] for node in NODES)
+    assert codes == [0, 0], logs
+    assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
