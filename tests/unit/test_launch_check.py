@@ -1,5 +1,6 @@
 """Launch preflight: bad hostfiles, node counts and rendezvous settings fail with one clear line."""
 
+import os
 import subprocess
 import sys
 
@@ -56,3 +57,25 @@ def test_cli_missing_hostfile_is_one_line_and_exit_2(tmp_path):
                           capture_output=True, text=True, cwd=REPO, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("script,args,env,message", [
+    ("launch/deepspeed_multinode.sh", ["--no-ssh", "{bad}", "configs/multinode/tiny_cpu.yaml"], {"MASTER_ADDR": "n1", "NODE_RANK": "0"},
+     "is not of the form 'hostname slots=N'"),
+    ("launch/deepspeed_multinode.sh", ["{missing}", "configs/multinode/tiny_cpu.yaml"], {}, "does not exist"),
+    ("launch/deepspeed_multinode.sh", ["--no-ssh", "{good}", "configs/multinode/tiny_cpu.yaml"], {"MASTER_ADDR": ""},
+     "MASTER_ADDR is not set"),
+    ("launch/mpi/mpirun.sh", ["{bad}", "configs/multinode/tiny_cpu.yaml"], {}, "is not of the form 'hostname slots=N'"),
+])
+def test_launch_scripts_refuse_bad_input_before_any_rank_starts(tmp_path, script, args, env, message):
+    (tmp_path / "bad").write_text("node1 slots=2\nnode2 slots two\n")
+    (tmp_path / "good").write_text("node1 slots=1\nnode2 slots=1\n")
+    paths = {"{bad}": str(tmp_path / "bad"), "{good}": str(tmp_path / "good"), "{missing}": str(tmp_path / "nope")}
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "SLURM_JOB_ID")}
+    full_env.update(PYTHON=sys.executable, **{k: v for k, v in env.items() if v})
+    proc = subprocess.run(["bash", script, *[paths.get(a, a) for a in args]], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "deepspeed.launcher" not in proc.stdout + proc.stderr
