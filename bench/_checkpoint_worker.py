@@ -13,8 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsee_dist import checkpoint, distributed  # noqa: E402
-from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable  # noqa: E402
-from dsee_dist.dsee.support import matrix_generator, select_support  # noqa: E402
+from _dsee_model import inject_random_dsee  # noqa: E402
 
 
 def main() -> None:
@@ -43,12 +42,8 @@ def main() -> None:
     if args.method == "full":
         params = list(model.parameters())
     else:
-        specs = find_targets(model, ["c_attn"], ["q", "v"])
-        support = {m: select_support(torch.zeros(args.n_embd, args.n_embd), args.num_sparse, "random",
-                                     generator=matrix_generator(0, m)) for s in specs for m in s.matrix_names()}
+        params, support = inject_random_dsee(model, args.rank, args.num_sparse)
         index_bytes = sum(t.numel() * t.element_size() for t in support.values())
-        inject_dsee(model, specs, support, rank=args.rank, alpha=2 * args.rank, dropout=0.0, seed=0)
-        params = mark_only_adapters_trainable(model)
     engine, _, _ = distributed.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
     x = torch.randint(0, args.vocab, (1, 16))
     engine.backward(engine(input_ids=x, labels=x).loss)

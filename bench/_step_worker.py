@@ -15,8 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsee_dist import distributed  # noqa: E402
-from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable  # noqa: E402
-from dsee_dist.dsee.support import matrix_generator, select_support  # noqa: E402
+from _dsee_model import inject_random_dsee  # noqa: E402
 
 
 # Bytes this rank sends into collectives during the measured steps, by kind: "grad" (all-reduce,
@@ -121,11 +120,7 @@ def main() -> None:
                                                  fan_in_fan_out=True, lora_dropout=0.0))
         params = [p for p in model.parameters() if p.requires_grad]
     else:
-        specs = find_targets(model, ["c_attn"], ["q", "v"])
-        support = {m: select_support(torch.zeros(args.n_embd, args.n_embd), args.num_sparse, "random",
-                                     generator=matrix_generator(0, m)) for s in specs for m in s.matrix_names()}
-        inject_dsee(model, specs, support, rank=args.rank, alpha=2 * args.rank, dropout=0.0, seed=0)
-        params = mark_only_adapters_trainable(model)
+        params, _ = inject_random_dsee(model, args.rank, args.num_sparse)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     engine, _, _ = distributed.build_engine(model, optimizer, None, ds)
     engine.train()

@@ -33,12 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsee_dist.adapter import read_adapter, save_adapter  # noqa: E402
 from dsee_dist.config import DSEEConfig, PruneConfig  # noqa: E402
 from dsee_dist.distributed import DistInfo  # noqa: E402
-from dsee_dist.dsee.inject import find_targets, inject_dsee  # noqa: E402
-from dsee_dist.dsee.support import select_support  # noqa: E402
 from dsee_dist.models import build_builtin_model  # noqa: E402
 from dsee_dist.pruned_gpt2 import load_pruned_model  # noqa: E402
 from dsee_dist.pruning.flops import compare, flops_per_token  # noqa: E402
 from dsee_dist.pruning.structured import prune_structured  # noqa: E402
+from _dsee_model import inject_random_dsee  # noqa: E402
 
 
 def build_pair(shape: str, heads: float, mlp: float, workdir: Path) -> tuple[Path, Path]:
@@ -48,12 +47,8 @@ def build_pair(shape: str, heads: float, mlp: float, workdir: Path) -> tuple[Pat
     dense.save_pretrained(dense_dir)
     adapted = copy.deepcopy(dense)
     dsee = DSEEConfig(lora_rank=8, lora_alpha=16, num_sparse=64)
-    specs = find_targets(adapted, dsee.target_modules, dsee.fused_slices)
+    inject_random_dsee(adapted, dsee.lora_rank, dsee.num_sparse)
     gen = torch.Generator().manual_seed(0)
-    support = {name: select_support(adapted.get_submodule(spec.name).weight.t()[s:s + n].detach(), dsee.num_sparse,
-                                    "random", generator=gen)
-               for spec in specs for (s, n), name in zip(spec.slices, spec.matrix_names())}
-    inject_dsee(adapted, specs, support, rank=dsee.lora_rank, alpha=dsee.lora_alpha, dropout=0.0, seed=0)
     with torch.no_grad():
         for name, p in adapted.named_parameters():
             if name.endswith(("lora_b", "sparse_values")):

@@ -119,13 +119,12 @@ def sparsity_report(model, pruning: dict | None) -> dict:
             "total": {"zeros": zeros, "numel": numel, "sparsity": zeros / max(numel, 1)}}
 
 
-def export_merged(checkpoint_dir: Path, target: Path, base_model: str | None = None, log=print) -> dict:
-    """The merged model of a checkpoint (pruning masks applied to the merged weights), with
-    `dsee_export.json`: the real sparsity of every prunable matrix and the FLOPs per token."""
+def export_merged(model, cfg, base: str, target: Path, log=print) -> dict:
+    """Merge a model from `build_model_from_checkpoint` (pruning masks applied to the merged weights) and
+    write it with `dsee_export.json`: the real sparsity of every prunable matrix and the FLOPs per token."""
     from .pruning.flops import flops_per_token
     from .pruning.unstructured import read_report
 
-    model, cfg, base = build_model_from_checkpoint(Path(checkpoint_dir), base_model)
     merge_into_base(model)
     report = sparsity_report(model, read_report(Path(base)) if Path(base).is_dir() else None)
     report["flops_per_token"] = flops_per_token(model.config, cfg.prune.flops_context)
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             save_adapter(model, Path(args.adapter), base_model=base, dsee_cfg=cfg.dsee, is_rank_zero=True)
             print(f"[dsee] adapter written to {args.adapter}", flush=True)
         if args.merged:
-            export_merged(ckpt, Path(args.merged), args.base_model, log=lambda m: print(f"[dsee] {m}", flush=True))
+            export_merged(model, cfg, base, Path(args.merged), log=lambda m: print(f"[dsee] {m}", flush=True))
     except DSEEError as exc:
         print(f"dsee-dist export: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -21,6 +21,7 @@ from . import distributed
 from .adapter import ADAPTER_CONFIG, read_adapter
 from .checkpoint import find_resume_checkpoint
 from .config import Config
+from .errors import DSEEError
 from .pruning.flops import compare, flops_per_token, format_report
 from .pruning.structured import prune_structured, slice_adapter
 from .pruning.unstructured import prune_unstructured
@@ -51,6 +52,9 @@ def check_request(prune_cfg, base_model: str) -> None:
     from .pruning.targets import gpt2_shape, prunable_matrices
 
     register()
+    if not Path(base_model).is_dir():
+        raise DSEEError(f"pruning reads the base model's files, and '{base_model}' is not a local directory; "
+                        f"download it (e.g. huggingface-cli download) and set model.path to the directory")
     model_config = AutoConfig.from_pretrained(base_model)
     shape = gpt2_shape(model_config)
     if prune_cfg.method == "structured":
@@ -69,26 +73,21 @@ def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, tra
             shutil.rmtree(out_dir / name, ignore_errors=True)
     distributed.barrier()
 
-    if not (pruned_dir / "config.json").is_file():
-        if not (out_dir / STAGE1 / "adapter" / ADAPTER_CONFIG).is_file():
-            log(f"stage 1 of 2: DSEE tuning of A, B, S -> {out_dir / STAGE1}")
-            code, finished = train_stage(cfg1, out_dir / STAGE1, base_model, inputs, dist_info, log)
-            if not finished:
-                return code, False
+    pruned = (pruned_dir / "config.json").is_file()
+    if not pruned and not (out_dir / STAGE1 / "adapter" / ADAPTER_CONFIG).is_file():
+        log(f"stage 1 of 2: DSEE tuning of A, B, S -> {out_dir / STAGE1}")
+        code, finished = train_stage(cfg1, out_dir / STAGE1, base_model, inputs, dist_info, log)
+        if not finished:
+            return code, False
+    adapter = read_adapter(out_dir / STAGE1 / "adapter")
+    if not pruned:
         log(f"pruning ({cfg.prune.method}) -> {pruned_dir}")
-        adapter = read_adapter(out_dir / STAGE1 / "adapter")
-        if not Path(base_model).is_dir():
-            from .errors import DSEEError
-
-            raise DSEEError(f"pruning reads the base model's files, and '{base_model}' is not a local directory; "
-                            f"download it (e.g. huggingface-cli download) and set model.path to the directory")
         if cfg.prune.method == "unstructured":
             prune_unstructured(cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log)
         else:
             prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log)
     log_flops(base_model, pruned_dir, cfg.prune.flops_context, dist_info, log)
 
-    adapter = read_adapter(out_dir / STAGE1 / "adapter")
     if cfg.prune.method == "structured":
         from transformers import AutoConfig
 
@@ -103,10 +102,10 @@ def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, tra
         return code, False
 
     def export_final() -> None:
-        from .export import export_merged
+        from .export import build_model_from_checkpoint, export_merged
 
         ckpt = find_resume_checkpoint(out_dir / STAGE2, str(out_dir / STAGE2))
-        export_merged(ckpt, out_dir / FINAL, log=log)
+        export_merged(*build_model_from_checkpoint(ckpt), out_dir / FINAL, log=log)
 
     distributed.on_rank_zero(export_final)
     log(f"final pruned model written to {out_dir / FINAL}")

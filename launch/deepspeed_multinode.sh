@@ -15,15 +15,10 @@ set -euo pipefail
 
 no_ssh=0
 if [[ "${1:-}" == "--no-ssh" ]]; then no_ssh=1; shift; fi
-if [[ $# -lt 2 ]]; then
-    echo "usage: $0 [--no-ssh] HOSTFILE CONFIG [section.key=value ...]" >&2
-    exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+require_args 2 "$0 [--no-ssh] HOSTFILE CONFIG [section.key=value ...]" "$@"
 hostfile=$1 config=$2
 shift 2
-python=${PYTHON:-python3}
-export MASTER_PORT=${MASTER_PORT:-29500}
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/dsee_dist/torch_extensions}
 
 if [[ $no_ssh == 1 ]]; then
     "$python" -m dsee_dist.launch_check --hostfile "$hostfile" --multi-node

@@ -65,13 +65,19 @@ def _sparse_in_slices(values, index, slices, like: torch.Tensor) -> torch.Tensor
     return dense.index_put((which, rows - starts[which], cols), values.to(dense.dtype), accumulate=True)
 
 
+def _slice_updates(lora_a, lora_b, sparse_values, sparse_index, slices) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B A, S), unscaled, each laid out like the slices (n_slices x slice_size x in)."""
+    n_slices, _, rank = lora_b.shape
+    low_rank = torch.bmm(lora_b, lora_a.reshape(n_slices, rank, -1))
+    return low_rank, _sparse_in_slices(sparse_values, sparse_index, slices, low_rank)
+
+
 def delta_from_factors(lora_a, lora_b, sparse_values, sparse_index, slices, out_features: int, scaling: float,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """(alpha / r) (B A + S) [* M] as a dense (out x in) matrix, from the factors of one DSEE layer
     (also those read back from an adapter file). `mask`: n_slices x slice_size x in, 1 = kept."""
-    n_slices, _, rank = lora_b.shape
-    per_slice = torch.bmm(lora_b, lora_a.reshape(n_slices, rank, -1))
-    per_slice = per_slice + _sparse_in_slices(sparse_values, sparse_index, slices, per_slice)
+    low_rank, sparse = _slice_updates(lora_a, lora_b, sparse_values, sparse_index, slices)
+    per_slice = low_rank + sparse
     if mask is not None:
         per_slice = per_slice * mask.to(per_slice.dtype)
     delta = per_slice.new_zeros(out_features, per_slice.shape[-1])
@@ -193,8 +199,7 @@ class DSEELayer(nn.Module):
         """After unstructured pruning: x ((B A + S) * M)^T on the adapted rows, so that pruned entries of the
         effective weight (W0 * M + ((B A + S) * M)) are exactly zero during training, as in the export.
         The update is materialised per slice (n_slices x size x in): a small cost next to the base matmul."""
-        low_rank = torch.bmm(self.lora_b, self.lora_a.view(len(self.slices), self.rank, self.in_features))
-        sparse = _sparse_in_slices(self.sparse_values, self.sparse_index, self.slices, low_rank)
+        low_rank, sparse = _slice_updates(self.lora_a, self.lora_b, self.sparse_values, self.sparse_index, self.slices)
         if isinstance(self.lora_dropout, nn.Identity):
             rows_out = F.linear(x, self.prune_mask(low_rank + sparse).flatten(0, 1))
         else:

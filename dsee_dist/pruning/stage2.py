@@ -21,6 +21,7 @@ from .. import distributed
 from ..dsee.inject import TargetSpec, dsee_layers
 from ..dsee.placement import SUPPORT_FILE, support_settings
 from ..errors import DSEEError
+from .unstructured import MASKS_GLOB
 
 
 def support_from_adapter(adapter: tuple[dict, dict], specs: list[TargetSpec]) -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ def copy_adapter_values(model, tensors: dict[str, torch.Tensor]) -> None:
 def keep_mask_files(model_dir: Path) -> dict[str, Path]:
     """{adapted module: file holding its keep mask} of a pruned model directory."""
     found = {}
-    for path in sorted(Path(model_dir).glob("dsee_masks-*.safetensors")):
+    for path in sorted(Path(model_dir).glob(MASKS_GLOB)):
         with safe_open(str(path), framework="pt") as f:
             found.update({key[: -len(".keep")]: path for key in f.keys()})
     return found

@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from .model_files import ModelFiles, write_pruned_model
 from .scores import head_scores, lowest, neuron_scores
 from .targets import file_to_out_in, gpt2_shape
-from .unstructured import REPORT_FILE
+from .unstructured import REPORT_FILE, adapted_slice
 
 REMOTE_CODE_FILE = "modeling_dsee_pruned_gpt2.py"
 
@@ -42,17 +42,19 @@ def neurons_to_remove(prune_cfg, n_inner: int) -> int:
     return round(prune_cfg.mlp_ratio * n_inner)
 
 
-def _module_delta(adapter_config, adapter_tensors, module, rows) -> torch.Tensor | None:
-    """ΔW rows of a module if those rows are adapted, else None."""
-    meta = adapter_config["layers"].get(module)
-    if meta is None or not any(s <= rows[0] and rows[0] + rows[1] <= s + n for s, n in meta["slices"]):
-        return None
-    return layer_delta(adapter_config, adapter_tensors, module)[rows[0]:rows[0] + rows[1]]
+def _delta_rows(adapter: tuple[dict, dict], module: str, *row_blocks: tuple[int, int]) -> list[torch.Tensor | None]:
+    """ΔW of each row block (first, count) of a module where those rows are adapted, else None; the
+    module's update is computed once."""
+    config, tensors = adapter
+    if module not in config["layers"]:
+        return [None] * len(row_blocks)
+    delta = layer_delta(config, tensors, module)
+    return [delta[start:start + n] if adapted_slice(config, module, (start, n)) is not None else None
+            for start, n in row_blocks]
 
 
 def plan_structured(prune_cfg, files: ModelFiles, model_config, adapter: tuple[dict, dict], dist_info, log=print) -> dict:
     """Collective: {"heads_kept": [[...] per layer], "neurons_kept": [[...] per layer]} on every rank."""
-    adapter_config, adapter_tensors = adapter
     shape = gpt2_shape(model_config)
     hd, d = shape["head_dim"], shape["n_embd"]
     mine = {}
@@ -64,15 +66,14 @@ def plan_structured(prune_cfg, files: ModelFiles, model_config, adapter: tuple[d
             w = heads * hd
             qkv = file_to_out_in(files.get(files.key(f"{prefix}.attn.c_attn")))
             module = f"{prefix}.attn.c_attn"
-            result["heads"] = head_scores(qkv[:w], qkv[2 * w:], _module_delta(adapter_config, adapter_tensors, module, (0, w)),
-                                          _module_delta(adapter_config, adapter_tensors, module, (2 * w, w)), hd,
-                                          prune_cfg.head_score)
+            q_delta, v_delta = _delta_rows(adapter, module, (0, w), (2 * w, w))
+            result["heads"] = head_scores(qkv[:w], qkv[2 * w:], q_delta, v_delta, hd, prune_cfg.head_score)
         if neurons_to_remove(prune_cfg, inner):
             fc = file_to_out_in(files.get(files.key(f"{prefix}.mlp.c_fc")))
             proj = file_to_out_in(files.get(files.key(f"{prefix}.mlp.c_proj")))
-            result["neurons"] = neuron_scores(
-                fc, proj, _module_delta(adapter_config, adapter_tensors, f"{prefix}.mlp.c_fc", (0, inner)),
-                _module_delta(adapter_config, adapter_tensors, f"{prefix}.mlp.c_proj", (0, d)), prune_cfg.head_score)
+            (fc_delta,) = _delta_rows(adapter, f"{prefix}.mlp.c_fc", (0, inner))
+            (proj_delta,) = _delta_rows(adapter, f"{prefix}.mlp.c_proj", (0, d))
+            result["neurons"] = neuron_scores(fc, proj, fc_delta, proj_delta, prune_cfg.head_score)
         mine[layer] = result
     scores = {}
     for part in distributed.all_gather_object(mine):

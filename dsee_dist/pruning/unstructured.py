@@ -29,6 +29,7 @@ from .targets import PrunableMatrix, file_to_out_in, out_in_to_file, prunable_ma
 
 REPORT_FILE = "dsee_pruning.json"
 MASKS_PATTERN = "dsee_masks-{rank:05d}.safetensors"
+MASKS_GLOB = "dsee_masks-*.safetensors"
 
 
 def group_of(matrix: PrunableMatrix, adapted: bool, grouping: str) -> str:
@@ -39,15 +40,20 @@ def group_of(matrix: PrunableMatrix, adapted: bool, grouping: str) -> str:
     return "adapted" if adapted else "frozen"
 
 
-def adapted_rows(adapter_config: dict, matrix: PrunableMatrix) -> int | None:
-    """Index of the adapter slice that covers exactly this matrix's rows, or None if it is not adapted."""
-    meta = adapter_config["layers"].get(matrix.module)
+def adapted_slice(adapter_config: dict, module: str, rows: tuple[int, int]) -> int | None:
+    """Index of the adapter slice of `module` that contains the rows (first, count), or None if they are
+    not adapted."""
+    meta = adapter_config["layers"].get(module)
     if meta is None:
         return None
     for i, (start, size) in enumerate(meta["slices"]):
-        if (start, size) == tuple(matrix.rows) or (start <= matrix.rows[0] and matrix.rows[0] + matrix.rows[1] <= start + size):
+        if start <= rows[0] and rows[0] + rows[1] <= start + size:
             return i
     return None
+
+
+def adapted_rows(adapter_config: dict, matrix: PrunableMatrix) -> int | None:
+    return adapted_slice(adapter_config, matrix.module, matrix.rows)
 
 
 def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, *,
@@ -114,7 +120,7 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
         "method": "unstructured", "score": prune_cfg.score, "grouping": prune_cfg.grouping, "groups": group_stats,
         "matrices": {m.name: stats[m.name] for m in matrices},
         "total": {"pruned": sum(s["pruned"] for s in stats.values()), "numel": sum(s["numel"] for s in stats.values())},
-        "masks": MASKS_PATTERN.format(rank=0).replace("00000", "*") if adapter_config["layers"] else None,
+        "masks": MASKS_GLOB if adapter_config["layers"] else None,
     }
 
     def rank_zero_files(tmp: Path) -> None:
@@ -124,16 +130,6 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
     write_pruned_model(target, files, my_tensors, {files.key(m) for m in modules}, rank_zero_files, dist_info,
                        extra_shards={MASKS_PATTERN.format(rank=dist_info.rank): my_masks} if my_masks else {})
     return report
-
-
-def read_keep_masks(model_dir: Path) -> dict[str, torch.Tensor]:
-    """{adapted module name: bool keep mask of its adapted rows} from a pruned model directory ({} if none)."""
-    from safetensors.torch import load_file
-
-    masks = {}
-    for path in sorted(Path(model_dir).glob("dsee_masks-*.safetensors")):
-        masks.update({k[: -len(".keep")]: v for k, v in load_file(str(path)).items()})
-    return masks
 
 
 def read_report(model_dir: Path) -> dict | None:

@@ -9,15 +9,10 @@
 # "--mca btl_tcp_if_include eth0" or, as root, "--allow-run-as-root"). Inside a Slurm allocation,
 # `srun --mpi=pmix python -m dsee_dist.train ...` starts the ranks the same way.
 set -euo pipefail
-if [[ $# -lt 2 ]]; then
-    echo "usage: $0 HOSTFILE CONFIG [section.key=value ...]" >&2
-    exit 2
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../_common.sh"
+require_args 2 "$0 HOSTFILE CONFIG [section.key=value ...]" "$@"
 hostfile=$1 config=$2
 shift 2
-python=${PYTHON:-python3}
-export MASTER_PORT=${MASTER_PORT:-29500}
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$HOME/.cache/dsee_dist/torch_extensions}
 "$python" -m dsee_dist.launch_check --hostfile "$hostfile"
 "$python" -c "import mpi4py" 2>/dev/null || {
     echo "dsee_dist: error: mpi4py is not installed; pip install -e '.[mpi]' (needs an MPI library, e.g. apt-get install libopenmpi-dev)" >&2

@@ -11,16 +11,15 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dsee_dist.adapter import read_adapter
 from dsee_dist.config import config_from_dict
-from dsee_dist.distributed import DistInfo
 from dsee_dist.export import build_model_from_checkpoint
 from dsee_dist.pruning.model_files import ModelFiles
 from dsee_dist.pruning.structured import plan_structured
 from dsee_dist.pruning.unstructured import prune_unstructured
 from tests.distributed.launch import TINY_RUN, read_metrics, run_training
+from tests.unit.pruning.helpers import SINGLE
 
 pytestmark = pytest.mark.distributed
 
-SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)
 ZERO3 = "deepspeed.config=configs/ds/zero3_fp32.json"
 UNSTRUCTURED = [*TINY_RUN, ZERO3, "eval.every_n_steps=0", "ds.zero_optimization.stage3_param_persistence_threshold=4096",
                 "prune.method=unstructured", "prune.ratio=0.3",

@@ -79,3 +79,15 @@ def test_launch_scripts_refuse_bad_input_before_any_rank_starts(tmp_path, script
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert "deepspeed.launcher" not in proc.stdout + proc.stderr
+
+
+def test_slurm_submit_refuses_a_bad_config_before_sbatch(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, PATH=f"{tmp_path}:{os.environ['PATH']}")
+    (tmp_path / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path}/submitted\n")  # must never be reached
+    (tmp_path / "sbatch").chmod(0o755)
+    proc = subprocess.run(["bash", "launch/slurm/submit.sh", "2", "8", "configs/multinode/tiny_cpu.yaml", "train.lr=-1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == ["dsee_dist: error: train.lr must be > 0, got -1.0"], proc.stderr
+    assert not (tmp_path / "submitted").exists()
