@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsee_dist.distributed import free_port  # noqa: E402
+from dsee_dist.engine.distributed import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsee_dist import distributed  # noqa: E402
+from dsee_dist.engine import distributed  # noqa: E402
 from _dsee_model import inject_random_dsee  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main() -> None:
                                             world_size=info.world_size)
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from dsee_dist import models
+    from dsee_dist.models import loading as models
 
     if ds["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig

@@ -47,7 +47,7 @@ def measure_two_nodes(method: str, stage: int, shape: list[str], tmp: Path) -> d
         return None
     if os.geteuid() != 0 or missing_tools():
         return None
-    from dsee_dist.distributed import free_port
+    from dsee_dist.engine.distributed import free_port
 
     cluster = Cluster(Path(tempfile.mkdtemp(prefix="dsee-scaling-"))).start()
     try:

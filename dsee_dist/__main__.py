@@ -1,3 +1,3 @@
-from .cli import main
+from dsee_dist.cli import main
 
 raise SystemExit(main())

@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     quick.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "train":
-        from .train import exit_process, run
+        from dsee_dist.recipes.finetune import exit_process, run
 
         exit_process(run(args.rest))
     if args.command == "export":
-        from .export import main as export_main
+        from dsee_dist.recipes.export import main as export_main
 
         return export_main(args.rest)
     return _quickstart(args)

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from dsee_dist.errors import ConfigError
 
 SUPPORT_METHODS = ("decomposition", "magnitude", "random")
 DATA_FORMATS = ("synthetic_e2e", "e2e", "text", "jsonl")
@@ -389,7 +389,7 @@ def _looks_like_hub_name(value: str) -> bool:
 
 def validate(cfg: Config) -> None:
     m, d, s, t = cfg.model, cfg.data, cfg.dsee, cfg.train
-    from .models import BUILTIN_MODELS  # light module: no torch at import
+    from dsee_dist.models.loading import BUILTIN_MODELS  # light module: no torch at import
 
     if (m.path is None) == (m.builtin is None):
         raise ConfigError("set exactly one of model.path (a local Hugging Face directory) or model.builtin (one of: "

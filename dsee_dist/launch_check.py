@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import DSEEError
+from dsee_dist.errors import DSEEError
 
 _LINE = re.compile(r"^(?P<host>[A-Za-z0-9_.:\-]+)\s+slots\s*=\s*(?P<slots>\S+)$")
 

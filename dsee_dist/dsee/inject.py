@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import ConfigError
-from .layer import DSEELayer, base_shape, is_conv1d
-from .support import matrix_generator
+from dsee_dist.errors import ConfigError
+from dsee_dist.dsee.layer import DSEELayer, base_shape, is_conv1d
+from dsee_dist.dsee.support import matrix_generator
 
 SLICE_ORDER = ("q", "k", "v")
 

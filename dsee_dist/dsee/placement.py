@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import distributed
-from ..errors import DSEEError
-from .inject import TargetSpec
-from .layer import weight_out_in
-from .support import matrix_generator, select_support
+from dsee_dist.engine import distributed
+from dsee_dist.errors import DSEEError
+from dsee_dist.dsee.inject import TargetSpec
+from dsee_dist.dsee.layer import weight_out_in
+from dsee_dist.dsee.support import matrix_generator, select_support
 
 SUPPORT_FILE = "support.safetensors"
 

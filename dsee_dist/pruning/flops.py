@@ -10,7 +10,7 @@ kernels do the same work (report it from the sparsity figures instead).
 
 from __future__ import annotations
 
-from .targets import gpt2_shape
+from dsee_dist.pruning.targets import gpt2_shape
 
 
 def flops_per_token(config, context: int = 128) -> dict:

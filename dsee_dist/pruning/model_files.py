@@ -17,8 +17,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import distributed
-from ..errors import DSEEError
+from dsee_dist.engine import distributed
+from dsee_dist.errors import DSEEError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 INDEX_FILE = "model.safetensors.index.json"

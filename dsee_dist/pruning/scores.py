@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dsee.support import matrix_generator
+from dsee_dist.dsee.support import matrix_generator
 
 ELEMENT_SCORES = ("delta", "merged", "base", "random")
 HEAD_SCORES = ("delta", "delta+base")

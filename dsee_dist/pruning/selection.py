@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import distributed
+from dsee_dist.engine import distributed
 
 
 def _keys(scores: torch.Tensor) -> torch.Tensor:

@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import distributed
-from ..dsee.inject import TargetSpec, dsee_layers
-from ..dsee.placement import SUPPORT_FILE, support_settings
-from ..errors import DSEEError
-from .unstructured import MASKS_GLOB
+from dsee_dist.engine import distributed
+from dsee_dist.dsee.inject import TargetSpec, dsee_layers
+from dsee_dist.dsee.placement import SUPPORT_FILE, support_settings
+from dsee_dist.errors import DSEEError
+from dsee_dist.pruning.unstructured import MASKS_GLOB
 
 
 def support_from_adapter(adapter: tuple[dict, dict], specs: list[TargetSpec]) -> dict[str, torch.Tensor]:

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..adapter import layer_delta
-from ..errors import ConfigError
-from .model_files import ModelFiles, write_pruned_model
-from .scores import head_scores, lowest, neuron_scores
-from .targets import file_to_out_in, gpt2_shape
-from .unstructured import REPORT_FILE, adapted_slice
+from dsee_dist.engine import distributed
+from dsee_dist.dsee.adapter import layer_delta
+from dsee_dist.errors import ConfigError
+from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
+from dsee_dist.pruning.scores import head_scores, lowest, neuron_scores
+from dsee_dist.pruning.targets import file_to_out_in, gpt2_shape
+from dsee_dist.pruning.unstructured import REPORT_FILE, adapted_slice
 
 REMOTE_CODE_FILE = "modeling_dsee_pruned_gpt2.py"
 
@@ -114,7 +114,7 @@ def layer_index_maps(plan: dict, shape: dict, layer: int) -> dict[str, tuple[tor
 
 def pruned_config(model_config, plan: dict):
     """Plain GPT-2 with n_inner when every layer keeps all heads and the same MLP width, else PrunedGPT2Config."""
-    from ..pruned_gpt2 import PrunedGPT2Config
+    from dsee_dist.models.pruned_gpt2 import PrunedGPT2Config
 
     shape = gpt2_shape(model_config)
     heads = [len(h) for h in plan["heads_kept"]]
@@ -133,7 +133,7 @@ def pruned_config(model_config, plan: dict):
 
 
 def write_remote_code(target_dir: Path) -> None:
-    from .. import pruned_gpt2
+    from dsee_dist.models import pruned_gpt2
 
     shutil.copyfile(pruned_gpt2.__file__, Path(target_dir) / REMOTE_CODE_FILE)
 
@@ -142,7 +142,7 @@ def prune_structured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], targe
     """Collective. Writes the physically smaller model to `target`; returns the report (with the plan)."""
     from transformers import AutoConfig
 
-    from ..pruned_gpt2 import register
+    from dsee_dist.models.pruned_gpt2 import register
 
     register()
     files = ModelFiles(base_dir)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import PRUNE_MODULE_KINDS
-from ..errors import ConfigError
+from dsee_dist.config import PRUNE_MODULE_KINDS
+from dsee_dist.errors import ConfigError
 
 KINDS = PRUNE_MODULE_KINDS
 MODULE_OF_KIND = {"attn_q": "attn.c_attn", "attn_k": "attn.c_attn", "attn_v": "attn.c_attn",

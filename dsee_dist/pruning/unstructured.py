@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
-from ..adapter import layer_delta
-from .model_files import ModelFiles, write_pruned_model
-from .scores import element_scores
-from .selection import lowest_k_masks
-from .targets import PrunableMatrix, file_to_out_in, out_in_to_file, prunable_matrices
+from dsee_dist.engine import distributed
+from dsee_dist.dsee.adapter import layer_delta
+from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
+from dsee_dist.pruning.scores import element_scores
+from dsee_dist.pruning.selection import lowest_k_masks
+from dsee_dist.pruning.targets import PrunableMatrix, file_to_out_in, out_in_to_file, prunable_matrices
 
 REPORT_FILE = "dsee_pruning.json"
 MASKS_PATTERN = "dsee_masks-{rank:05d}.safetensors"

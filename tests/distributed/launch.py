@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsee_dist.distributed import free_port
+from dsee_dist.engine.distributed import free_port
 from tests.conftest import REPO
 
 TINY_RUN = [

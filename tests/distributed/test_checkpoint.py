@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsee_dist.adapter import ADAPTER_WEIGHTS
+from dsee_dist.dsee.adapter import ADAPTER_WEIGHTS
 from tests.conftest import REPO
 from tests.distributed.launch import TINY_RUN, run_training, train_command, train_losses
 
@@ -143,7 +143,7 @@ def test_merged_export_reloads_with_plain_transformers_and_matches(uninterrupted
               "torch.save(m(input_ids=torch.load(sys.argv[2])).logits.detach(), sys.argv[3])")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "merged"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
                    check=True, timeout=300)
-    from dsee_dist.adapter import load_adapted_model
+    from dsee_dist.dsee.adapter import load_adapted_model
 
     with torch.no_grad():
         expected = load_adapted_model(out / "adapter")(input_ids=x).logits  # the training-time model

@@ -6,10 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsee_dist import data, models
-from dsee_dist.adapter import ADAPTER_WEIGHTS, load_adapted_model
+from dsee_dist.data import dataset as data
+from dsee_dist.models import loading as models
+from dsee_dist.dsee.adapter import ADAPTER_WEIGHTS, load_adapted_model
 from dsee_dist.config import load_config
-from dsee_dist.train import token_loss_sum
+from dsee_dist.recipes.finetune import token_loss_sum
 from tests.distributed.launch import TINY_RUN, read_metrics, run_training, train_losses
 
 pytestmark = pytest.mark.distributed

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dsee_dist.adapter import read_adapter
+from dsee_dist.dsee.adapter import read_adapter
 from dsee_dist.config import config_from_dict
-from dsee_dist.export import build_model_from_checkpoint
+from dsee_dist.recipes.export import build_model_from_checkpoint
 from dsee_dist.pruning.model_files import ModelFiles
 from dsee_dist.pruning.structured import plan_structured
 from dsee_dist.pruning.unstructured import prune_unstructured

@@ -18,7 +18,7 @@ CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
 def test_every_shipped_config_loads(path, tmp_path):
     # Recipes point at user data (E2E CSVs); where that file is absent, stand in a generated one so the
     # rest of the config is still validated.
-    from dsee_dist.synthetic_e2e import generate_examples, write_csv
+    from dsee_dist.data.synthetic_e2e import generate_examples, write_csv
 
     raw = resolve_extends(path, yaml.safe_load(path.read_text()))  # a recipe may inherit its data paths
     overrides = []

@@ -2,10 +2,10 @@
 
 import pytest
 
-from dsee_dist import data
+from dsee_dist.data import dataset as data
 from dsee_dist.errors import DSEEError
-from dsee_dist.synthetic_e2e import generate_examples, write_csv
-from dsee_dist.tokenizer import train_bpe_tokenizer
+from dsee_dist.data.synthetic_e2e import generate_examples, write_csv
+from dsee_dist.models.tokenizer import train_bpe_tokenizer
 from tests.conftest import SHARED_DATA
 
 

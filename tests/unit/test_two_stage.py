@@ -4,7 +4,7 @@ import pytest
 
 from dsee_dist.config import PruneConfig
 from dsee_dist.errors import ConfigError, DSEEError
-from dsee_dist.two_stage import check_request
+from dsee_dist.recipes.two_stage import check_request
 from tests.conftest import tiny_gpt2, tiny_llama
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from dsee_dist.adapter import save_adapter
+from dsee_dist.dsee.adapter import save_adapter
 from dsee_dist.config import DSEEConfig
-from dsee_dist.distributed import DistInfo
+from dsee_dist.engine.distributed import DistInfo
 from dsee_dist.dsee.inject import find_targets, inject_dsee
 from dsee_dist.dsee.support import select_support
 from tests.conftest import tiny_gpt2

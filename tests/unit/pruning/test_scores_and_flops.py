@@ -3,7 +3,7 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dsee_dist.pruned_gpt2 import PrunedGPT2Config, PrunedGPT2LMHeadModel
+from dsee_dist.models.pruned_gpt2 import PrunedGPT2Config, PrunedGPT2LMHeadModel
 from dsee_dist.pruning.flops import compare, flops_per_token
 from dsee_dist.pruning.scores import element_scores, head_scores, lowest, neuron_scores
 

@@ -7,12 +7,12 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from dsee_dist.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, read_adapter
+from dsee_dist.dsee.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, read_adapter
 from dsee_dist.config import PruneConfig
 from dsee_dist.dsee.inject import dsee_layers
 from dsee_dist.dsee.layer import DSEELayer, weight_out_in
 from dsee_dist.errors import ConfigError
-from dsee_dist.pruned_gpt2 import load_pruned_model
+from dsee_dist.models.pruned_gpt2 import load_pruned_model
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
 from tests.unit.pruning.helpers import SINGLE, stage1_outputs
 

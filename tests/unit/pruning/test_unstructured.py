@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dsee_dist.adapter import apply_adapter, read_adapter
+from dsee_dist.dsee.adapter import apply_adapter, read_adapter
 from dsee_dist.config import PruneConfig
 from dsee_dist.dsee.inject import dsee_layers, set_submodule
 from dsee_dist.dsee.layer import weight_out_in

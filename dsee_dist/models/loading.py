@@ -72,7 +72,7 @@ def load_model(path: str | os.PathLike, ds_config: dict | None = None, dropout: 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .pruned_gpt2 import register
+    from dsee_dist.models.pruned_gpt2 import register
 
     register()  # structurally pruned bases (stage 2) load without remote code
     global _HF_DS_CONFIG

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .config import Config, resolve_path
-from .errors import DSEEError
-from .synthetic_e2e import generate_examples, write_csv
+from dsee_dist.engine import distributed
+from dsee_dist.config import Config, resolve_path
+from dsee_dist.errors import DSEEError
+from dsee_dist.data.synthetic_e2e import generate_examples, write_csv
 
 IGNORE_INDEX = -100
 E2E_SEPARATOR = " ||"

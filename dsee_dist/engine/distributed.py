@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import merge_nested
-from .errors import ConfigError
+from dsee_dist.config import merge_nested
+from dsee_dist.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def all_gather_object(obj) -> list:
 def on_rank_zero(fn):
     """Run `fn` on rank 0 only and share its result, or its failure, with every rank, so that no
     rank waits at a barrier for a rank that failed. Results must be picklable."""
-    from .errors import DSEEError
+    from dsee_dist.errors import DSEEError
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world == 1:

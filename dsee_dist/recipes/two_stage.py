@@ -17,14 +17,14 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from . import distributed
-from .adapter import ADAPTER_CONFIG, read_adapter
-from .checkpoint import find_resume_checkpoint
-from .config import Config
-from .errors import DSEEError
-from .pruning.flops import compare, flops_per_token, format_report
-from .pruning.structured import prune_structured, slice_adapter
-from .pruning.unstructured import prune_unstructured
+from dsee_dist.engine import distributed
+from dsee_dist.dsee.adapter import ADAPTER_CONFIG, read_adapter
+from dsee_dist.engine.checkpoint import find_resume_checkpoint
+from dsee_dist.config import Config
+from dsee_dist.errors import DSEEError
+from dsee_dist.pruning.flops import compare, flops_per_token, format_report
+from dsee_dist.pruning.structured import prune_structured, slice_adapter
+from dsee_dist.pruning.unstructured import prune_unstructured
 
 STAGE1, PRUNED, STAGE2, FINAL = "stage1", "pruned_base", "stage2", "final"
 
@@ -47,9 +47,9 @@ def check_request(prune_cfg, base_model: str) -> None:
     """Refuse a pruning request the model cannot satisfy before any training (ConfigError)."""
     from transformers import AutoConfig
 
-    from .pruned_gpt2 import register
-    from .pruning.structured import heads_to_remove
-    from .pruning.targets import gpt2_shape, prunable_matrices
+    from dsee_dist.models.pruned_gpt2 import register
+    from dsee_dist.pruning.structured import heads_to_remove
+    from dsee_dist.pruning.targets import gpt2_shape, prunable_matrices
 
     register()
     if not Path(base_model).is_dir():
@@ -91,7 +91,7 @@ def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, tra
     if cfg.prune.method == "structured":
         from transformers import AutoConfig
 
-        from .pruning.unstructured import read_report
+        from dsee_dist.pruning.unstructured import read_report
 
         adapter = slice_adapter(adapter, read_report(pruned_dir)["plan"], AutoConfig.from_pretrained(base_model))
     log(f"stage 2 of 2: re-tuning A, B, S on the pruned base -> {out_dir / STAGE2}")
@@ -102,7 +102,7 @@ def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, tra
         return code, False
 
     def export_final() -> None:
-        from .export import build_model_from_checkpoint, export_merged
+        from dsee_dist.recipes.export import build_model_from_checkpoint, export_merged
 
         ckpt = find_resume_checkpoint(out_dir / STAGE2, str(out_dir / STAGE2))
         export_merged(*build_model_from_checkpoint(ckpt), out_dir / FINAL, log=log)
@@ -115,7 +115,7 @@ def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, tra
 def log_flops(base_model: str, pruned_dir: Path, context: int, dist_info, log) -> None:
     from transformers import AutoConfig
 
-    from .pruned_gpt2 import register
+    from dsee_dist.models.pruned_gpt2 import register
 
     register()
     dense = flops_per_token(AutoConfig.from_pretrained(base_model), context)

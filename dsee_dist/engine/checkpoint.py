@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
-from .errors import DSEEError
+from dsee_dist.engine import distributed
+from dsee_dist.errors import DSEEError
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -256,7 +256,7 @@ def load_checkpoint(engine, info: ResumeInfo, dist_info) -> bool:
             raise DSEEError(f"checkpoint '{info.path}' was written under ZeRO stage {info.zero_stage} at world size "
                             f"{info.world_size}; resuming it under stage {stage} at world size {dist_info.world_size} "
                             f"needs ZeRO stage >= 1 on both sides (or the original stage and world size)")
-        from .reshard import load_resharded
+        from dsee_dist.engine.reshard import load_resharded
 
         load_resharded(engine, info.path)
     else:

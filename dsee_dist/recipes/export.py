@@ -26,18 +26,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .adapter import save_adapter
-from .checkpoint import find_resume_checkpoint, read_trainer_state
-from .config import config_from_dict
-from .dsee.inject import dsee_layers, find_targets, inject_dsee, set_submodule
-from .dsee.layer import weight_out_in
-from .dsee.placement import SUPPORT_FILE
-from .errors import DSEEError
-from .models import end_zero3_init
-from .pruned_gpt2 import register
-from .pruning.stage2 import attach_keep_masks
-from .pruning.structured import write_remote_code
-from .reshard import consolidate_trainable_state
+from dsee_dist.dsee.adapter import save_adapter
+from dsee_dist.engine.checkpoint import find_resume_checkpoint, read_trainer_state
+from dsee_dist.config import config_from_dict
+from dsee_dist.dsee.inject import dsee_layers, find_targets, inject_dsee, set_submodule
+from dsee_dist.dsee.layer import weight_out_in
+from dsee_dist.dsee.placement import SUPPORT_FILE
+from dsee_dist.errors import DSEEError
+from dsee_dist.models.loading import end_zero3_init
+from dsee_dist.models.pruned_gpt2 import register
+from dsee_dist.pruning.stage2 import attach_keep_masks
+from dsee_dist.pruning.structured import write_remote_code
+from dsee_dist.engine.reshard import consolidate_trainable_state
 
 EXPORT_REPORT = "dsee_export.json"
 
@@ -108,7 +108,7 @@ def save_merged(model, base_model: str, target: Path, report: dict | None = None
 
 def sparsity_report(model, pruning: dict | None) -> dict:
     """Zeros actually present in every prunable matrix of the merged model (per matrix and in total)."""
-    from .pruning.targets import KINDS, prunable_matrices
+    from dsee_dist.pruning.targets import KINDS, prunable_matrices
 
     matrices = {}
     for m in prunable_matrices(model.config, list(KINDS)):
@@ -122,8 +122,8 @@ def sparsity_report(model, pruning: dict | None) -> dict:
 def export_merged(model, cfg, base: str, target: Path, log=print) -> dict:
     """Merge a model from `build_model_from_checkpoint` (pruning masks applied to the merged weights) and
     write it with `dsee_export.json`: the real sparsity of every prunable matrix and the FLOPs per token."""
-    from .pruning.flops import flops_per_token
-    from .pruning.unstructured import read_report
+    from dsee_dist.pruning.flops import flops_per_token
+    from dsee_dist.pruning.unstructured import read_report
 
     merge_into_base(model)
     report = sparsity_report(model, read_report(Path(base)) if Path(base).is_dir() else None)

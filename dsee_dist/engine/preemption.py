@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from . import distributed
+from dsee_dist.engine import distributed
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import distributed
-from .dsee.inject import dsee_layers
-from .dsee.layer import DSEELayer, delta_from_factors
-from .errors import DSEEError
+from dsee_dist.engine import distributed
+from dsee_dist.dsee.inject import dsee_layers
+from dsee_dist.dsee.layer import DSEELayer, delta_from_factors
+from dsee_dist.errors import DSEEError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,7 +80,7 @@ def layer_delta(config: dict, tensors: dict[str, torch.Tensor], name: str) -> to
 
 def apply_adapter(model, adapter_dir: Path) -> dict[str, DSEELayer]:
     """Wrap the adapted modules of a plain base model with DSEE layers holding the stored values."""
-    from .dsee.inject import set_submodule
+    from dsee_dist.dsee.inject import set_submodule
 
     config = read_adapter_config(adapter_dir)
     tensors = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .errors import DSEEError
+from dsee_dist.engine import distributed
+from dsee_dist.errors import DSEEError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 

@@ -1,0 +1,1 @@
+"""Datasets: E2E CSV / JSONL / plain text, tokenisation and caching, batching."""

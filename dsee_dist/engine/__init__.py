@@ -1,0 +1,1 @@
+"""DeepSpeed runtime: process group, engine build, checkpoints, resharding, preemption."""

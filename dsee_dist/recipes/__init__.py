@@ -1,0 +1,1 @@
+"""Readable runs: finetune (setup -> fit -> evaluate -> save), two_stage, export."""
