@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from dsee_dist.engine import distributed
-from dsee_dist.config import Config, resolve_path
+from dsee_dist.config import Config, global_batch_size, resolve_path
 from dsee_dist.errors import DSEEError
 from dsee_dist.data.synthetic_e2e import generate_examples, write_csv
 
@@ -230,7 +230,7 @@ class GlobalBatchSchedule:
         self.num_examples = num_examples
         self.micro, self.accum = micro_batch_size, grad_accum_steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.global_batch = micro_batch_size * grad_accum_steps * world_size
+        self.global_batch = global_batch_size(micro_batch_size, grad_accum_steps, world_size)
         self.steps_per_epoch = num_examples // self.global_batch
         if self.steps_per_epoch == 0:
             raise DSEEError(f"the training set has {num_examples} examples, fewer than one global batch of "

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsee_dist.config import global_batch_size
 from dsee_dist.engine import distributed
 from dsee_dist.errors import DSEEError
 
@@ -222,7 +223,7 @@ def read_trainer_state(path: Path) -> ResumeInfo:
 
 
 def global_batch(config: dict, world_size: int) -> int:
-    return config["train"]["micro_batch_size"] * config["train"]["grad_accum_steps"] * world_size
+    return global_batch_size(config["train"]["micro_batch_size"], config["train"]["grad_accum_steps"], world_size)
 
 
 def check_compatible(info: ResumeInfo, current_config: dict, world_size: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dsee_dist.config import merge_nested
+from dsee_dist.config import global_batch_size, merge_nested
 from dsee_dist.errors import ConfigError
 
 
@@ -230,7 +230,7 @@ def build_deepspeed_config(engine_json: dict, overrides: dict, *, micro_batch_si
             raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but it is owned by {OWNED_KEYS[key]}={value}; "
                               f"remove it from the JSON")
         ds[key] = value
-    global_batch = micro_batch_size * grad_accum_steps * world_size
+    global_batch = global_batch_size(micro_batch_size, grad_accum_steps, world_size)
     if ds.get("train_batch_size", "auto") not in ("auto", global_batch):
         raise ConfigError(f"DeepSpeed config sets train_batch_size={ds['train_batch_size']} but "
                           f"micro_batch_size x grad_accum_steps x world_size = {global_batch}; remove it from the JSON")

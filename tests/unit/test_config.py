@@ -94,7 +94,7 @@ def test_cli_malformed_yaml(tmp_path):
 @pytest.mark.parametrize("overrides,message", [
     (["prune.method=unstructured", "prune.ratio=1.0", "prune.retrain_steps=1"], "prune.ratio must be a fraction in [0, 1)"),
     (["prune.method=unstructured", "prune.ratio=-0.1", "prune.retrain_steps=1"], "prune.ratio must be a fraction in [0, 1)"),
-    (["prune.method=unstructured", "prune.modules=[attn_q,ffn]", "prune.retrain_steps=1"], "prune.modules: 'ffn' is not a prunable"),
+    (["prune.method=unstructured", "prune.modules=[attn_q,ffn]", "prune.retrain_steps=1"], "prune.modules: 'ffn' is not supported"),
     (["prune.method=structured", "prune.heads_removed=4", "prune.retrain_steps=1"], "removing 4 heads per layer leaves none"),
     (["prune.method=structured", "prune.retrain_steps=1"], "prune.method=structured removes nothing"),
     (["prune.method=unstructured"], "exactly one of prune.retrain_steps or prune.retrain_epochs"),
@@ -119,3 +119,32 @@ def test_extends_merges_over_the_parent_and_refuses_cycles(tmp_path):
     (tmp_path / "orphan.yaml").write_text("extends: missing.yaml\n")
     with pytest.raises(ConfigError, match="extends 'missing.yaml', which does not exist"):
         load_config(tmp_path / "orphan.yaml")
+
+
+def test_every_problem_is_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs/quickstart.yaml", ["dsee.lora_rank=0", "train.schedule=step", "data.block_size=2"])
+    message = str(info.value)
+    assert message.startswith("3 problems in the config: ")
+    for part in ("dsee.lora_rank must be >= 1", "train.schedule 'step' is not supported", "data.block_size must be"):
+        assert part in message
+    assert len(info.value.problems) == 3
+
+
+def test_choice_lists_come_from_the_schema_types():
+    import typing
+
+    from dsee_dist.config import SUPPORT_METHODS, schema
+
+    assert SUPPORT_METHODS == typing.get_args(schema.SupportMethod)
+    hints = typing.get_type_hints(schema.DSEEConfig)
+    assert typing.get_args(hints["support"]) == SUPPORT_METHODS
+    for section in (schema.ModelConfig, schema.DSEEConfig, schema.TrainConfig, schema.PruneConfig):
+        for f in __import__("dataclasses").fields(section):
+            assert f.metadata.get("help"), f"{section.__name__}.{f.name} has no help"
+
+
+def test_config_imports_neither_torch_nor_deepspeed():
+    code = "import sys, dsee_dist.config; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -1,0 +1,227 @@
+"""The experiment config schema: one dataclass per YAML section, one field per key.
+
+To add a key: add a field with its type (a `Literal[...]` for a fixed set of choices) and a default, and a
+one-line help in `metadata={"help": ...}`. Loading (`loading.py`) type-checks it and refuses unknown keys;
+a `Literal` field is checked against its choices by `validation.py` without further code. Range checks
+that need more than the type go into `validation.py`. No torch, no deepspeed here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+SupportMethod = Literal["decomposition", "magnitude", "random"]
+DecompositionAlgorithm = Literal["fast", "reference"]
+DataFormat = Literal["synthetic_e2e", "e2e", "text", "jsonl"]
+LRSchedule = Literal["constant", "linear", "cosine"]
+FusedSlice = Literal["q", "k", "v"]
+PruneMethod = Literal["none", "unstructured", "structured"]
+PruneScore = Literal["delta", "merged", "base", "random"]
+PruneHeadScore = Literal["delta", "delta+base"]
+PruneGrouping = Literal["adaptation", "kind", "global"]
+PruneModuleKind = Literal["attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out"]
+
+# The choice lists, for code that needs them as tuples (derived from the types above, never repeated).
+SUPPORT_METHODS = typing.get_args(SupportMethod)
+DATA_FORMATS = typing.get_args(DataFormat)
+LR_SCHEDULES = typing.get_args(LRSchedule)
+FUSED_SLICE_NAMES = typing.get_args(FusedSlice)
+PRUNE_METHODS = typing.get_args(PruneMethod)
+PRUNE_SCORES = typing.get_args(PruneScore)
+PRUNE_HEAD_SCORES = typing.get_args(PruneHeadScore)
+PRUNE_GROUPINGS = typing.get_args(PruneGrouping)
+PRUNE_MODULE_KINDS = typing.get_args(PruneModuleKind)
+
+
+def global_batch_size(micro_batch_size: int, grad_accum_steps: int, world_size: int) -> int:
+    """Examples per optimizer step over all ranks: micro_batch_size x grad_accum_steps x world_size."""
+    return micro_batch_size * grad_accum_steps * world_size
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained decoder to adapt."""
+
+    path: str | None = field(default=None, metadata={
+        "help": "a local Hugging Face model directory (or, with hub access, a hub name); exclusive with builtin"})
+    builtin: str | None = field(default=None, metadata={
+        "help": "a small built-in configuration (models.BUILTIN_MODELS), randomly initialised from train.seed, "
+                "with a tokenizer trained locally on the training data"})
+    tokenizer_vocab_size: int = field(default=512, metadata={
+        "help": "vocabulary size of the locally trained tokenizer (built-in models only)"})
+    dropout: float | None = field(default=None, metadata={
+        "help": "overrides the model's own dropout probabilities (resid/embd/attn); null keeps the model's values"})
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+
+    format: DataFormat = field(default="synthetic_e2e", metadata={
+        "help": "synthetic_e2e: a generated E2E-style task (no download); e2e: CSV with columns mr,ref (loss only "
+                "on the reference); text: plain text packed into blocks; jsonl: {prompt, completion} per line"})
+    train_path: str | None = field(default=None, metadata={"help": "training file (all formats but synthetic_e2e)"})
+    eval_path: str | None = field(default=None, metadata={"help": "evaluation file (optional)"})
+    block_size: int = field(default=128, metadata={
+        "help": "maximum sequence length (examples are truncated to it; text is packed into blocks of it)"})
+    max_train_examples: int = field(default=0, metadata={"help": "use at most this many training examples (0 = all)"})
+    max_eval_examples: int = field(default=0, metadata={"help": "use at most this many evaluation examples (0 = all)"})
+    synthetic_train_examples: int = field(default=2000, metadata={"help": "generated training examples (synthetic_e2e)"})
+    synthetic_eval_examples: int = field(default=200, metadata={"help": "generated evaluation examples (synthetic_e2e)"})
+
+
+@dataclass
+class DecompositionConfig:
+    """Parameters of the sparse + low-rank decomposition that picks the sparse support."""
+
+    algorithm: DecompositionAlgorithm = field(default="fast", metadata={
+        "help": "fast: the greedy bilateral algorithm with larger rank steps and a thin QR (dsee/support.py); "
+                "reference: the reference schedule step for step"})
+    rank_step: int = field(default=5, metadata={"help": "rank added per outer iteration"})
+    outer_iters: int = field(default=100, metadata={"help": "outer iterations (rank increases)"})
+    inner_iters: int = field(default=2, metadata={"help": "updates of the sparse part per outer iteration"})
+    threshold: float = field(default=0.01, metadata={"help": "entries of the sparse part below this magnitude are zeroed"})
+
+
+@dataclass
+class DSEEConfig:
+    """The adapted layers: y = W0 x + b + (alpha/r) B A drop(x) + (alpha/r) S x."""
+
+    lora_rank: int = field(default=16, metadata={"help": "r: rank of the low-rank update B A"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "alpha: the update is scaled by alpha / r"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the input of the low-rank branch"})
+    num_sparse: int = field(default=16, metadata={
+        "help": "N: trainable sparse entries per adapted matrix (per q/k/v slice of a fused projection); 0 = LoRA"})
+    support: SupportMethod = field(default="decomposition", metadata={
+        "help": "how the N positions are chosen from the pretrained weight"})
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig, metadata={
+        "help": "the decomposition behind support=decomposition"})
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn"], metadata={
+        "help": "module names to adapt: an entry matches a module whose full name equals it or ends with "
+                "'.' + entry; 're:...' is a regular expression (full match)"})
+    fused_slices: list[FusedSlice] = field(default_factory=lambda: ["q", "v"], metadata={
+        "help": "for fused q/k/v projections (GPT-2 c_attn): the slices adapted, each as its own matrix; "
+                "empty = the fused matrix as one"})
+    exclude_modules: list[str] = field(default_factory=list, metadata={
+        "help": "module names never adapted, even if a target matches (same matching rules)"})
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Exactly one of max_steps / epochs is non-zero."""
+
+    seed: int = field(default=42, metadata={"help": "seed of the model init, the support, the data order"})
+    lr: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas"})
+    schedule: LRSchedule = field(default="linear", metadata={"help": "learning-rate decay after the warmup"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps (exclusive with epochs)"})
+    epochs: float = field(default=0.0, metadata={"help": "passes over the training set (exclusive with max_steps)"})
+    micro_batch_size: int = field(default=4, metadata={"help": "examples per rank per forward pass"})
+    grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0 disables it)"})
+    log_every_n_steps: int = field(default=1, metadata={"help": "log loss, lr and grad norm every N steps"})
+    stop_after_steps: int = field(default=0, metadata={
+        "help": "stop with a checkpoint after this many steps of this job (0 = run to the end); for time-boxed "
+                "allocations: the next job continues with resume=auto"})
+
+    def global_batch_size(self, world_size: int) -> int:
+        return global_batch_size(self.micro_batch_size, self.grad_accum_steps, world_size)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation (perplexity on the evaluation set)."""
+
+    every_n_steps: int = field(default=0, metadata={"help": "evaluate every K optimizer steps (0 = only at the end)"})
+    micro_batch_size: int = field(default=8, metadata={"help": "examples per rank per evaluation batch"})
+    max_batches: int = field(default=0, metadata={"help": "at most this many batches per rank (0 = the whole set)"})
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded DeepSpeed checkpoints in output.dir/checkpoints."""
+
+    every: int = field(default=0, metadata={
+        "help": "save every N optimizer steps (0 = only at the end and on preemption)"})
+    keep_last: int = field(default=2, metadata={"help": "keep the newest K complete checkpoints (0 = keep all)"})
+
+
+@dataclass
+class PruneConfig:
+    """The two-stage recipe: stage 1 tunes A, B, S for `train.*` steps; the final weights are pruned; stage 2
+    re-tunes A, B, S on the pruned base for `retrain_*` steps. `none` = one stage."""
+
+    method: PruneMethod = field(default="none", metadata={"help": "none = one stage; else the pruning between"})
+    score: PruneScore = field(default="delta", metadata={
+        "help": "unstructured score: delta = |dW| for adapted matrices, |W0| for the others; merged = |W0 + dW|; "
+                "base = |W0|; random"})
+    ratio: float = field(default=0.2, metadata={
+        "help": "unstructured: share of the entries of each group removed, ranked globally within the group"})
+    grouping: PruneGrouping = field(default="adaptation", metadata={
+        "help": "adaptation: groups 'adapted' and 'frozen'; kind: one group per module kind; global: one group"})
+    group_ratios: dict = field(default_factory=dict, metadata={
+        "help": "per-group ratios overriding ratio, e.g. {adapted: 0.3, frozen: 0.2}"})
+    modules: list[PruneModuleKind] = field(default_factory=lambda: list(PRUNE_MODULE_KINDS), metadata={
+        "help": "prunable module kinds (embeddings and the LM head never are)"})
+    heads_removed: int = field(default=0, metadata={"help": "structured: attention heads removed per layer"})
+    head_ratio: float = field(default=0.0, metadata={
+        "help": "structured: share of heads removed per layer (round(head_ratio * heads))"})
+    mlp_ratio: float = field(default=0.0, metadata={"help": "structured: share of MLP neurons removed per layer"})
+    head_score: PruneHeadScore = field(default="delta", metadata={
+        "help": "structured score: delta = sum of |dW| over a head's q and v rows (a neuron's c_fc row and c_proj "
+                "column), |W0| where not adapted; delta+base adds |W0|"})
+    retrain_steps: int = field(default=0, metadata={"help": "stage-2 optimizer steps (exclusive with retrain_epochs)"})
+    retrain_epochs: float = field(default=0.0, metadata={"help": "stage-2 epochs (exclusive with retrain_steps)"})
+    retrain_lr: float | None = field(default=None, metadata={"help": "stage-2 learning rate; null = train.lr"})
+    flops_context: int = field(default=128, metadata={"help": "context length the FLOPs report assumes"})
+
+
+@dataclass
+class OutputConfig:
+    """Where a run writes."""
+
+    dir: str = field(default="runs/dsee", metadata={"help": "checkpoints, metrics, the adapter"})
+
+
+@dataclass
+class DeepSpeedSection:
+    """The DeepSpeed engine settings."""
+
+    config: str = field(default="configs/ds/zero3_fp32.json", metadata={
+        "help": "DeepSpeed JSON with engine settings only; relative paths are tried against the working "
+                "directory, then the experiment YAML's directory, then the repository"})
+    overrides: dict = field(default_factory=dict, metadata={
+        "help": "nested values merged over the JSON (ds.zero_optimization.stage=2 on the command line)"})
+    timeout_s: int = field(default=1800, metadata={
+        "help": "a collective waiting this long for another rank fails the job with a clear error instead of "
+                "hanging; keep it above the longest checkpoint save or support computation"})
+
+
+@dataclass
+class Config:
+    """A whole experiment: one field per YAML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dsee: DSEEConfig = field(default_factory=DSEEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    resume: str | None = field(default=None, metadata={
+        "help": "auto: continue from the newest complete checkpoint in output.dir (fresh start if none); "
+                "a path: continue from that checkpoint; null: fresh start"})
+    # Directory of the YAML this config came from (for resolving relative paths); not a user key.
+    source_dir: str = field(default="", metadata={"internal": True})
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source_dir")
+        return data

@@ -1,0 +1,188 @@
+"""Validation of a built Config: everything checkable without loading a model.
+
+Every check adds a problem (naming the key and the fix) to a list; `validate` raises them together in one
+ConfigError. Choices (`Literal` fields of the schema) are checked generically; the section checks below
+cover ranges and combinations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+
+from dsee_dist.config.loading import raise_problems, resolve_path
+from dsee_dist.config.schema import Config, PruneConfig
+
+
+def _looks_like_hub_name(value: str) -> bool:
+    return value.count("/") == 1 and not value.startswith((".", "/", "~")) and not os.path.exists(value)
+
+
+def _literal_choices(tp) -> tuple | None:
+    """The choices of a `Literal[...]` (or `Literal[...] | None`) type, else None."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    for arg in typing.get_args(tp) if typing.get_origin(tp) is not list else ():
+        if typing.get_origin(arg) is typing.Literal:
+            return typing.get_args(arg)
+    return None
+
+
+def check_choices(section, prefix: str, problems: list[str]) -> None:
+    """Every `Literal` field (and list of `Literal`) of `section` and its sub-sections holds one of its choices."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, tp, key = getattr(section, f.name), hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(value):
+            check_choices(value, key + ".", problems)
+            continue
+        if typing.get_origin(tp) is list:
+            choices = _literal_choices(typing.get_args(tp)[0]) if typing.get_args(tp) else None
+            if choices is None:
+                continue
+            bad = [item for item in value if item not in choices]
+            if bad:
+                problems.append(f"{key}: '{bad[0]}' is not supported; choose from: " + ", ".join(choices))
+            continue
+        choices = _literal_choices(tp)
+        if choices is not None and value is not None and value not in choices:
+            problems.append(f"{key} '{value}' is not supported; choose one of: " + ", ".join(choices))
+
+
+def _check_model(cfg: Config, problems: list[str]) -> None:
+    from dsee_dist.models.loading import BUILTIN_MODELS  # light module: no torch at import
+
+    m = cfg.model
+    if (m.path is None) == (m.builtin is None):
+        problems.append("set exactly one of model.path (a local Hugging Face directory) or model.builtin (one of: "
+                        + ", ".join(BUILTIN_MODELS) + ")")
+    if m.builtin is not None and m.builtin not in BUILTIN_MODELS:
+        problems.append(f"model.builtin '{m.builtin}' is not a built-in model; choose one of: "
+                        + ", ".join(BUILTIN_MODELS))
+    if m.path is not None and not resolve_path(cfg, m.path).exists() and not _looks_like_hub_name(m.path):
+        problems.append(f"model.path '{m.path}' does not exist; point it at a local Hugging Face model directory")
+    if m.tokenizer_vocab_size < 300:
+        problems.append(f"model.tokenizer_vocab_size must be at least 300 (byte-level BPE has 257 base symbols), "
+                        f"got {m.tokenizer_vocab_size}")
+    if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
+        problems.append(f"model.dropout must be in [0, 1) or null, got {m.dropout}")
+
+
+def _check_data(cfg: Config, problems: list[str]) -> None:
+    d = cfg.data
+    if d.format != "synthetic_e2e":
+        if not d.train_path:
+            problems.append(f"data.train_path is required for data.format={d.format}")
+        for key in ("train_path", "eval_path"):
+            value = getattr(d, key)
+            hub_ok = d.format == "e2e" and _looks_like_hub_name(value or "")
+            if value and not resolve_path(cfg, value).exists() and not hub_ok:
+                problems.append(f"data.{key} '{value}' does not exist; give the path of a local {d.format} file")
+    if d.block_size < 8:
+        problems.append(f"data.block_size must be at least 8, got {d.block_size}")
+    for key in ("max_train_examples", "max_eval_examples", "synthetic_train_examples", "synthetic_eval_examples"):
+        if getattr(d, key) < 0:
+            problems.append(f"data.{key} must be >= 0, got {getattr(d, key)}")
+
+
+def _check_dsee(cfg: Config, problems: list[str]) -> None:
+    s = cfg.dsee
+    if s.lora_rank < 1:
+        problems.append(f"dsee.lora_rank must be >= 1, got {s.lora_rank}")
+    if s.lora_alpha <= 0:
+        problems.append(f"dsee.lora_alpha must be > 0, got {s.lora_alpha}")
+    if not 0.0 <= s.lora_dropout < 1.0:
+        problems.append(f"dsee.lora_dropout must be in [0, 1), got {s.lora_dropout}")
+    if s.num_sparse < 0:
+        problems.append(f"dsee.num_sparse must be >= 0 (0 = plain LoRA), got {s.num_sparse}")
+    dc = s.decomposition
+    for key in ("rank_step", "outer_iters", "inner_iters"):
+        if getattr(dc, key) < 1:
+            problems.append(f"dsee.decomposition.{key} must be >= 1, got {getattr(dc, key)}")
+    if dc.threshold < 0:
+        problems.append(f"dsee.decomposition.threshold must be >= 0, got {dc.threshold}")
+    if not s.target_modules:
+        problems.append("dsee.target_modules is empty; name at least one module to adapt, e.g. [c_attn]")
+    if len(set(s.fused_slices)) != len(s.fused_slices):
+        problems.append(f"dsee.fused_slices must be distinct entries of q, k, v; got {s.fused_slices}")
+
+
+def _check_train(cfg: Config, problems: list[str]) -> None:
+    t = cfg.train
+    if t.max_steps < 0 or t.epochs < 0 or (t.max_steps > 0) == (t.epochs > 0):
+        problems.append("set exactly one of train.max_steps or train.epochs to a positive value")
+    if t.lr <= 0:
+        problems.append(f"train.lr must be > 0, got {t.lr}")
+    for key in ("micro_batch_size", "grad_accum_steps", "log_every_n_steps"):
+        if getattr(t, key) < 1:
+            problems.append(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0 or t.stop_after_steps < 0:
+        problems.append("train.warmup_steps, train.grad_clip, train.weight_decay and train.stop_after_steps "
+                        "must be >= 0")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        problems.append(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
+    e = cfg.eval
+    if e.every_n_steps < 0 or e.max_batches < 0 or e.micro_batch_size < 1:
+        problems.append("eval.every_n_steps and eval.max_batches must be >= 0 and eval.micro_batch_size >= 1")
+
+
+def _check_run(cfg: Config, problems: list[str]) -> None:
+    if not resolve_path(cfg, cfg.deepspeed.config).is_file():
+        problems.append(f"deepspeed.config '{cfg.deepspeed.config}' does not exist; use one of configs/ds/*.json")
+    if cfg.deepspeed.timeout_s < 1:
+        problems.append(f"deepspeed.timeout_s must be >= 1 second, got {cfg.deepspeed.timeout_s}")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
+        problems.append("checkpoint.every and checkpoint.keep_last must be >= 0")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
+        problems.append(f"resume '{cfg.resume}' does not exist; use resume=auto or the path of a checkpoint directory")
+    if not cfg.output.dir:
+        problems.append("output.dir is empty; give a directory for checkpoints, metrics and the adapter")
+
+
+def _check_prune(cfg: Config, problems: list[str]) -> None:
+    p: PruneConfig = cfg.prune
+    if p.method == "none":
+        return
+    ratios = {"prune.ratio": p.ratio, "prune.head_ratio": p.head_ratio, "prune.mlp_ratio": p.mlp_ratio,
+              **{f"prune.group_ratios.{k}": v for k, v in p.group_ratios.items()}}
+    for key, value in ratios.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            problems.append(f"{key} must be a fraction in [0, 1) (the share removed), got {value!r}")
+    if p.heads_removed < 0:
+        problems.append(f"prune.heads_removed must be >= 0, got {p.heads_removed}")
+    if p.heads_removed and p.head_ratio:
+        problems.append("set at most one of prune.heads_removed and prune.head_ratio")
+    if p.method == "unstructured" and not p.modules:
+        problems.append("prune.modules is empty; name the module kinds to prune, e.g. [attn_q, attn_v, mlp_in]")
+    if p.method == "structured" and not (p.heads_removed or p.head_ratio or p.mlp_ratio):
+        problems.append("prune.method=structured removes nothing; set prune.heads_removed, prune.head_ratio "
+                        "or prune.mlp_ratio")
+    if p.retrain_steps < 0 or p.retrain_epochs < 0 or (p.retrain_steps > 0) == (p.retrain_epochs > 0):
+        problems.append("set exactly one of prune.retrain_steps or prune.retrain_epochs to a positive value "
+                        "(stage 2 length)")
+    if p.retrain_lr is not None and p.retrain_lr <= 0:
+        problems.append(f"prune.retrain_lr must be > 0 or null, got {p.retrain_lr}")
+    if p.flops_context < 1:
+        problems.append(f"prune.flops_context must be >= 1, got {p.flops_context}")
+    if cfg.resume not in (None, "auto"):
+        problems.append("a two-stage (prune.method != none) run resumes by itself from its output directory; "
+                        "use resume=auto (or null to start over), not a checkpoint path")
+
+
+SECTION_CHECKS = (_check_model, _check_data, _check_dsee, _check_train, _check_run, _check_prune)
+
+
+def collect_problems(cfg: Config) -> list[str]:
+    """Every problem of `cfg`, in section order (empty if it is valid)."""
+    problems: list[str] = []
+    check_choices(cfg, "", problems)
+    for check in SECTION_CHECKS:
+        check(cfg, problems)
+    return problems
+
+
+def validate(cfg: Config) -> None:
+    """Raise one ConfigError listing every problem of `cfg`."""
+    raise_problems(collect_problems(cfg))
