@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+TrainingMethod = Literal["dsee", "lora", "full"]
 SupportMethod = Literal["decomposition", "magnitude", "random"]
 DecompositionAlgorithm = Literal["fast", "reference"]
 DataFormat = Literal["synthetic_e2e", "e2e", "text", "jsonl"]
@@ -206,6 +207,9 @@ class DeepSpeedSection:
 class Config:
     """A whole experiment: one field per YAML section."""
 
+    method: TrainingMethod = field(default="dsee", metadata={
+        "help": "what is trained (recipes/methods.py): dsee = the DSEE update on dsee.target_modules; lora = PEFT "
+                "LoRA of rank dsee.lora_rank on the same modules; full = every weight (baselines, same trainer)"})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dsee: DSEEConfig = field(default_factory=DSEEConfig)

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import torch
 
+from dsee_dist.config.schema import TrainingMethod
 from dsee_dist.engine import distributed
 from dsee_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-Method = typing.Literal["dsee", "lora", "full"]
-METHODS = typing.get_args(Method)
+METHODS = typing.get_args(TrainingMethod)
 PEFT_ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
 
