@@ -1,6 +1,6 @@
 """Finding target modules, swapping DSEE layers in, and freezing everything else.
 
-Matching follows PEFT's predictable rules: an exclude wins; a plain entry matches a module whose
+`auto` targets come from the model family (dsee_dist.models.families). Matching follows PEFT's predictable rules: an exclude wins; a plain entry matches a module whose
 full name equals it or ends with "." + entry; an entry starting with "re:" is a regular
 expression that must match the whole name. A target list that matches nothing is an error.
 """
@@ -14,8 +14,9 @@ import torch
 import torch.nn as nn
 
 from dsee_dist.errors import ConfigError
-from dsee_dist.dsee.layer import DSEELayer, base_shape, is_conv1d
+from dsee_dist.dsee.layer import DSEELayer, base_shape, is_conv1d, slice_rows
 from dsee_dist.dsee.support import matrix_generator
+from dsee_dist.models.families import family_of, model_shape
 
 SLICE_ORDER = ("q", "k", "v")
 
@@ -27,7 +28,7 @@ class TargetSpec:
     name: str
     out_features: int
     in_features: int
-    slices: tuple[tuple[int, int], ...]  # (first row, number of rows) in W's (out x in) layout
+    slices: tuple[tuple[int, ...], ...]  # row sets in W's (out x in) layout: (start, size[, block, stride])
     slice_names: tuple[str, ...]  # "q"/"k"/"v" for fused projections, "" for a whole matrix
 
     def matrix_names(self) -> list[str]:
@@ -44,17 +45,45 @@ def name_matches(name: str, patterns: list[str]) -> bool:
     return False
 
 
-def _is_fused_qkv(model: nn.Module, name: str, module: nn.Module) -> bool:
-    """GPT-2's c_attn: a Conv1D producing [q; k; v] of equal widths (n_embd, or fewer after head pruning),
-    laid out contiguously."""
-    n_embd = getattr(getattr(model, "config", None), "n_embd", None)
-    return is_conv1d(module) and name.split(".")[-1] == "c_attn" and n_embd is not None and module.nf % 3 == 0 \
-        and module.nf <= 3 * n_embd
+AUTO = "auto"
 
 
-def find_targets(model: nn.Module, target_modules: list[str], fused_slices: list[str],
-                 exclude_modules: list[str] = ()) -> list[TargetSpec]:
-    """The modules to adapt, in model order. Raises ConfigError when nothing usable matches."""
+def is_auto(target_modules) -> bool:
+    return target_modules == AUTO or list(target_modules) == [AUTO]
+
+
+def resolve_targets(model: nn.Module, target_modules, fused_slices) -> tuple[list[str], list[str] | None]:
+    """(target module patterns, fused slices or None for the family's) with `auto` replaced by the model
+    family's q and v projections; an unknown family with `auto` is a ConfigError naming the fix."""
+    if not is_auto(target_modules):
+        return list(target_modules), (None if fused_slices == AUTO else list(fused_slices))
+    family = family_of(getattr(model, "config", None), purpose="dsee.target_modules=auto")
+    targets, slices = family.auto_targets()
+    return targets, (slices if fused_slices in (AUTO, None) or not family.is_fused() else list(fused_slices))
+
+
+def _fused_layout(model: nn.Module, name: str, module: nn.Module) -> dict[str, tuple] | None:
+    """Slice tuples of q, k, v when `module` is its family's fused q/k/v projection, else None."""
+    config = getattr(model, "config", None)
+    family = family_of(config, required=False)
+    if family is None or not family.is_fused() or not name.endswith("." + family.q):
+        return None
+    shape = model_shape(config)
+    layer = int(name[: -len(family.q) - 1].rsplit(".", 1)[-1])
+    layout = shape.qkv_rows(layer)
+    out_features, _ = base_shape(module)
+    widths = shape.q_width(layer) + 2 * shape.kv_width(layer)
+    return {kind[-1]: rows for kind, rows in layout.items()} if out_features == widths else None
+
+
+def find_targets(model: nn.Module, target_modules, fused_slices, exclude_modules: list[str] = ()) -> list[TargetSpec]:
+    """The modules to adapt, in model order. `target_modules` may be `auto` (the family's q and v);
+    `fused_slices` (which of q, k, v of a fused projection to adapt, each as its own matrix; [] = the fused
+    matrix as one) applies to GPT-2's `c_attn` and GPT-NeoX's `query_key_value`. Raises ConfigError when
+    nothing usable matches."""
+    target_modules, fused_slices = resolve_targets(model, target_modules, fused_slices)
+    if fused_slices is None:
+        fused_slices = ["q", "v"]
     specs, skipped = [], []
     for name, module in model.named_modules():
         if isinstance(module, DSEELayer) or not name_matches(name, target_modules):
@@ -66,10 +95,10 @@ def find_targets(model: nn.Module, target_modules: list[str], fused_slices: list
         except TypeError:
             skipped.append(f"{name} ({type(module).__name__})")
             continue
-        if fused_slices and _is_fused_qkv(model, name, module):
-            width = out_features // 3
+        layout = _fused_layout(model, name, module) if fused_slices else None
+        if layout is not None:
             names = tuple(s for s in SLICE_ORDER if s in fused_slices)
-            slices = tuple((SLICE_ORDER.index(s) * width, width) for s in names)
+            slices = tuple(layout[s] for s in names)
         else:
             names, slices = ("",), ((0, out_features),)
         specs.append(TargetSpec(name, out_features, in_features, slices, names))
@@ -118,10 +147,10 @@ def inject_dsee(
     for spec in specs:
         base = model.get_submodule(spec.name)
         parts = []
-        for (start, _), matrix in zip(spec.slices, spec.matrix_names()):
+        for rows_spec, matrix in zip(spec.slices, spec.matrix_names()):
             idx = support.get(matrix)
             if idx is not None and idx.numel():
-                parts.append(idx + torch.tensor([[start], [0]]))
+                parts.append(torch.stack([slice_rows(rows_spec)[idx[0]], idx[1]]))
         index = torch.cat(parts, dim=1) if parts else None
         layer = DSEELayer(base, rank=rank, alpha=alpha, dropout=dropout, slices=list(spec.slices),
                           sparse_index=index, generator=matrix_generator(seed, spec.name + ".lora_a"))

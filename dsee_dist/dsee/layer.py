@@ -8,8 +8,9 @@ For a frozen weight W0 (out x in) and each adapted row block ("slice") s of it:
 - S: out x in with N non-zeros per slice, stored as `sparse_values` (N per slice, zeros at start)
   plus a fixed `sparse_index` buffer (2 x N: row in W0's out dimension, column). Optimizer state
   is therefore O(N), not O(out * in).
-- A slice is a contiguous block of output rows: the whole matrix for `nn.Linear`-style
-  projections, or the q / k / v thirds of GPT-2's fused `c_attn`, each adapted independently.
+- A slice is a set of output rows: the whole matrix for `nn.Linear`-style projections, the q / k / v
+  thirds of GPT-2's fused `c_attn`, or the per-head interleaved q / k / v rows of GPT-NeoX's
+  `query_key_value` (`slice_rows`), each adapted independently.
 
 Both GPT-2's `Conv1D` (weight stored in x out) and `nn.Linear` (out x in) are wrapped; all
 matrices here use the (out x in) convention, and `Conv1D` weights are transposed at the edges.
@@ -49,9 +50,29 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_conv1d(module) else module.weight
 
 
+def slice_rows(rows_spec, device=None) -> torch.Tensor:
+    """The output rows of one slice: (start, size) = contiguous rows; (start, size, block, stride) = `size`
+    rows taken `block` at a time every `stride` rows (GPT-NeoX's per-head interleaved q/k/v)."""
+    start, size = rows_spec[0], rows_spec[1]
+    local = torch.arange(size, device=device)
+    if len(rows_spec) == 2:
+        return local + start
+    block, stride = rows_spec[2], rows_spec[3]
+    return start + (local // block) * stride + local % block
+
+
 def _slice_rows(slices, device) -> torch.Tensor:
     """The output rows of all slices, in slice order."""
-    return torch.cat([torch.arange(start, start + size, device=device) for start, size in slices])
+    return torch.cat([slice_rows(s, device) for s in slices])
+
+
+def row_slots(slices, out_features: int | None = None, device=None) -> torch.Tensor:
+    """For every output row (up to the last adapted one by default): its position in the slices'
+    concatenated rows, or -1 if it is not adapted."""
+    rows = _slice_rows(slices, device)
+    slots = torch.full((out_features or int(rows.max()) + 1,), -1, dtype=torch.long, device=device)
+    slots[rows] = torch.arange(rows.numel(), device=device)
+    return slots
 
 
 def _sparse_in_slices(values, index, slices, like: torch.Tensor) -> torch.Tensor:
@@ -60,9 +81,9 @@ def _sparse_in_slices(values, index, slices, like: torch.Tensor) -> torch.Tensor
     if values is None or index.shape[1] == 0:
         return dense
     rows, cols = index
-    starts = torch.tensor([start for start, _ in slices], device=rows.device)
-    which = torch.searchsorted(starts, rows, right=True) - 1
-    return dense.index_put((which, rows - starts[which], cols), values.to(dense.dtype), accumulate=True)
+    slots = row_slots(slices, None, rows.device)[rows]
+    flat = dense.view(-1, dense.shape[-1]).index_put((slots, cols), values.to(dense.dtype), accumulate=True)
+    return flat.view_as(dense)
 
 
 def _slice_updates(lora_a, lora_b, sparse_values, sparse_index, slices) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,11 +135,13 @@ class DSEELayer(nn.Module):
         super().__init__()
         out_features, in_features = base_shape(base)
         slices = list(slices) if slices else [(0, out_features)]
-        sizes = {size for _, size in slices}
+        sizes = {s[1] for s in slices}
         if len(sizes) != 1:
             raise ValueError(f"all adapted slices must have the same size, got {slices}")
-        starts = [start for start, _ in slices]
-        if starts != sorted(starts) or any(a + s > b for (a, s), b in zip(slices, starts[1:])) or slices[-1][0] + slices[-1][1] > out_features:
+        slices = [tuple(int(v) for v in s) for s in slices]
+        rows = _slice_rows(slices, None)
+        if int(rows.max()) >= out_features or rows.unique().numel() != rows.numel() or \
+                [s[0] for s in slices] != sorted(s[0] for s in slices):
             raise ValueError(f"slices {slices} must be ordered, disjoint and inside {out_features} output rows")
         self.base = base
         self.in_features, self.out_features = in_features, out_features
@@ -175,8 +198,11 @@ class DSEELayer(nn.Module):
         if self._covers_output:
             return self.lora_b[0]
         placed = self.lora_b.new_zeros(self.out_features, len(self.slices) * self.rank)
-        for i, (start, size) in enumerate(self.slices):
-            placed[start:start + size, i * self.rank:(i + 1) * self.rank] = self.lora_b[i]
+        for i, rows_spec in enumerate(self.slices):
+            if len(rows_spec) == 2:
+                placed[rows_spec[0]:rows_spec[0] + rows_spec[1], i * self.rank:(i + 1) * self.rank] = self.lora_b[i]
+            else:
+                placed[slice_rows(rows_spec, placed.device), i * self.rank:(i + 1) * self.rank] = self.lora_b[i]
         return placed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from dsee_dist.engine import distributed
 from dsee_dist.errors import DSEEError
 from dsee_dist.dsee.inject import TargetSpec
-from dsee_dist.dsee.layer import weight_out_in
+from dsee_dist.dsee.layer import slice_rows, weight_out_in
 from dsee_dist.dsee.support import matrix_generator, select_support
 
 SUPPORT_FILE = "support.safetensors"
@@ -53,9 +53,8 @@ def _read_support(path: Path, settings: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _matrix_of(model, spec: TargetSpec, slice_idx: int) -> tuple[torch.nn.Parameter, slice]:
-    start, size = spec.slices[slice_idx]
-    return model.get_submodule(spec.name).weight, slice(start, start + size)
+def _matrix_of(model, spec: TargetSpec, slice_idx: int) -> tuple[torch.nn.Parameter, torch.Tensor]:
+    return model.get_submodule(spec.name).weight, slice_rows(spec.slices[slice_idx])
 
 
 def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: int, world_size: int,

@@ -1,28 +1,32 @@
-"""Inference FLOPs per token of a GPT-2-style model (dense or structurally pruned).
+"""Inference FLOPs per token of a decoder of any known family (dense or structurally pruned).
 
 One multiply-add = 2 FLOPs. For a token attending to `context` positions, block l costs
-    q/k/v projections 2 * d * 3w,  attention scores and weighted sum 2 * 2 * w * context,
-    output projection 2 * w * d,   MLP 2 * 2 * d * inner,
-with w = heads_l * head_dim; the LM head costs 2 * d * vocab. Layer norms, biases, softmax and the
-activation are a few d per token and left out. Unstructured sparsity is not counted as saved: dense
-kernels do the same work (report it from the sparsity figures instead).
+    q projection 2 * d * wq,  k and v projections 2 * 2 * d * wkv  (GQA: wkv = kv_heads * head_dim),
+    attention scores and weighted sum 2 * 2 * wq * context  (every query head, also under GQA),
+    output projection 2 * wq * d,
+    MLP 2 * 2 * d * inner, or 3 * 2 * d * inner with a SwiGLU gate (gate, up, down),
+with wq = heads_l * head_dim; the LM head costs 2 * d * vocab. Norms, biases, softmax, rotary embeddings
+and the activation are a few d per token and left out. Unstructured sparsity is not counted as saved:
+dense kernels do the same work (report it from the sparsity figures instead).
 """
 
 from __future__ import annotations
 
-from dsee_dist.pruning.targets import gpt2_shape
+from dsee_dist.models.families import model_shape
 
 
 def flops_per_token(config, context: int = 128) -> dict:
-    shape = gpt2_shape(config)
-    d = shape["n_embd"]
+    shape = model_shape(config, purpose="the FLOPs count")
+    d = shape.hidden
+    mlp_matrices = 3 if shape.family.mlp_gate else 2
     blocks = []
-    for heads, inner in zip(shape["heads"], shape["inner"]):
-        w = heads * shape["head_dim"]
-        parts = {"qkv": 2 * d * 3 * w, "attention": 2 * 2 * w * context, "attn_out": 2 * w * d, "mlp": 2 * 2 * d * inner}
+    for layer in range(shape.n_layer):
+        wq, wkv = shape.q_width(layer), shape.kv_width(layer)
+        parts = {"qkv": 2 * d * (wq + 2 * wkv), "attention": 2 * 2 * wq * context, "attn_out": 2 * wq * d,
+                 "mlp": mlp_matrices * 2 * d * shape.inner[layer]}
         blocks.append({**parts, "total": sum(parts.values())})
     blocks_total = sum(b["total"] for b in blocks)
-    lm_head = 2 * d * config.vocab_size
+    lm_head = 2 * d * shape.vocab_size
     return {"context": context, "blocks": blocks, "blocks_total": blocks_total, "lm_head": lm_head,
             "total": blocks_total + lm_head}
 

@@ -22,7 +22,6 @@ from dsee_dist.errors import DSEEError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 INDEX_FILE = "model.safetensors.index.json"
-ANCHOR = "h.0.attn.c_attn.weight"
 
 
 class ModelFiles:
@@ -39,15 +38,22 @@ class ModelFiles:
             raise DSEEError(f"pruning reads the base model's safetensors files, and '{self.dir}' has none; "
                             f"save the model with save_pretrained(safe_serialization=True) into a local directory")
         self.weight_map: dict[str, str] = weight_map
-        anchors = [k for k in weight_map if k.endswith(ANCHOR)]
-        if not anchors:
-            raise DSEEError(f"'{self.dir}' does not hold a GPT-2-style model (no '{ANCHOR}' tensor)")
-        self.prefix = anchors[0][: -len(ANCHOR)]  # "transformer." or "" (the original GPT-2 files)
 
     def key(self, module: str, tensor: str = "weight") -> str:
-        """File key of a model module's tensor ('transformer.h.0.attn.c_attn' -> '<prefix>h.0.attn.c_attn.weight')."""
-        rest = module[len("transformer."):] if module.startswith("transformer.") else module
-        return f"{self.prefix}{rest}.{tensor}"
+        """File key of a model module's tensor: the module's own name, or without its first component (the
+        original GPT-2 files say 'h.0.attn.c_attn.weight' for 'transformer.h.0.attn.c_attn')."""
+        full = f"{module}.{tensor}"
+        if full in self.weight_map:
+            return full
+        short = full.split(".", 1)[-1]
+        if short in self.weight_map:
+            return short
+        if tensor != "weight":
+            return full  # an absent bias: callers check `has`
+        raise DSEEError(f"'{self.dir}' has no tensor '{full}'; is it the model the config names?")
+
+    def has(self, key: str) -> bool:
+        return key in self.weight_map
 
     def get(self, key: str) -> torch.Tensor:
         with safe_open(str(self.dir / self.weight_map[key]), framework="pt") as f:

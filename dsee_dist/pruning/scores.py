@@ -35,22 +35,25 @@ def element_scores(score: str, w0: torch.Tensor, delta: torch.Tensor | None, *, 
     return values + 0.0  # -0.0 -> +0.0: the bit patterns of non-negative floats sort like the values
 
 
-def head_scores(q_w0, v_w0, q_delta, v_delta, head_dim: int, score: str) -> torch.Tensor:
-    """Per head: sum over its rows of |ΔW_q| + |ΔW_v| (|W0| where a slice is not adapted), plus |W0_q| +
-    |W0_v| for `delta+base`. Inputs are (width x in) row blocks of q and v."""
-    total = torch.zeros(q_w0.shape[0], dtype=torch.float32)
-    for w0, delta in ((q_w0, q_delta), (v_w0, v_delta)):
-        total += (delta if delta is not None else w0).float().abs().sum(dim=1)
+def head_scores(q_w0, v_w0, q_delta, v_delta, head_dim: int, score: str, group: int = 1) -> torch.Tensor:
+    """Per query head: sum over its rows of |ΔW_q| + |ΔW_v| (|W0| where a slice is not adapted), plus |W0_q| +
+    |W0_v| for `delta+base`. Inputs are head-major (width x in) row blocks of q and v; under grouped-query
+    attention v has one head per `group` query heads, and each query head counts the value head it reads."""
+    def rows_abs(w0, delta):
+        total = (delta if delta is not None else w0).float().abs().sum(dim=1)
         if score == "delta+base" and delta is not None:
-            total += w0.float().abs().sum(dim=1)
-    return total.view(-1, head_dim).sum(dim=1)
+            total = total + w0.float().abs().sum(dim=1)
+        return total.view(-1, head_dim).sum(dim=1)
+
+    return rows_abs(q_w0, q_delta) + rows_abs(v_w0, v_delta).repeat_interleave(group)
 
 
-def neuron_scores(fc_w0, proj_w0, fc_delta, proj_delta, score: str) -> torch.Tensor:
-    """Per MLP neuron j: |row j of c_fc| + |column j of c_proj|, using ΔW where that module is adapted
-    (plus |W0| for `delta+base`), W0 otherwise. fc: (inner x d), proj: (d x inner), both (out x in)."""
+def neuron_scores(fc_w0, proj_w0, fc_delta, proj_delta, score: str, extra_rows=()) -> torch.Tensor:
+    """Per MLP neuron j: |row j of the input projection| + |column j of the output projection|, using ΔW where
+    that module is adapted (plus |W0| for `delta+base`), W0 otherwise; `extra_rows`: more (w0, delta) input
+    projections whose row j belongs to neuron j (the SwiGLU gate). fc: (inner x d), proj: (d x inner)."""
     total = torch.zeros(fc_w0.shape[0], dtype=torch.float32)
-    for w0, delta, dim in ((fc_w0, fc_delta, 1), (proj_w0, proj_delta, 0)):
+    for w0, delta, dim in ((fc_w0, fc_delta, 1), (proj_w0, proj_delta, 0), *((w, d, 1) for w, d in extra_rows)):
         total += (delta if delta is not None else w0).float().abs().sum(dim=dim)
         if score == "delta+base" and delta is not None:
             total += w0.float().abs().sum(dim=dim)

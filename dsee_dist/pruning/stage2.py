@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from dsee_dist.engine import distributed
 from dsee_dist.dsee.inject import TargetSpec, dsee_layers
+from dsee_dist.dsee.layer import row_slots
 from dsee_dist.dsee.placement import SUPPORT_FILE, support_settings
 from dsee_dist.errors import DSEEError
 from dsee_dist.pruning.unstructured import MASKS_GLOB
@@ -32,9 +33,10 @@ def support_from_adapter(adapter: tuple[dict, dict], specs: list[TargetSpec]) ->
         if spec.name not in config["layers"]:
             raise DSEEError(f"the stage-1 adapter has no layer '{spec.name}'; stage 2 must adapt the same modules")
         index = tensors[f"{spec.name}.sparse_index"]
-        for (start, size), matrix in zip(spec.slices, spec.matrix_names()):
-            inside = (index[0] >= start) & (index[0] < start + size)
-            support[matrix] = (index[:, inside] - torch.tensor([[start], [0]])).contiguous()
+        for rows_spec, matrix in zip(spec.slices, spec.matrix_names()):
+            local = row_slots([rows_spec], spec.out_features)[index[0]]
+            inside = local >= 0
+            support[matrix] = torch.stack([local[inside], index[1][inside]]).contiguous()
     return support
 
 

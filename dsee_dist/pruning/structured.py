@@ -1,40 +1,78 @@
-"""Structured pruning: whole attention heads and MLP neurons removed physically (METHOD.md §3).
+"""Structured pruning: whole attention heads and MLP neurons removed physically (METHOD.md §3), for every
+family whose config can express the smaller model (dsee_dist.models.families).
 
-Per layer, the lowest-scoring k heads (score: `scores.head_scores`) and the lowest fraction of MLP
-neurons (`scores.neuron_scores`) are removed: the q/k/v rows and biases of those heads and the matching
-attention-output columns; the c_fc rows and biases and c_proj columns of those neurons. Layer l is
-scored and written by rank l % world_size. The low-rank and sparse factors are sliced the same way by
-`slice_adapter`, so stage 2 continues from the stage-1 update restricted to what is left.
+Per layer, the lowest-scoring heads (score: `scores.head_scores`) and the lowest fraction of MLP neurons
+(`scores.neuron_scores`) are removed: the q/k/v rows and biases of those heads and the matching
+attention-output columns; the MLP input rows (and SwiGLU gate rows) and biases and the output columns of
+those neurons. Layer l is scored and written by rank l % world_size. The low-rank and sparse factors are
+sliced the same way by `slice_adapter`, so stage 2 continues from the stage-1 update restricted to what
+is left.
 
-Output: a model directory whose config is plain GPT-2 (`n_inner`) when only MLP neurons were removed,
-or `pruned_gpt2.PrunedGPT2Config` (per-layer heads, fixed head width) with its modeling file copied
-alongside for transformers' remote-code loading; plus `dsee_pruning.json` (the plan and the report).
+Grouped-query attention (Llama, Mistral, Qwen2 with num_key_value_heads < num_attention_heads): the same
+number of query heads is removed from every KV group and every key/value head is kept, so the KV sharing
+stays valid and the model stays expressible as num_attention_heads = kv_heads * (group - m). Removing
+whole KV groups instead would also drop the key/value rows that several query heads share (the largest
+loss per head removed) and cannot go below one group. Without GQA (one query head per KV head) a head is
+its own group and is removed with its key and value rows, as in GPT-2.
+
+Per-layer counts (`prune.uniform_per_layer`, default true): the same number of heads and neurons leaves
+every layer, so a Llama-family export is a stock LlamaConfig (num_attention_heads, num_key_value_heads,
+head_dim set explicitly, intermediate_size) and loads with plain transformers. `false` ranks heads and
+neurons over all layers at once; only GPT-2 can write such a model (`pruned_gpt2.PrunedGPT2Config`,
+per-layer heads, its modeling file copied alongside for remote-code loading).
+
+Output: the model directory plus `dsee_pruning.json` (the plan and the report).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 
-from dsee_dist.engine import distributed
 from dsee_dist.dsee.adapter import layer_delta
+from dsee_dist.dsee.layer import row_slots, slice_rows
+from dsee_dist.engine import distributed
 from dsee_dist.errors import ConfigError
+from dsee_dist.models.families import ModelShape, model_shape
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
 from dsee_dist.pruning.scores import head_scores, lowest, neuron_scores
-from dsee_dist.pruning.targets import file_to_out_in, gpt2_shape
+from dsee_dist.pruning.targets import file_to_out_in, module_name
 from dsee_dist.pruning.unstructured import REPORT_FILE, adapted_slice
 
+logger = logging.getLogger(__name__)
 REMOTE_CODE_FILE = "modeling_dsee_pruned_gpt2.py"
 
 
-def heads_to_remove(prune_cfg, n_heads: int) -> int:
-    k = prune_cfg.heads_removed or round(prune_cfg.head_ratio * n_heads)
-    if k >= n_heads:
+def uniform_per_layer(prune_cfg) -> bool:
+    return bool(getattr(prune_cfg, "uniform_per_layer", True))
+
+
+def group_size(shape: ModelShape, layer: int) -> int:
+    return shape.heads[layer] // shape.kv_heads[layer]
+
+
+def heads_to_remove(prune_cfg, n_heads: int, n_kv_heads: int | None = None) -> int:
+    """Query heads removed from a layer of n_heads (n_kv_heads KV groups); a multiple of n_kv_heads under GQA."""
+    n_kv = n_kv_heads or n_heads
+    group = n_heads // n_kv
+    if group == 1:
+        k = prune_cfg.heads_removed or round(prune_cfg.head_ratio * n_heads)
+    elif prune_cfg.heads_removed:
+        k = prune_cfg.heads_removed
+        if k % n_kv:
+            raise ConfigError(f"prune.heads_removed={k}: this model shares each of its {n_kv} key/value heads between "
+                              f"{group} query heads, and heads are removed in equal numbers from every KV group; "
+                              f"use a multiple of {n_kv}")
+    else:
+        k = round(prune_cfg.head_ratio * group) * n_kv
+    if k >= n_heads or (group > 1 and k // n_kv >= group):
         raise ConfigError(f"prune: removing {k} heads per layer leaves none of the model's {n_heads}; "
-                          f"remove at most {n_heads - 1} (prune.heads_removed / prune.head_ratio)")
+                          f"remove at most {n_heads - max(n_kv if group > 1 else 1, 1)} (prune.heads_removed / "
+                          f"prune.head_ratio)")
     return k
 
 
@@ -42,93 +80,180 @@ def neurons_to_remove(prune_cfg, n_inner: int) -> int:
     return round(prune_cfg.mlp_ratio * n_inner)
 
 
-def _delta_rows(adapter: tuple[dict, dict], module: str, *row_blocks: tuple[int, int]) -> list[torch.Tensor | None]:
-    """ΔW of each row block (first, count) of a module where those rows are adapted, else None; the
-    module's update is computed once."""
+def check_structured_request(prune_cfg, model_config) -> ModelShape:
+    """Refuse what the family's config cannot express, before any work (ConfigError)."""
+    shape = model_shape(model_config, purpose="structured pruning")
+    family = shape.family
+    removes_heads = any(heads_to_remove(prune_cfg, shape.heads[i], shape.kv_heads[i]) for i in range(shape.n_layer))
+    if removes_heads and family.structured_config is None:
+        raise ConfigError(f"structured pruning of attention heads is not available for {family.name} models: their "
+                          f"config fixes head_dim = hidden_size / num_heads; prune MLP neurons only (prune.mlp_ratio, "
+                          f"prune.head_ratio=0) or use unstructured pruning")
+    if not uniform_per_layer(prune_cfg) and family.structured_config != "gpt2":
+        raise ConfigError(f"prune.uniform_per_layer=false gives every layer its own head count and MLP width, which "
+                          f"a stock {family.name} config cannot express; set prune.uniform_per_layer=true")
+    if not uniform_per_layer(prune_cfg) and any(group_size(shape, i) > 1 for i in range(shape.n_layer)):
+        raise ConfigError("prune.uniform_per_layer=false is not available with grouped-query attention")
+    return shape
+
+
+def _delta_rows(adapter: tuple[dict, dict], module: str, *row_sets: tuple) -> list[torch.Tensor | None]:
+    """ΔW of each row set of a module where those rows are adapted, else None; the module's update is
+    computed once."""
     config, tensors = adapter
     if module not in config["layers"]:
-        return [None] * len(row_blocks)
+        return [None] * len(row_sets)
     delta = layer_delta(config, tensors, module)
-    return [delta[start:start + n] if adapted_slice(config, module, (start, n)) is not None else None
-            for start, n in row_blocks]
+    return [delta[slice_rows(rows)] if adapted_slice(config, module, rows) is not None else None for rows in row_sets]
 
 
-def plan_structured(prune_cfg, files: ModelFiles, model_config, adapter: tuple[dict, dict], dist_info, log=print) -> dict:
-    """Collective: {"heads_kept": [[...] per layer], "neurons_kept": [[...] per layer]} on every rank."""
-    shape = gpt2_shape(model_config)
-    hd, d = shape["head_dim"], shape["n_embd"]
-    mine = {}
-    for layer in range(dist_info.rank, shape["n_layer"], dist_info.world_size):
-        prefix = f"transformer.h.{layer}"
-        result = {}
-        heads, inner = shape["heads"][layer], shape["inner"][layer]
-        if heads_to_remove(prune_cfg, heads):
-            w = heads * hd
-            qkv = file_to_out_in(files.get(files.key(f"{prefix}.attn.c_attn")))
-            module = f"{prefix}.attn.c_attn"
-            q_delta, v_delta = _delta_rows(adapter, module, (0, w), (2 * w, w))
-            result["heads"] = head_scores(qkv[:w], qkv[2 * w:], q_delta, v_delta, hd, prune_cfg.head_score)
-        if neurons_to_remove(prune_cfg, inner):
-            fc = file_to_out_in(files.get(files.key(f"{prefix}.mlp.c_fc")))
-            proj = file_to_out_in(files.get(files.key(f"{prefix}.mlp.c_proj")))
-            (fc_delta,) = _delta_rows(adapter, f"{prefix}.mlp.c_fc", (0, inner))
-            (proj_delta,) = _delta_rows(adapter, f"{prefix}.mlp.c_proj", (0, d))
-            result["neurons"] = neuron_scores(fc, proj, fc_delta, proj_delta, prune_cfg.head_score)
-        mine[layer] = result
+def _weight(files: ModelFiles, module: str, conv1d: bool) -> torch.Tensor:
+    return file_to_out_in(files.get(files.key(module)), conv1d)
+
+
+def _layer_scores(prune_cfg, files: ModelFiles, shape: ModelShape, adapter, layer: int) -> dict:
+    family = shape.family
+    result = {}
+    if heads_to_remove(prune_cfg, shape.heads[layer], shape.kv_heads[layer]) or not uniform_per_layer(prune_cfg):
+        rows = shape.qkv_rows(layer)
+        q_module, v_module = (module_name(shape, layer, family.q), module_name(shape, layer, family.v))
+        q_w, v_w = _weight(files, q_module, family.conv1d), _weight(files, v_module, family.conv1d)
+        (q_delta,) = _delta_rows(adapter, q_module, rows["attn_q"])
+        (v_delta,) = _delta_rows(adapter, v_module, rows["attn_v"])
+        result["heads"] = head_scores(q_w[slice_rows(rows["attn_q"])], v_w[slice_rows(rows["attn_v"])], q_delta, v_delta,
+                                      shape.head_dim, prune_cfg.head_score, group=group_size(shape, layer))
+    inner = shape.inner[layer]
+    if neurons_to_remove(prune_cfg, inner):
+        ins = [module_name(shape, layer, m) for m in (family.mlp_in, family.mlp_gate) if m]
+        out = module_name(shape, layer, family.mlp_out)
+        rows_in = [(_weight(files, m, family.conv1d), *_delta_rows(adapter, m, (0, inner))) for m in ins]
+        (out_delta,) = _delta_rows(adapter, out, (0, shape.hidden))
+        result["neurons"] = neuron_scores(rows_in[0][0], _weight(files, out, family.conv1d), rows_in[0][1], out_delta,
+                                          prune_cfg.head_score, extra_rows=rows_in[1:])
+    return result
+
+
+def _removed_heads(scores: torch.Tensor, k: int, group: int) -> list[int]:
+    """The k lowest query heads; under GQA k / n_kv of them from every group of `group` consecutive heads."""
+    if group == 1:
+        return lowest(scores, k)
+    n_kv = scores.numel() // group
+    per_group = k // n_kv
+    return sorted(g * group + h for g in range(n_kv) for h in lowest(scores[g * group:(g + 1) * group], per_group))
+
+
+def _global_lowest(per_layer: list[torch.Tensor], k: int) -> list[list[int]]:
+    """The k lowest entries over all layers (ties by layer, then index), each layer keeping at least one."""
+    order = sorted(((float(s[i]), layer, i) for layer, s in enumerate(per_layer) for i in range(s.numel())))
+    removed: list[list[int]] = [[] for _ in per_layer]
+    for _, layer, i in order:
+        if k <= 0:
+            break
+        if len(removed[layer]) < per_layer[layer].numel() - 1:
+            removed[layer].append(i)
+            k -= 1
+    return [sorted(r) for r in removed]
+
+
+def plan_structured(prune_cfg, files: ModelFiles, model_config, adapter: tuple[dict, dict], dist_info) -> dict:
+    """Collective: {"heads_kept": [[...] per layer], "neurons_kept": [[...] per layer], ...} on every rank."""
+    shape = model_shape(model_config)
+    mine = {layer: _layer_scores(prune_cfg, files, shape, adapter, layer)
+            for layer in range(dist_info.rank, shape.n_layer, dist_info.world_size)}
     scores = {}
     for part in distributed.all_gather_object(mine):
         scores.update(part)
-    plan = {"heads_kept": [], "neurons_kept": [], "heads_removed": [], "neurons_removed": []}
-    for layer in range(shape["n_layer"]):
-        heads, inner = shape["heads"][layer], shape["inner"][layer]
-        removed_h = lowest(scores[layer]["heads"], heads_to_remove(prune_cfg, heads)) if "heads" in scores[layer] else []
-        removed_n = lowest(scores[layer]["neurons"], neurons_to_remove(prune_cfg, inner)) if "neurons" in scores[layer] else []
-        plan["heads_removed"].append(removed_h)
-        plan["neurons_removed"].append(removed_n)
-        plan["heads_kept"].append([h for h in range(heads) if h not in set(removed_h)])
-        plan["neurons_kept"].append([n for n in range(inner) if n not in set(removed_n)])
-    plan["head_scores"] = [scores[layer]["heads"].tolist() if "heads" in scores[layer] else None for layer in range(shape["n_layer"])]
-    plan["neuron_scores"] = [scores[layer]["neurons"].tolist() if "neurons" in scores[layer] else None
-                             for layer in range(shape["n_layer"])]
+    layers = range(shape.n_layer)
+    if uniform_per_layer(prune_cfg):
+        removed_h = [_removed_heads(scores[i]["heads"], heads_to_remove(prune_cfg, shape.heads[i], shape.kv_heads[i]),
+                                    group_size(shape, i)) if "heads" in scores[i] else [] for i in layers]
+        removed_n = [lowest(scores[i]["neurons"], neurons_to_remove(prune_cfg, shape.inner[i]))
+                     if "neurons" in scores[i] else [] for i in layers]
+    else:  # one ranking over all layers (GPT-2 without GQA only; see check_structured_request)
+        k_heads = prune_cfg.heads_removed * shape.n_layer or round(prune_cfg.head_ratio * sum(shape.heads))
+        removed_h = _global_lowest([scores[i]["heads"] for i in layers], k_heads)
+        removed_n = (_global_lowest([scores[i]["neurons"] for i in layers],
+                                    round(prune_cfg.mlp_ratio * sum(shape.inner)))
+                     if all("neurons" in scores[i] for i in layers) else [[] for _ in layers])
+    plan = {"heads_removed": removed_h, "neurons_removed": removed_n,
+            "heads_kept": [[h for h in range(shape.heads[i]) if h not in set(removed_h[i])] for i in layers],
+            "neurons_kept": [[n for n in range(shape.inner[i]) if n not in set(removed_n[i])] for i in layers]}
+    plan["kv_heads_kept"] = [kept_kv_heads(shape, plan, i) for i in layers]
+    plan["head_scores"] = [scores[i]["heads"].tolist() if "heads" in scores[i] else None for i in layers]
+    plan["neuron_scores"] = [scores[i]["neurons"].tolist() if "neurons" in scores[i] else None for i in layers]
     return plan
 
 
-def head_rows(heads_kept: list[int], head_dim: int, width: int, fused: bool) -> torch.Tensor:
-    """Kept rows of q/k/v (fused: all three thirds of c_attn) or of one head-wide block."""
-    rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads_kept])
-    return torch.cat([rows, rows + width, rows + 2 * width]) if fused else rows
+def kept_kv_heads(shape: ModelShape, plan: dict, layer: int) -> list[int]:
+    """Every KV head under GQA; without it, the kept heads themselves."""
+    if group_size(shape, layer) > 1:
+        return list(range(shape.kv_heads[layer]))
+    return list(plan["heads_kept"][layer])
 
 
-def layer_index_maps(plan: dict, shape: dict, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
-    """module suffix -> (kept output rows, kept input columns) in (out x in) layout; None = all kept."""
-    hd = shape["head_dim"]
-    width = shape["heads"][layer] * hd
-    heads_changed = len(plan["heads_kept"][layer]) != shape["heads"][layer]
-    neurons_changed = len(plan["neurons_kept"][layer]) != shape["inner"][layer]
-    qkv_rows = head_rows(plan["heads_kept"][layer], hd, width, fused=True) if heads_changed else None
-    attn_cols = head_rows(plan["heads_kept"][layer], hd, width, fused=False) if heads_changed else None
-    neurons = torch.tensor(plan["neurons_kept"][layer]) if neurons_changed else None
-    return {"attn.c_attn": (qkv_rows, None), "attn.c_proj": (None, attn_cols),
-            "mlp.c_fc": (neurons, None), "mlp.c_proj": (None, neurons)}
+def head_rows(heads_kept: list[int], head_dim: int) -> torch.Tensor:
+    """Rows of the kept heads in a head-major block of rows (q, k or v)."""
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads_kept])
+
+
+def layer_index_maps(plan: dict, shape: ModelShape, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """module name relative to the block -> (kept output rows, kept input columns) in (out x in) layout;
+    None = all kept."""
+    family, hd = shape.family, shape.head_dim
+    maps: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+    if len(plan["heads_kept"][layer]) != shape.heads[layer]:
+        q_rows = head_rows(plan["heads_kept"][layer], hd)
+        kv_rows = head_rows(plan["kv_heads_kept"][layer], hd)
+        if family.fused_qkv == "blocked":
+            qw, kw = shape.q_width(layer), shape.kv_width(layer)
+            maps[family.q] = (torch.cat([q_rows, kv_rows + qw, kv_rows + qw + kw]), None)
+        elif family.fused_qkv is None:
+            maps[family.q] = (q_rows, None)
+            if kv_rows.numel() != shape.kv_width(layer):
+                maps[family.k] = (kv_rows, None)
+                maps[family.v] = (kv_rows, None)
+        else:
+            raise ConfigError(f"structured head pruning is not available for {family.name} models")
+        maps[family.o] = (None, q_rows)
+    if len(plan["neurons_kept"][layer]) != shape.inner[layer]:
+        neurons = torch.tensor(plan["neurons_kept"][layer])
+        for relative in (family.mlp_in, family.mlp_gate):
+            if relative:
+                maps[relative] = (neurons, None)
+        maps[family.mlp_out] = (None, neurons)
+    return maps
 
 
 def pruned_config(model_config, plan: dict):
-    """Plain GPT-2 with n_inner when every layer keeps all heads and the same MLP width, else PrunedGPT2Config."""
+    """The config of the pruned model: the family's own class wherever it can express the counts (GPT-2
+    n_inner; Llama-family num_attention_heads / num_key_value_heads / head_dim / intermediate_size; OPT
+    ffn_dim; GPT-NeoX intermediate_size), else PrunedGPT2Config (GPT-2 with per-layer heads)."""
     from dsee_dist.models.pruned_gpt2 import PrunedGPT2Config
 
-    shape = gpt2_shape(model_config)
+    shape = model_shape(model_config)
+    family = shape.family
     heads = [len(h) for h in plan["heads_kept"]]
+    kv_heads = [len(h) for h in plan["kv_heads_kept"]]
     inner = [len(n) for n in plan["neurons_kept"]]
-    if heads == shape["heads"] and len(set(inner)) == 1 and model_config.model_type == "gpt2":
-        config = model_config.__class__.from_dict(model_config.to_dict())
-        config.n_inner = inner[0]
+    config = model_config.__class__.from_dict(model_config.to_dict())
+    if family.structured_config == "gpt2" and (heads != list(shape.heads) or len(set(inner)) > 1
+                                               or model_config.model_type != "gpt2"):
+        values = {k: v for k, v in model_config.to_dict().items()
+                  if k not in ("model_type", "heads_per_layer", "inner_per_layer", "head_dim", "auto_map", "architectures")}
+        config = PrunedGPT2Config(heads_per_layer=heads, inner_per_layer=inner, head_dim=shape.head_dim, **values)
+        config.architectures = ["PrunedGPT2LMHeadModel"]
+        config.auto_map = {"AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.PrunedGPT2Config",
+                           "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.PrunedGPT2LMHeadModel"}
         return config
-    values = {k: v for k, v in model_config.to_dict().items()
-              if k not in ("model_type", "heads_per_layer", "inner_per_layer", "head_dim", "auto_map", "architectures")}
-    config = PrunedGPT2Config(heads_per_layer=heads, inner_per_layer=inner, head_dim=shape["head_dim"], **values)
-    config.architectures = ["PrunedGPT2LMHeadModel"]
-    config.auto_map = {"AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.PrunedGPT2Config",
-                       "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.PrunedGPT2LMHeadModel"}
+    if len(set(heads)) > 1 or len(set(inner)) > 1 or len(set(kv_heads)) > 1:
+        raise ConfigError(f"the pruned {family.name} model has different counts per layer, which its config cannot "
+                          f"express; set prune.uniform_per_layer=true")
+    setattr(config, family.inner_key or "n_inner", inner[0])
+    if heads[0] != shape.heads[0]:
+        setattr(config, family.heads_key, heads[0])
+        if family.kv_heads_key:
+            setattr(config, family.kv_heads_key, kv_heads[0])
+        config.head_dim = shape.head_dim  # no longer hidden_size / num_attention_heads
     return config
 
 
@@ -138,7 +263,7 @@ def write_remote_code(target_dir: Path) -> None:
     shutil.copyfile(pruned_gpt2.__file__, Path(target_dir) / REMOTE_CODE_FILE)
 
 
-def prune_structured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, log=print) -> dict:
+def prune_structured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, log=logger.info) -> dict:
     """Collective. Writes the physically smaller model to `target`; returns the report (with the plan)."""
     from transformers import AutoConfig
 
@@ -147,36 +272,39 @@ def prune_structured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], targe
     register()
     files = ModelFiles(base_dir)
     model_config = AutoConfig.from_pretrained(base_dir)
-    shape = gpt2_shape(model_config)
-    for layer in range(shape["n_layer"]):  # refuse impossible requests before any work
-        heads_to_remove(prune_cfg, shape["heads"][layer])
-    plan = plan_structured(prune_cfg, files, model_config, adapter, dist_info, log)
+    shape = check_structured_request(prune_cfg, model_config)  # refuse impossible requests before any work
+    family = shape.family
+    plan = plan_structured(prune_cfg, files, model_config, adapter, dist_info)
     n_heads = sum(len(h) for h in plan["heads_removed"])
     n_neurons = sum(len(n) for n in plan["neurons_removed"])
-    log(f"prune: removing {n_heads} of {sum(shape['heads'])} attention heads and {n_neurons:,} of "
-        f"{sum(shape['inner']):,} MLP neurons (score '{prune_cfg.head_score}')")
+    log(f"prune: removing {n_heads} of {sum(shape.heads)} attention heads and {n_neurons:,} of "
+        f"{sum(shape.inner):,} MLP neurons (score '{prune_cfg.head_score}')")
 
     my_tensors, replaced = {}, set()
-    for layer in range(shape["n_layer"]):
-        for suffix, (rows, cols) in layer_index_maps(plan, shape, layer).items():
-            module = f"transformer.h.{layer}.{suffix}"
-            if rows is None and cols is None:
-                continue
-            replaced.update({files.key(module), files.key(module, "bias")})
+    for layer in range(shape.n_layer):
+        for relative, (rows, cols) in layer_index_maps(plan, shape, layer).items():
+            module = module_name(shape, layer, relative)
+            bias_key = files.key(module, "bias")
+            replaced.add(files.key(module))
+            if files.has(bias_key):
+                replaced.add(bias_key)
             if layer % dist_info.world_size != dist_info.rank:
                 continue
-            w = file_to_out_in(files.get(files.key(module)))
+            w = _weight(files, module, family.conv1d)
             if rows is not None:
                 w = w[rows]
             if cols is not None:
                 w = w[:, cols]
-            my_tensors[files.key(module)] = w.t().contiguous()
-            bias = files.get(files.key(module, "bias"))
-            my_tensors[files.key(module, "bias")] = bias[rows] if rows is not None else bias
+            my_tensors[files.key(module)] = w.t().contiguous() if family.conv1d else w.contiguous()
+            if files.has(bias_key):
+                bias = files.get(bias_key)
+                my_tensors[bias_key] = bias[rows] if rows is not None else bias
     config = pruned_config(model_config, plan)
-    report = {"method": "structured", "score": prune_cfg.head_score, "plan": plan,
+    report = {"method": "structured", "score": prune_cfg.head_score, "plan": plan, "uniform_per_layer": uniform_per_layer(prune_cfg),
               "heads_removed": n_heads, "neurons_removed": n_neurons,
-              "heads_per_layer": [len(h) for h in plan["heads_kept"]], "inner_per_layer": [len(n) for n in plan["neurons_kept"]]}
+              "heads_per_layer": [len(h) for h in plan["heads_kept"]],
+              "kv_heads_per_layer": [len(h) for h in plan["kv_heads_kept"]],
+              "inner_per_layer": [len(n) for n in plan["neurons_kept"]]}
 
     def rank_zero_files(tmp: Path) -> None:
         config.save_pretrained(tmp)
@@ -188,19 +316,34 @@ def prune_structured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], targe
     return report
 
 
+def rows_to_spec(rows: torch.Tensor) -> tuple:
+    """A sorted row index tensor as a slice tuple: (start, size) if contiguous, else (start, size, block,
+    stride) where it has that regular shape."""
+    start, size = int(rows[0]), rows.numel()
+    if int(rows[-1]) - start + 1 == size:
+        return (start, size)
+    jumps = torch.nonzero(rows[1:] - rows[:-1] != 1).flatten()
+    block = int(jumps[0]) + 1
+    stride = int(rows[block] - rows[0])
+    spec = (start, size, block, stride)
+    if size % block or not torch.equal(slice_rows(spec), rows):
+        raise ValueError(f"rows {rows.tolist()[:8]}... are not a regular block pattern")
+    return spec
+
+
 def slice_adapter(adapter: tuple[dict, dict], plan: dict, model_config) -> tuple[dict, dict]:
     """The stage-1 adapter restricted to the kept heads and neurons: B rows / A columns sliced, sparse
     entries in removed rows or columns dropped (the rest keep their order and values)."""
     config, tensors = adapter
     config = json.loads(json.dumps(config))
     tensors = dict(tensors)
-    shape = gpt2_shape(model_config)
+    shape = model_shape(model_config)
+    prefix = shape.family.layers + "."
     for name, meta in config["layers"].items():
-        parts = name.split(".")
-        if len(parts) < 5 or parts[-4] != "h":
+        if not name.startswith(prefix):
             continue
-        layer = int(parts[-3])
-        rows, cols = layer_index_maps(plan, shape, layer).get(".".join(parts[-2:]), (None, None))
+        layer_str, _, relative = name[len(prefix):].partition(".")
+        rows, cols = layer_index_maps(plan, shape, int(layer_str)).get(relative, (None, None))
         if rows is None and cols is None:
             continue
         slices = [tuple(s) for s in meta["slices"]]
@@ -218,13 +361,16 @@ def slice_adapter(adapter: tuple[dict, dict], plan: dict, model_config) -> tuple
         if rows is not None:
             row_map = torch.full((meta["out_features"],), -1, dtype=torch.long)
             row_map[rows] = torch.arange(rows.numel())
-            local_rows = [rows[(rows >= s) & (rows < s + n)] - s for s, n in slices]
-            if len({r.numel() for r in local_rows}) != 1:
+            kept_per_slice = []
+            for rows_spec in slices:
+                positions = row_slots([rows_spec], meta["out_features"])[rows]
+                kept_per_slice.append((positions[positions >= 0], rows[positions >= 0]))
+            if len({p.numel() for p, _ in kept_per_slice}) != 1:
                 raise ValueError(f"{name}: the kept rows differ in number between its slices")
-            b = torch.stack([b[i][local] for i, local in enumerate(local_rows)])
+            b = torch.stack([b[i][positions] for i, (positions, _) in enumerate(kept_per_slice)])
             keep_entry &= row_map[index[0]] >= 0
             new_index[0] = row_map[index[0]]
-            meta["slices"] = [[int(row_map[rows[(rows >= s) & (rows < s + n)][0]]), int(local_rows[0].numel())] for s, n in slices]
+            meta["slices"] = [list(rows_to_spec(row_map[kept_rows])) for _, kept_rows in kept_per_slice]
             meta["out_features"] = int(rows.numel())
         tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a.contiguous(), b.contiguous()
         tensors[f"{name}.sparse_index"] = new_index[:, keep_entry].contiguous()

@@ -1,9 +1,10 @@
-"""The prunable matrices of a GPT-2-style model, named by kind, and where they live in the weight files.
+"""The prunable matrices of a decoder, named by kind, and where they live in the weight files.
 
-Kinds: attn_q, attn_k, attn_v (the thirds of the fused `c_attn`), attn_out (`attn.c_proj`), mlp_in
-(`mlp.c_fc`), mlp_out (`mlp.c_proj`). Embeddings, layer norms and the LM head are never prunable.
-All matrices use the (out x in) convention; GPT-2's Conv1D stores (in x out) and is transposed at the
-edges (`file_to_out_in` / `out_in_to_file`).
+Kinds (`families.KINDS`): attn_q, attn_k, attn_v (separate projections, or slices of a fused one:
+GPT-2's [q | k | v] thirds, GPT-NeoX's per-head interleaved rows), attn_out, mlp_in (with the SwiGLU
+gate where the family has one, see `gate_matrix`), mlp_out. Embeddings, norms and the LM head are
+never prunable. All matrices use the (out x in) convention; GPT-2's Conv1D stores (in x out) and is
+transposed at the edges (`file_to_out_in` / `out_in_to_file`).
 """
 
 from __future__ import annotations
@@ -12,68 +13,70 @@ from dataclasses import dataclass
 
 import torch
 
-from dsee_dist.config import PRUNE_MODULE_KINDS
+from dsee_dist.dsee.layer import slice_rows
 from dsee_dist.errors import ConfigError
+from dsee_dist.models.families import KINDS, QKV, Family, ModelShape, model_shape
 
-KINDS = PRUNE_MODULE_KINDS
-MODULE_OF_KIND = {"attn_q": "attn.c_attn", "attn_k": "attn.c_attn", "attn_v": "attn.c_attn",
-                  "attn_out": "attn.c_proj", "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}
-QKV = ("attn_q", "attn_k", "attn_v")
+__all__ = ["KINDS", "QKV", "PrunableMatrix", "model_shape", "prunable_matrices", "file_to_out_in", "out_in_to_file"]
 
 
 @dataclass(frozen=True)
 class PrunableMatrix:
-    name: str  # e.g. transformer.h.3.attn.c_attn.q
+    name: str  # e.g. transformer.h.3.attn.c_attn.q, model.layers.3.self_attn.q_proj
     module: str  # e.g. transformer.h.3.attn.c_attn
     kind: str
     layer: int
-    rows: tuple[int, int]  # (first row, number of rows) in the module's (out x in) weight
+    rows: tuple  # row set in the module's (out x in) weight: (start, size) or (start, size, block, stride)
     in_features: int
+    conv1d: bool = False
 
     @property
     def numel(self) -> int:
         return self.rows[1] * self.in_features
 
+    def row_index(self) -> torch.Tensor:
+        return slice_rows(self.rows)
 
-def gpt2_shape(config) -> dict:
-    """n_layer, n_embd, heads and widths per layer of a GPT2Config (or the pruned variant)."""
-    if getattr(config, "model_type", "") not in ("gpt2", "dsee_pruned_gpt2"):
-        raise ConfigError(f"pruning supports GPT-2-style models (model_type gpt2); this model is "
-                          f"'{getattr(config, 'model_type', '?')}'")
-    n_embd, n_layer = config.n_embd, config.n_layer
-    head_dim = getattr(config, "head_dim", None) or n_embd // config.n_head
-    heads = list(getattr(config, "heads_per_layer", None) or [config.n_head] * n_layer)
-    inner = list(getattr(config, "inner_per_layer", None) or [config.n_inner or 4 * n_embd] * n_layer)
-    return {"n_layer": n_layer, "n_embd": n_embd, "head_dim": head_dim, "heads": heads, "inner": inner}
+    def rows_of(self, weight_out_in: torch.Tensor) -> torch.Tensor:
+        """This matrix's rows of its module's (out x in) weight (a copy for non-contiguous rows)."""
+        if len(self.rows) == 2:
+            return weight_out_in[self.rows[0]:self.rows[0] + self.rows[1]]
+        return weight_out_in[self.row_index()]
 
 
-def prunable_matrices(config, kinds: list[str], prefix: str = "transformer.") -> list[PrunableMatrix]:
-    """Every matrix of the requested kinds, in model order (the global order ties are broken in)."""
+def module_name(shape: ModelShape, layer: int, relative: str) -> str:
+    return f"{shape.family.layers}.{layer}.{relative}"
+
+
+def prunable_matrices(config, kinds: list[str]) -> list[PrunableMatrix]:
+    """Every matrix of the requested kinds, in model order (the global order ties are broken in). With
+    a SwiGLU family, `mlp_in` also yields the gate projection (kind mlp_in, the same shape)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ConfigError(f"prune.modules: '{unknown[0]}' is not a prunable module kind; choose from: " + ", ".join(KINDS))
-    shape = gpt2_shape(config)
-    d = shape["n_embd"]
+    shape = model_shape(config)
+    family: Family = shape.family
     out = []
-    for layer in range(shape["n_layer"]):
-        width = shape["heads"][layer] * shape["head_dim"]
-        inner = shape["inner"][layer]
-        geometry = {"attn_q": ((0, width), d), "attn_k": ((width, width), d), "attn_v": ((2 * width, width), d),
-                    "attn_out": ((0, d), width), "mlp_in": ((0, inner), d), "mlp_out": ((0, d), inner)}
+    for layer in range(shape.n_layer):
+        geometry = shape.matrix_geometry(layer)
         for kind in KINDS:
             if kind not in kinds:
                 continue
-            module = f"{prefix}h.{layer}.{MODULE_OF_KIND[kind]}"
             rows, in_features = geometry[kind]
-            name = module + ("." + kind[-1] if kind in QKV else "")
-            out.append(PrunableMatrix(name, module, kind, layer, rows, in_features))
+            relatives = [family.module_of_kind(kind)]
+            if kind == "mlp_in" and family.mlp_gate:
+                relatives = [family.mlp_gate, family.mlp_in]
+            for relative in relatives:
+                module = module_name(shape, layer, relative)
+                name = module + ("." + kind[-1] if kind in QKV and family.is_fused() else "")
+                out.append(PrunableMatrix(name, module, kind, layer, rows, in_features, family.conv1d))
     return out
 
 
-def file_to_out_in(tensor: torch.Tensor) -> torch.Tensor:
-    """A Conv1D weight as stored (in x out) -> (out x in)."""
-    return tensor.t()
+def file_to_out_in(tensor: torch.Tensor, conv1d: bool = True) -> torch.Tensor:
+    """A weight as stored -> (out x in): a transpose for GPT-2's Conv1D (in x out), as is for nn.Linear."""
+    return tensor.t() if conv1d else tensor
 
 
-def out_in_to_file(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.t().contiguous()
+def out_in_to_file(tensor: torch.Tensor, conv1d: bool = True) -> torch.Tensor:
+    return tensor.t().contiguous() if conv1d else tensor.contiguous()

@@ -6,7 +6,7 @@ module's weight from the base files and keeps only the scores of the modules it 
 each group comes from `selection.lowest_k_masks` (all-reduced histograms), so no rank gathers other
 ranks' weights, scores or masks. Output (`<target>`):
 
-- the base model with pruned entries set to zero (plain GPT-2: loads with transformers);
+- the base model with pruned entries set to zero (the same architecture: loads with transformers);
 - `dsee_masks-<rank>.safetensors`: for every adapted module, the kept entries of its adapted rows
   (n_slices x rows x in, bool), which stage 2 applies to the update so that (W0 + ΔW) * M holds during
   training exactly as in the export;
@@ -22,6 +22,7 @@ import torch
 
 from dsee_dist.engine import distributed
 from dsee_dist.dsee.adapter import layer_delta
+from dsee_dist.dsee.layer import row_slots, slice_rows
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
 from dsee_dist.pruning.scores import element_scores
 from dsee_dist.pruning.selection import lowest_k_masks
@@ -40,20 +41,29 @@ def group_of(matrix: PrunableMatrix, adapted: bool, grouping: str) -> str:
     return "adapted" if adapted else "frozen"
 
 
-def adapted_slice(adapter_config: dict, module: str, rows: tuple[int, int]) -> int | None:
-    """Index of the adapter slice of `module` that contains the rows (first, count), or None if they are
-    not adapted."""
+def adapted_slice(adapter_config: dict, module: str, rows: tuple) -> int | None:
+    """Index of the adapter slice of `module` that contains the row set `rows` ((start, size) or
+    (start, size, block, stride)), or None if those rows are not adapted."""
     meta = adapter_config["layers"].get(module)
     if meta is None:
         return None
-    for i, (start, size) in enumerate(meta["slices"]):
-        if start <= rows[0] and rows[0] + rows[1] <= start + size:
+    wanted = set(slice_rows(tuple(rows)).tolist())
+    for i, rows_spec in enumerate(meta["slices"]):
+        if wanted <= set(slice_rows(tuple(rows_spec)).tolist()):
             return i
     return None
 
 
 def adapted_rows(adapter_config: dict, matrix: PrunableMatrix) -> int | None:
     return adapted_slice(adapter_config, matrix.module, matrix.rows)
+
+
+def slice_positions(adapter_config: dict, matrix: PrunableMatrix, slice_index: int) -> torch.Tensor:
+    """Positions of the matrix's rows within adapter slice `slice_index` of its module."""
+    meta = adapter_config["layers"][matrix.module]
+    rows_spec = tuple(meta["slices"][slice_index])
+    slots = row_slots([rows_spec], meta["out_features"])
+    return slots[matrix.row_index()]
 
 
 def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, *,
@@ -66,6 +76,7 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
     model_config = AutoConfig.from_pretrained(base_dir)
     matrices = prunable_matrices(model_config, prune_cfg.modules)
     modules = list(dict.fromkeys(m.module for m in matrices))
+    conv1d = {m.module: m.conv1d for m in matrices}
     owner = {module: i % dist_info.world_size for i, module in enumerate(modules)}
     mine = [m for m in modules if owner[m] == dist_info.rank]
     groups = {m.name: group_of(m, adapted_rows(adapter_config, m) is not None, prune_cfg.grouping) for m in matrices}
@@ -73,12 +84,12 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
     # 1. Scores of the modules this rank owns.
     scores: dict[str, dict[str, torch.Tensor]] = {}
     for module in mine:
-        w0 = file_to_out_in(files.get(files.key(module))).float()
+        w0 = file_to_out_in(files.get(files.key(module)), conv1d[module]).float()
         delta = layer_delta(adapter_config, adapter_tensors, module) if module in adapter_config["layers"] else None
         for m in (m for m in matrices if m.module == module):
-            rows = slice(m.rows[0], m.rows[0] + m.rows[1])
-            d = delta[rows] if delta is not None and adapted_rows(adapter_config, m) is not None else None
-            scores.setdefault(groups[m.name], {})[m.name] = element_scores(prune_cfg.score, w0[rows], d, seed=seed, name=m.name)
+            d = m.rows_of(delta) if delta is not None and adapted_rows(adapter_config, m) is not None else None
+            scores.setdefault(groups[m.name], {})[m.name] = element_scores(prune_cfg.score, m.rows_of(w0), d,
+                                                                           seed=seed, name=m.name)
 
     # 2. One global threshold per group.
     pruned: dict[str, torch.Tensor] = {}
@@ -98,20 +109,20 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
     my_tensors, my_masks, my_stats = {}, {}, {}
     for module in mine:
         key = files.key(module)
-        w = file_to_out_in(files.get(key)).clone()
+        w = file_to_out_in(files.get(key), conv1d[module]).clone()
         module_matrices = [m for m in matrices if m.module == module]
         for m in module_matrices:
-            w[m.rows[0]:m.rows[0] + m.rows[1]][pruned[m.name]] = 0
+            rows = m.row_index()
+            w[rows] = w[rows].masked_fill(pruned[m.name], 0)
             my_stats[m.name] = {"kind": m.kind, "group": groups[m.name], "pruned": int(pruned[m.name].sum()), "numel": m.numel}
-        my_tensors[key] = out_in_to_file(w)
+        my_tensors[key] = out_in_to_file(w, conv1d[module])
         meta = adapter_config["layers"].get(module)
         if meta is not None:
             keep = torch.ones(len(meta["slices"]), meta["slices"][0][1], meta["in_features"], dtype=torch.bool)
             for m in module_matrices:
                 i = adapted_rows(adapter_config, m)
                 if i is not None:
-                    local = m.rows[0] - meta["slices"][i][0]
-                    keep[i, local:local + m.rows[1]] = ~pruned[m.name]
+                    keep[i, slice_positions(adapter_config, m, i)] = ~pruned[m.name]
             my_masks[f"{module}.keep"] = keep
     stats: dict[str, dict] = {}
     for part in distributed.all_gather_object(my_stats):

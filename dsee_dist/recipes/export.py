@@ -112,7 +112,7 @@ def sparsity_report(model, pruning: dict | None) -> dict:
 
     matrices = {}
     for m in prunable_matrices(model.config, list(KINDS)):
-        w = weight_out_in(model.get_submodule(m.module))[m.rows[0]:m.rows[0] + m.rows[1]]
+        w = m.rows_of(weight_out_in(model.get_submodule(m.module)))
         matrices[m.name] = {"kind": m.kind, "zeros": int((w == 0).sum()), "numel": m.numel}
     zeros, numel = sum(v["zeros"] for v in matrices.values()), sum(v["numel"] for v in matrices.values())
     return {"pruning": {k: v for k, v in (pruning or {}).items() if k != "matrices"}, "matrices": matrices,

@@ -48,18 +48,16 @@ def check_request(prune_cfg, base_model: str) -> None:
     from transformers import AutoConfig
 
     from dsee_dist.models.pruned_gpt2 import register
-    from dsee_dist.pruning.structured import heads_to_remove
-    from dsee_dist.pruning.targets import gpt2_shape, prunable_matrices
+    from dsee_dist.pruning.structured import check_structured_request
+    from dsee_dist.pruning.targets import prunable_matrices
 
     register()
     if not Path(base_model).is_dir():
         raise DSEEError(f"pruning reads the base model's files, and '{base_model}' is not a local directory; "
                         f"download it (e.g. huggingface-cli download) and set model.path to the directory")
     model_config = AutoConfig.from_pretrained(base_model)
-    shape = gpt2_shape(model_config)
     if prune_cfg.method == "structured":
-        for heads in shape["heads"]:
-            heads_to_remove(prune_cfg, heads)
+        check_structured_request(prune_cfg, model_config)
     else:
         prunable_matrices(model_config, prune_cfg.modules)
 
