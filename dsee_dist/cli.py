@@ -1,5 +1,5 @@
 """`dsee-dist` command line: `train --config X.yaml [overrides]`, `export CHECKPOINT --adapter/--merged DIR`,
-`quickstart`.
+`evaluate --refs R --hyp H`, `quickstart`.
 
 `dsee-dist quickstart` launches the built-in default (configs/quickstart.yaml) on 2 ranks with the
 `deepspeed` launcher; `train` runs in this process (use it under deepspeed/torchrun/srun).
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("rest", nargs=argparse.REMAINDER)
     export = sub.add_parser("export", help="a checkpoint -> adapter-only export and/or merged Hugging Face model")
     export.add_argument("rest", nargs=argparse.REMAINDER)
+    from dsee_dist.recipes import evaluate as evaluate_recipe
+
+    evaluate_recipe.add_arguments(sub.add_parser("evaluate", help="E2E figures (BLEU, NIST, METEOR, ROUGE-L, CIDEr) "
+                                                 "of outputs against references"))
     quick = sub.add_parser("quickstart", help="the built-in default: a small GPT-2 with DSEE, 2 ranks, ZeRO-3")
     quick.add_argument("--ranks", type=int, default=2)
     quick.add_argument("--master_port", type=int, default=29561)
@@ -49,4 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         from dsee_dist.recipes.export import main as export_main
 
         return export_main(args.rest)
+    if args.command == "evaluate":
+        return evaluate_recipe.run(args)
     return _quickstart(args)

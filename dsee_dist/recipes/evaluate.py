@@ -1,0 +1,91 @@
+"""Score system outputs with the five E2E figures, as the official E2E scorer computes them.
+
+    dsee-dist evaluate --refs testset_w_refs.csv --hyp outputs.txt [--out scores.json]
+
+References: the E2E CSV (grouped by MR, in order of first appearance) or the official scorer's text
+format (one reference per line, a blank line between MRs). Outputs: one line per MR, same order.
+Prints a table and one JSON line; writes the scores (default: OUTPUTS.scores.json beside the outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from dsee_dist.errors import DSEEError
+from dsee_dist.eval.metrics import METRICS, E2EScorer, normalize_metric_names
+from dsee_dist.eval.references import read_hypotheses, read_references
+
+logger = logging.getLogger(__name__)
+
+
+def default_scores_path(hyp_path: Path) -> Path:
+    return hyp_path.with_name(hyp_path.stem + ".scores.json")
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_files(refs_path: Path, hyp_path: Path, metrics=METRICS, scorer: E2EScorer | None = None) -> dict:
+    """Scores plus what was scored: a dict ready to print and write."""
+    refs = read_references(refs_path)
+    hyps = read_hypotheses(hyp_path, len(refs.groups), refs_path)
+    own = scorer is None
+    scorer = scorer or E2EScorer(metrics)
+    try:
+        scores = scorer.score(hyps, refs.groups)
+    finally:
+        if own:
+            scorer.close()
+    return {"scores": scores, "num_mrs": len(refs.groups), "num_references": refs.num_references,
+            "refs": str(refs_path), "hyp": str(hyp_path), "tokenizer": scorer.tokenizer,
+            "unavailable": dict(scorer.unavailable)}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'metric':<8}  score", f"{'-' * 8}  {'-' * 7}"]
+    for name, value in result["scores"].items():
+        lines.append(f"{name:<8}  {'n/a' if value is None else f'{value:.4f}'}")
+    lines.append(f"{result['num_mrs']} MRs, {result['num_references']} references")
+    for name, why in result["unavailable"].items():
+        lines.append(f"{name} unavailable: {why}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refs", required=True, help="references: E2E CSV (mr,ref) or blank-line-separated text")
+    parser.add_argument("--hyp", required=True, help="outputs: one line per MR, in the MRs' order of first appearance")
+    parser.add_argument("--out", help="scores JSON (default: beside the outputs, OUTPUTS.scores.json)")
+    parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
+    try:
+        metrics = normalize_metric_names(args.metrics.split(","))
+        hyp_path = Path(args.hyp)
+        out = Path(args.out) if args.out else default_scores_path(hyp_path)
+        result = evaluate_files(Path(args.refs), hyp_path, metrics)
+        for why in result["unavailable"].values():
+            print(f"dsee-dist evaluate: warning: {why}", file=sys.stderr)
+        write_json_atomic(out, result)
+    except DSEEError as exc:
+        print(f"dsee-dist evaluate: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(format_table(result))
+    print(json.dumps({**result["scores"], "num_mrs": result["num_mrs"], "scores_file": str(out)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsee-dist evaluate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
