@@ -94,6 +94,14 @@ def check_structured_request(prune_cfg, model_config) -> ModelShape:
                           f"a stock {family.name} config cannot express; set prune.uniform_per_layer=true")
     if not uniform_per_layer(prune_cfg) and any(group_size(shape, i) > 1 for i in range(shape.n_layer)):
         raise ConfigError("prune.uniform_per_layer=false is not available with grouped-query attention")
+    if uniform_per_layer(prune_cfg) and family.structured_config == "llama":  # the export's config must validate
+        k = heads_to_remove(prune_cfg, shape.heads[0], shape.kv_heads[0])
+        m = neurons_to_remove(prune_cfg, shape.inner[0])
+        kv = shape.kv_heads[0] if group_size(shape, 0) > 1 else shape.heads[0] - k
+        counts = {"heads_kept": [list(range(shape.heads[0] - k))] * shape.n_layer,
+                  "kv_heads_kept": [list(range(kv))] * shape.n_layer,
+                  "neurons_kept": [list(range(shape.inner[0] - m))] * shape.n_layer}
+        pruned_config(model_config, counts)
     return shape
 
 
@@ -254,6 +262,14 @@ def pruned_config(model_config, plan: dict):
         if family.kv_heads_key:
             setattr(config, family.kv_heads_key, kv_heads[0])
         config.head_dim = shape.head_dim  # no longer hidden_size / num_attention_heads
+    try:
+        if hasattr(config, "validate"):
+            config.validate()
+    except Exception as exc:  # noqa: BLE001 - transformers' own config checks, e.g. LlamaConfig's
+        reason = str(getattr(exc, "__cause__", None) or exc).strip().splitlines()[-1]
+        raise ConfigError(f"the pruned model ({heads[0]} heads, MLP width {inner[0]}) is not a valid "
+                          f"{type(config).__name__}: {reason}; choose prune.head_ratio / prune.heads_removed so that "
+                          f"the heads left divide hidden_size ({shape.hidden})") from None
     return config
 
 

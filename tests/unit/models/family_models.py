@@ -27,8 +27,8 @@ def _config(kind: str):
     if kind == "llama_gqa":  # an odd head count, 3 KV heads (SmolLM2's layout, smaller)
         return t.LlamaConfig(hidden_size=72, intermediate_size=96, num_hidden_layers=2, num_attention_heads=9,
                              num_key_value_heads=3, max_position_embeddings=64, **common)
-    if kind == "llama":
-        return t.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    if kind == "llama":  # LlamaConfig wants hidden_size divisible by the heads left after pruning (3)
+        return t.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=4, max_position_embeddings=64, **common)
     if kind == "mistral":
         return t.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
