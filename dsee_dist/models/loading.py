@@ -1,4 +1,5 @@
-"""Loading the pretrained decoder: a local Hugging Face directory, or a built-in small GPT-2.
+"""Loading the pretrained decoder: a local Hugging Face directory, a GGUF file (dequantised once into an
+ordinary safetensors directory, `materialize_gguf_model`), or a built-in small GPT-2.
 
 Knows nothing of DSEE. Under ZeRO-3 the model is created partitioned through transformers' own
 DeepSpeed integration (`HfDeepSpeedConfig` alive before `from_pretrained`), so no rank ever holds
@@ -56,6 +57,62 @@ def materialize_builtin_model(name: str, tokenizer, seed: int, target_dir: str |
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+GGUF_MARKER = "dsee_gguf.json"
+
+
+def gguf_path(model_path: str | os.PathLike, gguf_file: str) -> Path:
+    """The GGUF file: `gguf_file` inside `model_path` (a directory), or `gguf_file` itself if absolute."""
+    path = Path(gguf_file) if Path(gguf_file).is_absolute() else Path(model_path) / gguf_file
+    if not path.is_file():
+        from dsee_dist.errors import DSEEError
+
+        raise DSEEError(f"GGUF file '{path}' does not exist; set model.path to its directory and model.gguf_file to "
+                        f"its name (for SmolLM2: dsee-dist models fetch smollm2 DIR writes a ready directory)")
+    return path
+
+
+def materialize_gguf_model(gguf_file: str | os.PathLike, target_dir: str | os.PathLike, *,
+                           dtype_name: str = "float32", source: str | None = None) -> Path:
+    """Dequantise a GGUF checkpoint (transformers' own GGUF loading, the `gguf` package) into an ordinary
+    Hugging Face directory: safetensors weights, config, tokenizer with its chat template. Atomic; reused
+    when the directory already holds the same file (name, size, mtime, dtype)."""
+    import torch
+
+    from dsee_dist.errors import DSEEError
+
+    gguf_file, target = Path(gguf_file), Path(target_dir)
+    stat = gguf_file.stat()
+    marker = {"gguf_file": gguf_file.name, "size": stat.st_size, "mtime": int(stat.st_mtime), "dtype": dtype_name,
+              "source": source}
+    if (target / GGUF_MARKER).is_file() and json.loads((target / GGUF_MARKER).read_text()) == marker:
+        return target
+    try:
+        import gguf  # noqa: F401 - transformers reads GGUF files through it
+    except ImportError:
+        raise DSEEError("reading GGUF files needs the gguf package: pip install gguf") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                     dtype=getattr(torch, dtype_name))
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise DSEEError(f"cannot read GGUF file '{gguf_file}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                        f"is it a complete GGUF checkpoint of an architecture transformers supports?") from None
+    # the weights are dequantised now: an ordinary checkpoint, not a quantised one
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / GGUF_MARKER).write_text(json.dumps(marker, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
