@@ -48,6 +48,9 @@ class ModelConfig:
 
     path: str | None = field(default=None, metadata={
         "help": "a local Hugging Face model directory (or, with hub access, a hub name); exclusive with builtin"})
+    gguf_file: str | None = field(default=None, metadata={
+        "help": "a GGUF checkpoint inside model.path (or an absolute path), dequantised once into output.dir/base_model "
+                "(safetensors, training dtype at load); `dsee-dist models fetch smollm2 DIR` writes SmolLM2 ready-made"})
     builtin: str | None = field(default=None, metadata={
         "help": "a small built-in configuration (models.BUILTIN_MODELS), randomly initialised from train.seed, "
                 "with a tokenizer trained locally on the training data"})
@@ -100,11 +103,12 @@ class DSEEConfig:
         "help": "how the N positions are chosen from the pretrained weight"})
     decomposition: DecompositionConfig = field(default_factory=DecompositionConfig, metadata={
         "help": "the decomposition behind support=decomposition"})
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn"], metadata={
-        "help": "module names to adapt: an entry matches a module whose full name equals it or ends with "
+    target_modules: list[str] = field(default_factory=lambda: ["auto"], metadata={
+        "help": "module names to adapt; auto = the model family's query and value projections (GPT-2 c_attn q/v, "
+                "Llama/Mistral/Qwen2/OPT q_proj+v_proj, GPT-NeoX query_key_value q/v); an entry matches a module whose full name equals it or ends with "
                 "'.' + entry; 're:...' is a regular expression (full match)"})
     fused_slices: list[FusedSlice] = field(default_factory=lambda: ["q", "v"], metadata={
-        "help": "for fused q/k/v projections (GPT-2 c_attn): the slices adapted, each as its own matrix; "
+        "help": "for fused q/k/v projections (GPT-2 c_attn, GPT-NeoX query_key_value): the slices adapted, each as its own matrix; "
                 "empty = the fused matrix as one"})
     exclude_modules: list[str] = field(default_factory=list, metadata={
         "help": "module names never adapted, even if a target matches (same matching rules)"})
@@ -180,6 +184,9 @@ class PruneConfig:
     retrain_epochs: float = field(default=0.0, metadata={"help": "stage-2 epochs (exclusive with retrain_steps)"})
     retrain_lr: float | None = field(default=None, metadata={"help": "stage-2 learning rate; null = train.lr"})
     flops_context: int = field(default=128, metadata={"help": "context length the FLOPs report assumes"})
+    uniform_per_layer: bool = field(default=True, metadata={
+        "help": "structured: remove the same number of heads and neurons from every layer, so Llama-family "
+                "exports are stock configs; false ranks over all layers at once (GPT-2 only)"})
 
 
 @dataclass
