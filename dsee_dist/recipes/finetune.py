@@ -62,6 +62,9 @@ def prepare_base_model(cfg: Config, out_dir: Path, log) -> str:
     """Path of the base model directory; for a built-in model, written once into out_dir/base_model."""
     if cfg.model.path is not None:
         path = resolve_path(cfg, cfg.model.path)
+        if cfg.model.gguf_file:  # dequantised once into an ordinary directory that everything else reads
+            gguf = models.gguf_path(path, cfg.model.gguf_file)
+            return distributed.on_rank_zero(lambda: str(models.materialize_gguf_model(gguf, out_dir / "base_model")))
         return str(path) if path.exists() else cfg.model.path
 
     def build() -> str:

@@ -34,7 +34,7 @@ def stage_configs(cfg: Config, out_dir: Path) -> tuple[Config, Config]:
     stage1 = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out_dir / STAGE1)))
     stage2 = dataclasses.replace(
         cfg,
-        model=dataclasses.replace(cfg.model, path=str((out_dir / PRUNED).resolve()), builtin=None),
+        model=dataclasses.replace(cfg.model, path=str((out_dir / PRUNED).resolve()), builtin=None, gguf_file=None),
         train=dataclasses.replace(cfg.train, max_steps=p.retrain_steps, epochs=p.retrain_epochs,
                                   lr=p.retrain_lr or cfg.train.lr),
         output=dataclasses.replace(cfg.output, dir=str(out_dir / STAGE2)),
