@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("rest", nargs=argparse.REMAINDER)
     export = sub.add_parser("export", help="a checkpoint -> adapter-only export and/or merged Hugging Face model")
     export.add_argument("rest", nargs=argparse.REMAINDER)
+    plan = sub.add_parser("plan", help="per-rank memory of a run (parameters, gradients, optimizer, activations, "
+                          "logits) and whether it fits a device, before launching")
+    plan.add_argument("rest", nargs=argparse.REMAINDER)
     from dsee_dist.recipes import evaluate as evaluate_recipe
 
     evaluate_recipe.add_arguments(sub.add_parser("evaluate", help="E2E figures (BLEU, NIST, METEOR, ROUGE-L, CIDEr) "
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from dsee_dist.recipes.export import main as export_main
 
         return export_main(args.rest)
+    if args.command == "plan":
+        from dsee_dist.recipes.plan import main as plan_main
+
+        return plan_main(args.rest)
     if args.command == "evaluate":
         return evaluate_recipe.run(args)
     if args.command == "models":

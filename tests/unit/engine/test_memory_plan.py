@@ -1,0 +1,114 @@
+"""`dsee-dist plan`'s arithmetic (dsee_dist/engine/memory.py) against what torch really holds: parameter and
+trainable counts of real models, the bytes autograd saves in a forward pass, and the allocator's peak over real
+DeepSpeed training steps on CPU (bench/memory_plan.py, in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsee_dist.engine import memory
+from dsee_dist.recipes import plan as plan_recipe
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "bench"))
+
+GPT2 = {"model_type": "gpt2", "n_layer": 3, "n_embd": 64, "n_head": 4, "n_positions": 64, "vocab_size": 300,
+        "bos_token_id": 0, "eos_token_id": 0}
+LLAMA_GQA = {"model_type": "llama", "num_hidden_layers": 3, "hidden_size": 64, "num_attention_heads": 8,
+             "num_key_value_heads": 2, "intermediate_size": 176, "vocab_size": 300, "max_position_embeddings": 64,
+             "bos_token_id": 1, "eos_token_id": 2}
+LLAMA_TIED = dict(LLAMA_GQA, num_key_value_heads=8, tie_word_embeddings=True)
+
+
+class DSEESettings:
+    def __init__(self, targets, fused, rank=4, num_sparse=8):
+        self.lora_rank, self.num_sparse = rank, num_sparse
+        self.target_modules, self.fused_slices, self.exclude_modules = targets, fused, []
+
+
+def targets_of(hf: dict) -> DSEESettings:
+    return DSEESettings(["c_attn"], ["q", "v"]) if hf["model_type"] == "gpt2" else DSEESettings(["q_proj", "v_proj"], [])
+
+
+def real_model(hf: dict, settings: DSEESettings):
+    """The model itself (random init, dropout off, no cache) with DSEE injected on a random support."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable
+    from dsee_dist.dsee.support import matrix_generator, select_support
+
+    config = AutoConfig.for_model(**hf)
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(config, key):
+            setattr(config, key, 0.0)
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    specs = find_targets(model, settings.target_modules, settings.fused_slices)
+    support = {name: select_support(torch.zeros(rows[1], s.in_features), settings.num_sparse, "random",
+                                    generator=matrix_generator(0, name))
+               for s in specs for rows, name in zip(s.slices, s.matrix_names())}
+    inject_dsee(model, specs, support, rank=settings.lora_rank, alpha=8, dropout=0.0, seed=0)
+    mark_only_adapters_trainable(model)
+    return model.train()
+
+
+def plan_of(hf: dict, settings: DSEESettings, micro_batch: int, seq: int, padded: bool, **workload):
+    return plan_recipe.plan_run(hf, method="dsee", dsee_cfg=settings, ds_config={"zero_optimization": {"stage": 0}},
+                                world_size=1, micro_batch_size=micro_batch, seq_len=seq, padded=padded,
+                                dropout=0.0, **workload)[0]
+
+
+@pytest.mark.parametrize("hf", [GPT2, LLAMA_GQA, LLAMA_TIED], ids=["gpt2", "llama-gqa", "llama-tied"])
+def test_parameter_count_equals_transformers_model(hf):
+    with torch.device("meta"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf))
+    assert memory.parameter_count(memory.shape_from_hf_config(hf)) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("hf", [GPT2, LLAMA_GQA], ids=["gpt2", "llama-gqa"])
+def test_trainable_count_equals_injected_model(hf):
+    settings = targets_of(hf)
+    model = real_model(hf, settings)
+    planned = plan_of(hf, settings, 2, 16, True)
+    assert planned.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert planned.frozen_params == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+
+def saved_bytes(model, batch) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward pass (parameters excluded)."""
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("hf", [GPT2, LLAMA_GQA], ids=["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "fixed-length"])
+def test_saved_activations_equal_autograd(hf, padded):
+    settings = targets_of(hf)
+    model = real_model(hf, settings)
+    b, s = 4, 48
+    mask = torch.ones(b, s, dtype=torch.long)
+    if padded:
+        mask[::2, -12:] = 0
+    batch = {"input_ids": torch.randint(0, hf["vocab_size"], (b, s)), "attention_mask": mask}
+    planned = plan_of(hf, settings, b, s, padded)
+    measured = saved_bytes(model, batch)
+    assert abs(planned.activations_plain - measured) / measured < 0.05, (planned.activations_plain, measured)
