@@ -1,15 +1,23 @@
 """DSEE fine-tuning on the DeepSpeed engine.
 
     python -m dsee_dist.train --config configs/quickstart.yaml [section.key=value ...]
-    deepspeed --num_gpus 2 -m dsee_dist.train --config ... # or torchrun, or srun
+    deepspeed --num_gpus 2 --module dsee_dist.train --config ...   # or torchrun, or srun
 
-Reads top to bottom: config -> distributed init -> base model + tokenizer -> data -> model
-(partitioned under ZeRO-3) -> support of S -> DSEE injection -> engine -> loop -> adapter.
+The path of a run, top to bottom:
+
+    main -> setup_run     config, process group, output dir, data, base model, tokenizer (shared by stages)
+         -> train         one stage into one output directory:
+              setup       resume decision, model (partitioned under ZeRO-3), support of S, DSEE injection, engine
+              fit         the loop: train_step, log, periodic evaluate, checkpoint / preemption stop
+              evaluate    perplexity on the evaluation set
+              save        the adapter
+    (prune.method != none: main hands over to recipes/two_stage.py, which runs `train` per stage itself)
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import shutil
@@ -22,43 +30,90 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dsee_dist.engine import checkpoint
-from dsee_dist.data import dataset as data
-from dsee_dist.engine import distributed
-from dsee_dist.models import loading as models
-from dsee_dist.recipes import two_stage
-from dsee_dist.dsee.adapter import save_adapter
 from dsee_dist.config import Config, dump_yaml, load_config, resolve_path
+from dsee_dist.data import dataset as data
+from dsee_dist.dsee.adapter import save_adapter
 from dsee_dist.dsee.inject import (check_num_sparse, check_rank, count_parameters, find_targets, inject_dsee,
-                          mark_only_adapters_trainable, parameter_summary)
+                                   mark_only_adapters_trainable, parameter_summary)
 from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
-from dsee_dist.pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
-from dsee_dist.errors import DSEEError
-from dsee_dist.utils.metrics_log import MetricsLogger
+from dsee_dist.engine import checkpoint, distributed
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+from dsee_dist.errors import DSEEError
+from dsee_dist.models import loading as models
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
+from dsee_dist.pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
+from dsee_dist.utils.log import setup_logging
+from dsee_dist.utils.metrics_log import MetricsLogger
 
-
-# Test aid: seconds to sleep after every step (so a test can signal a job mid-run); 0 in real use.
-STEP_DELAY_S = float(os.environ.get("DSEE_DEBUG_STEP_DELAY", "0"))
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dsee_dist.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    parser.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=20 ds.zero_optimization.stage=2")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)  # appended by the deepspeed launcher
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted overrides: train.max_steps=20 ds.zero_optimization.stage=2")
     return parser.parse_args(argv)
 
 
-def make_logger(is_rank_zero: bool):
-    def log(message: str) -> None:
-        if is_rank_zero:
-            print(f"[dsee] {message}", flush=True)
-    return log
+# ------------------------------------------------------------------------------ the run
 
 
-def prepare_base_model(cfg: Config, out_dir: Path, log) -> str:
+@dataclass
+class RunContext:
+    """What every stage of a run shares: the process group, the base model and the tokenized data."""
+
+    dist_info: distributed.DistInfo
+    out_dir: Path
+    base_model: str
+    tokenizer: object
+    train_split: data.TokenizedSplit
+    eval_split: data.TokenizedSplit
+
+
+def main(argv: list[str] | None = None) -> int:
+    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
+    setup_logging()
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    ctx = setup_run(cfg)
+    if cfg.prune.method == "none":
+        code, _ = train(cfg, ctx.out_dir, ctx.base_model, ctx)
+    else:
+        from dsee_dist.recipes import two_stage
+
+        code, _ = two_stage.run(cfg, ctx)
+    distributed.shutdown()
+    return code
+
+
+def setup_run(cfg: Config) -> RunContext:
+    """Process group, output directory with the resolved config, seed, data, base model and tokenizer."""
+    dist_info = distributed.init_distributed(cfg.deepspeed.timeout_s)
+    setup_logging(dist_info.rank)
+    out_dir = Path(cfg.output.dir)
+    if dist_info.is_rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.resolved.yaml").write_text(dump_yaml(cfg))
+    distributed.barrier()
+    torch.manual_seed(cfg.train.seed)
+    logger.info(f"world size {dist_info.world_size}; output in {out_dir}")
+
+    # Data first: a built-in model's tokenizer is trained on it.
+    if cfg.data.format == "synthetic_e2e":
+        distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
+    base_model = prepare_base_model(cfg, out_dir)
+    base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
+    tokenizer = models.load_tokenizer(base_model)
+    train_split, eval_split = data.load_splits(cfg, tokenizer, out_dir)
+    logger.info(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
+    return RunContext(dist_info, out_dir, base_model, tokenizer, train_split, eval_split)
+
+
+def prepare_base_model(cfg: Config, out_dir: Path) -> str:
     """Path of the base model directory; for a built-in model, written once into out_dir/base_model."""
     if cfg.model.path is not None:
         path = resolve_path(cfg, cfg.model.path)
@@ -72,18 +127,103 @@ def prepare_base_model(cfg: Config, out_dir: Path, log) -> str:
         texts = data.read_training_texts(cfg, train_source)
         tokenizer = train_bpe_tokenizer(texts, cfg.model.tokenizer_vocab_size)
         path = models.materialize_builtin_model(cfg.model.builtin, tokenizer, cfg.train.seed, out_dir / "base_model")
-        log(f"model: built-in {cfg.model.builtin} (random init, seed {cfg.train.seed}), tokenizer of {len(tokenizer)} tokens -> {path}")
+        logger.info(f"model: built-in {cfg.model.builtin} (random init, seed {cfg.train.seed}), "
+            f"tokenizer of {len(tokenizer)} tokens -> {path}")
         return str(path)
 
     return distributed.on_rank_zero(build)
 
 
-def find_resume(cfg: Config, out_dir: Path, log) -> checkpoint.ResumeInfo | None:
+def train(cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_adapter: tuple[dict, dict] | None = None,
+          masks_dir: Path | None = None) -> tuple[int, bool]:
+    """One DSEE training stage into `out_dir` (checkpoints, metrics, adapter): setup -> fit -> evaluate -> save.
+    Returns (exit status, whether it reached its last step). Stage 2 of the two-stage recipe passes the
+    stage-1 adapter (restricted to what pruning kept) and, after unstructured pruning, the masks."""
+    stage = setup(cfg, out_dir, base_model, ctx, init_adapter=init_adapter, masks_dir=masks_dir)
+    stopped = fit(stage)
+    if stopped is not None:
+        return stopped, False
+    result = evaluate(stage)
+    stage.metrics.log(stage.max_steps, result)
+    stage.metrics.close()
+    logger.info(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+    save(stage)
+    return 0, True
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+@dataclass
+class Stage:
+    """Everything the loop, the evaluation and the save of one stage use."""
+
+    cfg: Config
+    out_dir: Path
+    base_model: str
+    ctx: RunContext
+    model: torch.nn.Module
+    engine: object
+    optimizer: torch.optim.Optimizer
+    schedule: data.GlobalBatchSchedule
+    max_steps: int
+    start_step: int
+    device: torch.device
+    pad_id: int
+    metrics: MetricsLogger | None = None
+
+
+def setup(cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_adapter=None,
+          masks_dir: Path | None = None) -> Stage:
+    """Resume decision -> DeepSpeed config -> model -> DSEE -> optimizer and engine -> restored state."""
+    dist_info = ctx.dist_info
+    if dist_info.is_rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    # Resume is decided before the support, so a resumed job uses the support saved with its checkpoint.
+    resume = distributed.on_rank_zero(lambda: find_resume(cfg, out_dir))
+    if resume is not None:
+        checkpoint.check_compatible(resume, cfg.to_dict(), dist_info.world_size)
+
+    # Model: partitioned at creation under ZeRO-3.
+    ds_config = distributed.build_deepspeed_config(
+        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)), cfg.deepspeed.overrides,
+        micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_clip=cfg.train.grad_clip, world_size=dist_info.world_size)
+    model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
+    logger.info(f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})")
+    trainable = inject_adapters(model, cfg, out_dir, ds_config, dist_info, init_adapter, masks_dir)
+    logger.info(parameter_summary(model))
+
+    # Engine: only the adapter parameters reach the optimizer.
+    schedule = data.GlobalBatchSchedule(len(ctx.train_split), cfg.train.micro_batch_size,
+                                        cfg.train.grad_accum_steps, dist_info.rank, dist_info.world_size,
+                                        cfg.train.seed)
+    max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
+    optimizer = distributed.build_optimizer([{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas,
+                                            cfg.train.weight_decay)
+    lr_schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
+    engine, optimizer, scheduler = distributed.build_engine(model, optimizer, scheduler, ds_config)
+    start_step = 0
+    if resume is not None:
+        resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
+        start_step = resume.step
+        if dist_info.is_rank_zero:
+            checkpoint.truncate_metrics(out_dir, start_step)
+        logger.info(f"resume: continuing from step {start_step} of {resume.path}"
+            + (f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
+               if resharded else ""))
+    return Stage(cfg, out_dir, base_model, ctx, model, engine, optimizer, schedule, max_steps, start_step,
+                 distributed.device(), ctx.tokenizer.pad_token_id)
+
+
+def find_resume(cfg: Config, out_dir: Path) -> checkpoint.ResumeInfo | None:
     """Rank 0: the checkpoint to continue from (verified), or None for a fresh start."""
-    path = checkpoint.find_resume_checkpoint(out_dir, cfg.resume, log=log)
+    path = checkpoint.find_resume_checkpoint(out_dir, cfg.resume)
     if path is None:
         if cfg.resume == "auto":
-            log("resume: no complete checkpoint in the output directory; starting fresh")
+            logger.info("resume: no complete checkpoint in the output directory; starting fresh")
         return None
     info = checkpoint.read_trainer_state(path)
     support = out_dir / SUPPORT_FILE
@@ -93,11 +233,28 @@ def find_resume(cfg: Config, out_dir: Path, log) -> checkpoint.ResumeInfo | None
     return info
 
 
-def save(engine, cfg: Config, out_dir: Path, step: int, dist_info, base_model: str, log) -> None:
-    support = out_dir / SUPPORT_FILE
-    checkpoint.save_checkpoint(engine, out_dir, step, config=cfg.to_dict(), dist_info=dist_info,
-                               keep_last=cfg.checkpoint.keep_last, base_model=base_model,
-                               extra_files={SUPPORT_FILE: support} if support.is_file() else {}, log=log)
+def inject_adapters(model, cfg: Config, out_dir: Path, ds_config: dict, dist_info, init_adapter=None,
+                    masks_dir: Path | None = None) -> list[torch.nn.Parameter]:
+    """Pick the support of S from the frozen weights (or take the stage-1 adapter's), wrap the targets in
+    DSEE layers, freeze the rest; returns the trainable parameters."""
+    d = cfg.dsee
+    specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
+    check_rank(specs, d.lora_rank)
+    if init_adapter is not None:
+        distributed.on_rank_zero(lambda: write_support_from_adapter(init_adapter, specs, d, cfg.train.seed, out_dir))
+    else:
+        check_num_sparse(specs, d.num_sparse)
+    support = load_or_compute_support(model, specs, d, cfg.train.seed, out_dir, dist_info)
+    inject_dsee(model, specs, support, rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout,
+                seed=cfg.train.seed)
+    if init_adapter is not None:
+        copy_adapter_values(model, init_adapter[1])
+    trainable = mark_only_adapters_trainable(model)
+    if masks_dir is not None:
+        n_masked, n_partitioned = attach_keep_masks(model, masks_dir, ds_config)
+        logger.info(f"prune: masks on the update of {n_masked} adapted modules (pruned entries stay zero), "
+            f"{n_partitioned} of them partitioned across ranks")
+    return trainable
 
 
 def lr_lambda(schedule: str, warmup_steps: int, max_steps: int):
@@ -113,6 +270,63 @@ def lr_lambda(schedule: str, warmup_steps: int, max_steps: int):
     return factor
 
 
+# ------------------------------------------------------------------------------ fit
+
+
+def fit(stage: Stage) -> int | None:
+    """The training loop from `stage.start_step`. Returns None after the last step, or the exit status when
+    the stage stopped early with a checkpoint (preemption, train.stop_after_steps)."""
+    cfg, dist_info = stage.cfg, stage.ctx.dist_info
+    logger.info(f"training {stage.max_steps} steps of {stage.schedule.global_batch} examples "
+        f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
+    stage.metrics = MetricsLogger(stage.out_dir, dist_info.is_rank_zero, stage.max_steps, stage.start_step)
+    preemption = PreemptionHandler()
+    stage.engine.train()  # from_pretrained returns the model in eval mode
+    t_last = time.time()
+    for step in range(stage.start_step, stage.max_steps):
+        lr = stage.optimizer.param_groups[0]["lr"]
+        loss = train_step(stage, step)
+        stage.metrics.advance(loss)
+        done = step + 1
+        if step == stage.start_step:
+            log_optimizer_state(stage, done)
+        if done % cfg.train.log_every_n_steps == 0 or done == stage.max_steps:
+            t_last = log_progress(stage, done, loss, lr, t_last)
+        if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < stage.max_steps:
+            periodic_evaluate(stage, done)
+        preempted = preemption.should_stop()
+        planned_stop = cfg.train.stop_after_steps > 0 and done - stage.start_step >= cfg.train.stop_after_steps
+        every = cfg.checkpoint.every
+        if preempted or planned_stop or done == stage.max_steps or (every and done % every == 0):
+            save_checkpoint(stage, done)
+        if preempted or (planned_stop and done < stage.max_steps):
+            return stop_early(stage, done, preemption if preempted else None)
+    preemption.restore()
+    return None
+
+
+def train_step(stage: Stage, step: int) -> float:
+    """One optimizer step on this rank's share of global batch `step`; returns the mean token loss over the
+    whole global batch.
+
+    The loss is normalised by the global number of labelled tokens (all ranks, all micro-batches), so
+    the gradient, and the logged loss, do not depend on how the global batch is split across ranks."""
+    engine, split = stage.engine, stage.ctx.train_split
+    micro_batches = [data.collate(split, idx, stage.pad_id) for idx in stage.schedule.micro_batches(step)]
+    local_tokens = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro_batches)
+    (global_tokens,) = distributed.all_reduce_sum([local_tokens])
+    # DeepSpeed divides each backward by grad_accum and averages gradients over ranks: undo both.
+    scale = stage.ctx.dist_info.world_size * len(micro_batches) / max(global_tokens, 1.0)
+    loss_total = 0.0
+    for batch in micro_batches:
+        loss_sum, _ = token_loss_sum(engine, batch, stage.device)
+        engine.backward(loss_sum * scale)
+        engine.step()
+        loss_total += loss_sum.item()
+    (loss_total,) = distributed.all_reduce_sum([loss_total])
+    return loss_total / max(global_tokens, 1.0)
+
+
 def token_loss_sum(engine, batch: dict, dev) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropies over the labelled tokens of one micro-batch, and their count."""
     logits = engine(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
@@ -122,33 +336,65 @@ def token_loss_sum(engine, batch: dict, dev) -> tuple[torch.Tensor, int]:
     return loss, int((labels != data.IGNORE_INDEX).sum())
 
 
-def train_step(engine, micro_batches: list[dict], dev, world_size: int) -> float:
-    """One optimizer step; returns the mean token loss over the whole global batch.
+def log_optimizer_state(stage: Stage, done: int) -> None:
+    """Once per job: what the optimizer really holds, summed over ranks."""
+    world_size = stage.ctx.dist_info.world_size
+    (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(stage.engine)])
+    logger.info(f"optimizer state: {int(state_total):,} Adam moment values over {world_size} ranks "
+        f"for {count_parameters(stage.model)[0]:,} trainable parameters")
+    stage.metrics.log(done, {"optimizer_state_numel": int(state_total)})
 
-    The loss is normalised by the global number of labelled tokens (all ranks, all micro-batches), so
-    the gradient, and the logged loss, do not depend on how the global batch is split across ranks."""
-    local_tokens = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro_batches)
-    (global_tokens,) = distributed.all_reduce_sum([local_tokens])
-    # DeepSpeed divides each backward by grad_accum and averages gradients over ranks: undo both.
-    scale = world_size * len(micro_batches) / max(global_tokens, 1.0)
-    loss_total = 0.0
-    for batch in micro_batches:
-        loss_sum, _ = token_loss_sum(engine, batch, dev)
-        engine.backward(loss_sum * scale)
-        engine.step()
-        loss_total += loss_sum.item()
-    (loss_total,) = distributed.all_reduce_sum([loss_total])
-    return loss_total / max(global_tokens, 1.0)
+
+def log_progress(stage: Stage, done: int, loss: float, lr: float, t_last: float) -> float:
+    grad_norm = stage.engine.get_global_grad_norm()
+    now = time.time()
+    stage.metrics.log(done, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                             "step_time_s": round((now - t_last) / stage.cfg.train.log_every_n_steps, 4)})
+    return now
+
+
+def periodic_evaluate(stage: Stage, done: int) -> None:
+    """Evaluation every eval.every_n_steps during training (the final one is in `train`)."""
+    result = evaluate(stage)
+    stage.metrics.log(done, result)
+    logger.info(f"step {done}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
+
+
+def save_checkpoint(stage: Stage, done: int) -> None:
+    """A sharded checkpoint of step `done` (all ranks), with the support of S beside it."""
+    support = stage.out_dir / SUPPORT_FILE
+    checkpoint.save_checkpoint(stage.engine, stage.out_dir, done, config=stage.cfg.to_dict(),
+                               dist_info=stage.ctx.dist_info, keep_last=stage.cfg.checkpoint.keep_last,
+                               base_model=stage.base_model,
+                               extra_files={SUPPORT_FILE: support} if support.is_file() else {})
+
+
+def stop_early(stage: Stage, done: int, preemption: PreemptionHandler | None) -> int:
+    """After the checkpoint of an early stop: say how the run continues; returns the exit status."""
+    if preemption is not None:
+        preemption.ignore_further_signals()
+        logger.info(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {done} "
+            f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto")
+    else:
+        logger.info(f"stopping after {stage.cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
+            f"resume=auto continues from step {done}")
+    stage.metrics.close()
+    return PREEMPTED_EXIT_CODE if preemption is not None else 0
+
+
+# ------------------------------------------------------------------------------ evaluate, save
 
 
 @torch.no_grad()
-def evaluate(engine, split: data.TokenizedSplit, cfg: Config, dist_info, pad_id: int, dev) -> dict:
+def evaluate(stage: Stage) -> dict:
+    """Mean token loss and perplexity on the evaluation set (every rank takes part)."""
+    cfg, dist_info, engine, split = stage.cfg, stage.ctx.dist_info, stage.engine, stage.ctx.eval_split
     engine.eval()
     loss_sum = tokens = 0.0
     for indices in data.eval_batches(split, cfg.eval.micro_batch_size, dist_info.rank, dist_info.world_size,
                                      cfg.eval.max_batches):
-        batch = data.collate(split, indices or [0], pad_id)  # an empty share still joins ZeRO-3's collectives
-        loss, n = token_loss_sum(engine, batch, dev)
+        batch = data.collate(split, indices or [0], stage.pad_id)  # an empty share still joins ZeRO-3's collectives
+        loss, n = token_loss_sum(engine, batch, stage.device)
         if indices:
             loss_sum, tokens = loss_sum + loss.item(), tokens + n
     engine.train()
@@ -157,164 +403,16 @@ def evaluate(engine, split: data.TokenizedSplit, cfg: Config, dist_info, pad_id:
     return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_tokens": int(tokens)}
 
 
-@dataclass
-class StageInputs:
-    """What a training stage needs beyond its config: the data, and for stage 2 the stage-1 adapter
-    (restricted to what pruning kept) and the pruned model's masks."""
-
-    tokenizer: object
-    train_split: data.TokenizedSplit
-    eval_split: data.TokenizedSplit
-    init_adapter: tuple[dict, dict] | None = None
-    masks_dir: Path | None = None
-
-
-def main(argv: list[str] | None = None) -> int:
-    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
-    args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    dist_info = distributed.init_distributed(cfg.deepspeed.timeout_s)
-    log = make_logger(dist_info.is_rank_zero)
-    out_dir = Path(cfg.output.dir)
-    if dist_info.is_rank_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.resolved.yaml").write_text(dump_yaml(cfg))
+def save(stage: Stage) -> None:
+    """The trained adapter into out_dir/adapter (rank 0 writes, every rank gathers)."""
+    dist_info = stage.ctx.dist_info
+    save_adapter(stage.engine.module, stage.out_dir / "adapter", base_model=stage.base_model,
+                 dsee_cfg=stage.cfg.dsee, is_rank_zero=dist_info.is_rank_zero)
     distributed.barrier()
-    torch.manual_seed(cfg.train.seed)
-    log(f"world size {dist_info.world_size}; output in {out_dir}")
-
-    # Data first: a built-in model's tokenizer is trained on it.
-    if cfg.data.format == "synthetic_e2e":
-        distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
-    base_model = prepare_base_model(cfg, out_dir, log)
-    base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
-    tokenizer = models.load_tokenizer(base_model)
-    train_split, eval_split = data.load_splits(cfg, tokenizer, out_dir, log)
-    log(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
-    inputs = StageInputs(tokenizer, train_split, eval_split)
-
-    if cfg.prune.method == "none":
-        code, finished = train_stage(cfg, out_dir, base_model, inputs, dist_info, log)
-    else:
-        code, finished = two_stage.run(cfg, out_dir, base_model, inputs, dist_info, log, train_stage)
-    distributed.shutdown()
-    return code
+    logger.info(f"adapter written to {stage.out_dir / 'adapter'}")
 
 
-def train_stage(cfg: Config, out_dir: Path, base_model: str, inputs: StageInputs, dist_info, log) -> tuple[int, bool]:
-    """One DSEE training run into `out_dir` (checkpoints, metrics, adapter). Returns (exit status, whether
-    it reached its last step)."""
-    train_split, eval_split = inputs.train_split, inputs.eval_split
-    if dist_info.is_rank_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    # Resume is decided before the support, so a resumed job uses the support saved with its checkpoint.
-    resume = distributed.on_rank_zero(lambda: find_resume(cfg, out_dir, log))
-    if resume is not None:
-        checkpoint.check_compatible(resume, cfg.to_dict(), dist_info.world_size)
-
-    # Model: partitioned at creation under ZeRO-3.
-    ds_config = distributed.build_deepspeed_config(
-        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)), cfg.deepspeed.overrides,
-        micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
-        grad_clip=cfg.train.grad_clip, world_size=dist_info.world_size)
-    model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
-    log(f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})")
-
-    # DSEE: pick the support of S from the frozen weights (or take the stage-1 adapter's), then wrap the
-    # targets and freeze the rest.
-    d = cfg.dsee
-    specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
-    check_rank(specs, d.lora_rank)
-    if inputs.init_adapter is not None:
-        distributed.on_rank_zero(lambda: write_support_from_adapter(inputs.init_adapter, specs, d, cfg.train.seed, out_dir))
-    else:
-        check_num_sparse(specs, d.num_sparse)
-    support = load_or_compute_support(model, specs, d, cfg.train.seed, out_dir, dist_info, log=log)
-    inject_dsee(model, specs, support, rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout, seed=cfg.train.seed)
-    if inputs.init_adapter is not None:
-        copy_adapter_values(model, inputs.init_adapter[1])
-    trainable = mark_only_adapters_trainable(model)
-    if inputs.masks_dir is not None:
-        n_masked, n_partitioned = attach_keep_masks(model, inputs.masks_dir, ds_config)
-        log(f"prune: masks on the update of {n_masked} adapted modules (pruned entries stay zero), "
-            f"{n_partitioned} of them partitioned across ranks")
-    log(parameter_summary(model))
-
-    # Engine: only the adapter parameters reach the optimizer.
-    schedule = data.GlobalBatchSchedule(len(train_split), cfg.train.micro_batch_size, cfg.train.grad_accum_steps,
-                                        dist_info.rank, dist_info.world_size, cfg.train.seed)
-    max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
-    optimizer = distributed.build_optimizer([{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas,
-                                            cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps))
-    engine, optimizer, scheduler = distributed.build_engine(model, optimizer, scheduler, ds_config)
-    dev = distributed.device()
-    pad_id = inputs.tokenizer.pad_token_id
-    start_step = 0
-    if resume is not None:
-        resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
-        start_step = resume.step
-        if dist_info.is_rank_zero:
-            checkpoint.truncate_metrics(out_dir, start_step)
-        log(f"resume: continuing from step {start_step} of {resume.path}"
-            + (f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)" if resharded else ""))
-    log(f"training {max_steps} steps of {schedule.global_batch} examples "
-        f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
-
-    metrics = MetricsLogger(out_dir, dist_info.is_rank_zero, max_steps, start_step)
-    preemption = PreemptionHandler(log)
-    engine.train()  # from_pretrained returns the model in eval mode
-    t_last = time.time()
-    for step in range(start_step, max_steps):
-        lr = optimizer.param_groups[0]["lr"]
-        batches = [data.collate(train_split, idx, pad_id) for idx in schedule.micro_batches(step)]
-        loss = train_step(engine, batches, dev, dist_info.world_size)
-        metrics.advance(loss)
-        if STEP_DELAY_S:
-            time.sleep(STEP_DELAY_S)
-        if step == start_step:
-            (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(engine)])
-            log(f"optimizer state: {int(state_total):,} Adam moment values over {dist_info.world_size} ranks "
-                f"for {count_parameters(model)[0]:,} trainable parameters")
-            metrics.log(step + 1, {"optimizer_state_numel": int(state_total)})
-        if (step + 1) % cfg.train.log_every_n_steps == 0 or step + 1 == max_steps:
-            grad_norm = engine.get_global_grad_norm()
-            now = time.time()
-            metrics.log(step + 1, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                                   "step_time_s": round((now - t_last) / cfg.train.log_every_n_steps, 4)})
-            t_last = now
-        if cfg.eval.every_n_steps and (step + 1) % cfg.eval.every_n_steps == 0 and step + 1 < max_steps:
-            result = evaluate(engine, eval_split, cfg, dist_info, pad_id, dev)
-            metrics.log(step + 1, result)
-            log(f"step {step + 1}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
-        stop = preemption.should_stop()
-        planned_stop = cfg.train.stop_after_steps > 0 and step + 1 - start_step >= cfg.train.stop_after_steps
-        every = cfg.checkpoint.every
-        if stop or planned_stop or step + 1 == max_steps or (every and (step + 1) % every == 0):
-            save(engine, cfg, out_dir, step + 1, dist_info, base_model, log)
-        if stop or (planned_stop and step + 1 < max_steps):
-            if stop:
-                preemption.ignore_further_signals()
-                log(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {step + 1} "
-                    f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto")
-            else:
-                log(f"stopping after {cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
-                    f"resume=auto continues from step {step + 1}")
-            metrics.close()
-            return (PREEMPTED_EXIT_CODE if stop else 0), False
-    preemption.restore()
-    result = evaluate(engine, eval_split, cfg, dist_info, pad_id, dev)
-    metrics.log(max_steps, result)
-    metrics.close()
-    log(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
-
-    save_adapter(engine.module, out_dir / "adapter", base_model=base_model, dsee_cfg=cfg.dsee,
-                 is_rank_zero=dist_info.is_rank_zero)
-    distributed.barrier()
-    log(f"adapter written to {out_dir / 'adapter'}")
-    return 0, True
+# ------------------------------------------------------------------------------ process entry
 
 
 def run(argv: list[str] | None = None) -> int:

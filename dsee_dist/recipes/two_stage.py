@@ -9,22 +9,31 @@ the final weights are pruned; stage 2 re-tunes A, B, S on the pruned base; the r
 
 Every part is resumable with resume=auto: a finished stage is recognised by its adapter/, the pruning
 by pruned_base/ (both written atomically), and a stage in progress resumes from its own checkpoints.
+
+The path: `run` -> check_request -> stage 1 (`finetune.train`: setup -> fit -> evaluate -> save) -> prune
+(`prune_model`) -> FLOPs report -> stage 2 (`finetune.train` on the pruned base, from the stage-1 adapter)
+-> `export_final`. `finetune.main` hands over here when prune.method != none.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 
-from dsee_dist.engine import distributed
-from dsee_dist.dsee.adapter import ADAPTER_CONFIG, read_adapter
-from dsee_dist.engine.checkpoint import find_resume_checkpoint
 from dsee_dist.config import Config
+from dsee_dist.dsee.adapter import ADAPTER_CONFIG, read_adapter
+from dsee_dist.engine import distributed
+from dsee_dist.engine.checkpoint import find_resume_checkpoint
 from dsee_dist.errors import DSEEError
 from dsee_dist.pruning.flops import compare, flops_per_token, format_report
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
 from dsee_dist.pruning.unstructured import prune_unstructured
+from dsee_dist.recipes import finetune
+
+logger = logging.getLogger(__name__)
+log = logger.info  # passed to helpers that take a `log` callable
 
 STAGE1, PRUNED, STAGE2, FINAL = "stage1", "pruned_base", "stage2", "final"
 
@@ -62,7 +71,9 @@ def check_request(prune_cfg, base_model: str) -> None:
         prunable_matrices(model_config, prune_cfg.modules)
 
 
-def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, train_stage) -> tuple[int, bool]:
+def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
+    """Both stages and the pruning between them into output.dir. Returns (exit status, whether finished)."""
+    out_dir, base_model, dist_info = ctx.out_dir, ctx.base_model, ctx.dist_info
     check_request(cfg.prune, base_model)
     cfg1, cfg2 = stage_configs(cfg, out_dir)
     pruned_dir = out_dir / PRUNED
@@ -74,17 +85,13 @@ def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, tra
     pruned = (pruned_dir / "config.json").is_file()
     if not pruned and not (out_dir / STAGE1 / "adapter" / ADAPTER_CONFIG).is_file():
         log(f"stage 1 of 2: DSEE tuning of A, B, S -> {out_dir / STAGE1}")
-        code, finished = train_stage(cfg1, out_dir / STAGE1, base_model, inputs, dist_info, log)
+        code, finished = finetune.train(cfg1, out_dir / STAGE1, base_model, ctx)
         if not finished:
             return code, False
     adapter = read_adapter(out_dir / STAGE1 / "adapter")
     if not pruned:
-        log(f"pruning ({cfg.prune.method}) -> {pruned_dir}")
-        if cfg.prune.method == "unstructured":
-            prune_unstructured(cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log)
-        else:
-            prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log)
-    log_flops(base_model, pruned_dir, cfg.prune.flops_context, dist_info, log)
+        prune_model(cfg, base_model, adapter, pruned_dir, dist_info)
+    log_flops(base_model, pruned_dir, cfg.prune.flops_context, dist_info)
 
     if cfg.prune.method == "structured":
         from transformers import AutoConfig
@@ -93,24 +100,34 @@ def run(cfg: Config, out_dir: Path, base_model: str, inputs, dist_info, log, tra
 
         adapter = slice_adapter(adapter, read_report(pruned_dir)["plan"], AutoConfig.from_pretrained(base_model))
     log(f"stage 2 of 2: re-tuning A, B, S on the pruned base -> {out_dir / STAGE2}")
-    stage_inputs = dataclasses.replace(inputs, init_adapter=adapter,
-                                       masks_dir=pruned_dir if cfg.prune.method == "unstructured" else None)
-    code, finished = train_stage(cfg2, out_dir / STAGE2, str(pruned_dir.resolve()), stage_inputs, dist_info, log)
+    masks_dir = pruned_dir if cfg.prune.method == "unstructured" else None
+    code, finished = finetune.train(cfg2, out_dir / STAGE2, str(pruned_dir.resolve()), ctx, init_adapter=adapter,
+                                    masks_dir=masks_dir)
     if not finished:
         return code, False
-
-    def export_final() -> None:
-        from dsee_dist.recipes.export import build_model_from_checkpoint, export_merged
-
-        ckpt = find_resume_checkpoint(out_dir / STAGE2, str(out_dir / STAGE2))
-        export_merged(*build_model_from_checkpoint(ckpt), out_dir / FINAL, log=log)
-
-    distributed.on_rank_zero(export_final)
+    distributed.on_rank_zero(lambda: export_final(out_dir))
     log(f"final pruned model written to {out_dir / FINAL}")
     return 0, True
 
 
-def log_flops(base_model: str, pruned_dir: Path, context: int, dist_info, log) -> None:
+def prune_model(cfg: Config, base_model: str, adapter, pruned_dir: Path, dist_info) -> None:
+    """The stage-1 weights pruned into `pruned_dir` (a complete model directory, written atomically)."""
+    log(f"pruning ({cfg.prune.method}) -> {pruned_dir}")
+    if cfg.prune.method == "unstructured":
+        prune_unstructured(cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log)
+    else:
+        prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log)
+
+
+def export_final(out_dir: Path) -> None:
+    """Rank 0: the merged, pruned model of stage 2's last checkpoint into out_dir/final."""
+    from dsee_dist.recipes.export import build_model_from_checkpoint, export_merged
+
+    ckpt = find_resume_checkpoint(out_dir / STAGE2, str(out_dir / STAGE2))
+    export_merged(*build_model_from_checkpoint(ckpt), out_dir / FINAL, log=log)
+
+
+def log_flops(base_model: str, pruned_dir: Path, context: int, dist_info) -> None:
     from transformers import AutoConfig
 
     from dsee_dist.models.pruned_gpt2 import register
