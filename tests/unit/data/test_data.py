@@ -99,7 +99,7 @@ def test_jsonl_and_text_formats_load_through_the_cache(tokenizer, tmp_path):
     jsonl.write_text("".join(json.dumps({"prompt": f"Q{i}: name[The Eagle]?", "completion": f" answer {i}"}) + "\n"
                              for i in range(40)))
     cfg = load_config(REPO / "configs/quickstart.yaml", ["data.format=jsonl", f"data.train_path={jsonl}"])
-    train, evals = data.load_splits(cfg, tokenizer, tmp_path / "out", log=lambda m: None)
+    train, evals = data.load_splits(cfg, tokenizer, tmp_path / "out")
     assert len(train) == 38 and len(evals) == 2  # 5 % held out
     n_prompt = len(tokenizer("Q0: name[The Eagle]?", add_special_tokens=False)["input_ids"])
     assert (train.labels[0][:n_prompt] == data.IGNORE_INDEX).all() and (train.labels[0][n_prompt:] != data.IGNORE_INDEX).all()
@@ -107,6 +107,6 @@ def test_jsonl_and_text_formats_load_through_the_cache(tokenizer, tmp_path):
     text = tmp_path / "train.txt"
     text.write_text("There is a pub called The Eagle near the river. " * 200)
     cfg = load_config(REPO / "configs/quickstart.yaml", ["data.format=text", f"data.train_path={text}", "data.block_size=32"])
-    train, evals = data.load_splits(cfg, tokenizer, tmp_path / "out", log=lambda m: None)
+    train, evals = data.load_splits(cfg, tokenizer, tmp_path / "out")
     assert all(len(x) == 32 for x in train.input_ids) and len(evals) >= 1
     assert len(list((tmp_path / "out" / "cache").glob("tokenized-*.pt"))) == 2
