@@ -24,6 +24,7 @@ PruneScore = Literal["delta", "merged", "base", "random"]
 PruneHeadScore = Literal["delta", "delta+base"]
 PruneGrouping = Literal["adaptation", "kind", "global"]
 PruneModuleKind = Literal["attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out"]
+KeepBestMetric = Literal["bleu", "rouge_l"]
 
 # The choice lists, for code that needs them as tuples (derived from the types above, never repeated).
 SUPPORT_METHODS = typing.get_args(SupportMethod)
@@ -140,11 +141,32 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation (perplexity on the evaluation set)."""
+    """Evaluation (perplexity on the evaluation set; BLEU and ROUGE-L of greedy generations, E2E data)."""
 
     every_n_steps: int = field(default=0, metadata={"help": "evaluate every K optimizer steps (0 = only at the end)"})
     micro_batch_size: int = field(default=8, metadata={"help": "examples per rank per evaluation batch"})
     max_batches: int = field(default=0, metadata={"help": "at most this many batches per rank (0 = the whole set)"})
+    generate_every_n_steps: int = field(default=0, metadata={
+        "help": "greedy-decode the first eval.generate_max_examples MRs of the evaluation set every K steps and "
+                "log BLEU and ROUGE-L (0 = never; e2e and synthetic_e2e data)"})
+    generate_max_examples: int = field(default=100, metadata={
+        "help": "MRs decoded by eval.generate_every_n_steps (the first ones, in order of first appearance)"})
+    final_generate: bool = field(default=False, metadata={
+        "help": "at the end, decode every MR of the evaluation set with the generate: settings and write "
+                "generations.txt and generations.scores.json (all five E2E figures) to output.dir"})
+
+
+@dataclass
+class GenerateConfig:
+    """Decoding (dsee-dist generate, eval.final_generate). The defaults are the LoRA paper's E2E decoding."""
+
+    num_beams: int = field(default=10, metadata={"help": "beam width (1 = greedy)"})
+    length_penalty: float = field(default=0.9, metadata={"help": "beam search: exponent of the length normalisation"})
+    no_repeat_ngram_size: int = field(default=4, metadata={"help": "never repeat an n-gram of this size (0 = off)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "at most this many generated tokens per input"})
+    batch_size: int = field(default=16, metadata={"help": "inputs per generate call, per rank"})
+    stop_at_newline: bool = field(default=True, metadata={
+        "help": "end an output at its first newline as well as at EOS"})
 
 
 @dataclass
@@ -154,6 +176,9 @@ class CheckpointConfig:
     every: int = field(default=0, metadata={
         "help": "save every N optimizer steps (0 = only at the end and on preemption)"})
     keep_last: int = field(default=2, metadata={"help": "keep the newest K complete checkpoints (0 = keep all)"})
+    keep_best: KeepBestMetric | None = field(default=None, metadata={
+        "help": "also keep the checkpoint of the step with the best value of this generation metric (saved when "
+                "eval.generate_every_n_steps finds a new best; never removed by keep_last); null = none"})
 
 
 @dataclass
@@ -222,6 +247,7 @@ class Config:
     dsee: DSEEConfig = field(default_factory=DSEEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)

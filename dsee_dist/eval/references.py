@@ -44,9 +44,10 @@ def is_table(path: Path) -> bool:
     return path.suffix.lower() in (".csv", ".tsv")
 
 
-def read_mr_table(path: Path) -> list[tuple[str, str]]:
-    """(mr, reference) rows of a CSV/TSV with a header naming an MR and a reference column."""
-    _require_file(path, "references")
+def read_mr_table(path: Path, require_refs: bool = True) -> list[tuple[str, str]]:
+    """(mr, reference) rows of a CSV/TSV with a header naming an MR and a reference column (without
+    `require_refs`, a table of MRs alone gives empty references)."""
+    _require_file(path, "references" if require_refs else "input")
     text = path.read_text(encoding="utf-8-sig")
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
@@ -56,17 +57,17 @@ def read_mr_table(path: Path) -> list[tuple[str, str]]:
     header = rows[0]
     mr_cols = [i for i, name in enumerate(header) if MR_COLUMN.fullmatch(name.strip())]
     ref_cols = [i for i, name in enumerate(header) if REF_COLUMN.fullmatch(name.strip())]
-    if len(mr_cols) != 1 or len(ref_cols) != 1:
-        raise DSEEError(f"references file '{path}' needs a header with one MR column and one reference column "
-                        f"(E2E's 'mr,ref'); found {header}")
-    mr_col, ref_col = mr_cols[0], ref_cols[0]
+    if len(mr_cols) != 1 or len(ref_cols) > 1 or (require_refs and not ref_cols):
+        wanted = "one MR column and one reference column (E2E's 'mr,ref')" if require_refs else "one MR column ('mr')"
+        raise DSEEError(f"'{path}' needs a header with {wanted}; found {header}")
+    mr_col, ref_col = mr_cols[0], (ref_cols[0] if ref_cols else None)
     out = []
     for lineno, row in enumerate(rows[1:], 2):
         if len(row) != len(header):
             raise DSEEError(f"{path}: row {lineno} has {len(row)} columns, the header has {len(header)}")
-        out.append((row[mr_col].strip(), row[ref_col].strip()))
+        out.append((row[mr_col].strip(), row[ref_col].strip() if ref_col is not None else ""))
     if not out:
-        raise DSEEError(f"references file '{path}' has a header but no rows")
+        raise DSEEError(f"'{path}' has a header but no rows")
     return out
 
 

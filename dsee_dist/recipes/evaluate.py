@@ -34,10 +34,8 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_files(refs_path: Path, hyp_path: Path, metrics=METRICS, scorer: E2EScorer | None = None) -> dict:
-    """Scores plus what was scored: a dict ready to print and write."""
-    refs = read_references(refs_path)
-    hyps = read_hypotheses(hyp_path, len(refs.groups), refs_path)
+def score_outputs(hyps: list[str], refs, hyp_path: Path, metrics=METRICS, scorer: E2EScorer | None = None) -> dict:
+    """Scores of `hyps` against `refs` (a References) plus what was scored: a dict ready to print and write."""
     own = scorer is None
     scorer = scorer or E2EScorer(metrics)
     try:
@@ -46,8 +44,21 @@ def evaluate_files(refs_path: Path, hyp_path: Path, metrics=METRICS, scorer: E2E
         if own:
             scorer.close()
     return {"scores": scores, "num_mrs": len(refs.groups), "num_references": refs.num_references,
-            "refs": str(refs_path), "hyp": str(hyp_path), "tokenizer": scorer.tokenizer,
+            "refs": str(refs.path), "hyp": str(hyp_path), "tokenizer": scorer.tokenizer,
             "unavailable": dict(scorer.unavailable)}
+
+
+def evaluate_files(refs_path: Path, hyp_path: Path, metrics=METRICS, scorer: E2EScorer | None = None) -> dict:
+    refs = read_references(refs_path)
+    hyps = read_hypotheses(hyp_path, len(refs.groups), refs_path)
+    return score_outputs(hyps, refs, hyp_path, metrics, scorer)
+
+
+def report(result: dict, out: Path) -> None:
+    """Write the scores JSON (atomically), print the table and one JSON line."""
+    write_json_atomic(out, result)
+    print(format_table(result))
+    print(json.dumps({**result["scores"], "num_mrs": result["num_mrs"], "scores_file": str(out)}), flush=True)
 
 
 def format_table(result: dict) -> str:
@@ -76,12 +87,10 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_files(Path(args.refs), hyp_path, metrics)
         for why in result["unavailable"].values():
             print(f"dsee-dist evaluate: warning: {why}", file=sys.stderr)
-        write_json_atomic(out, result)
+        report(result, out)
     except DSEEError as exc:
         print(f"dsee-dist evaluate: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(format_table(result))
-    print(json.dumps({**result["scores"], "num_mrs": result["num_mrs"], "scores_file": str(out)}))
     return 0
 
 

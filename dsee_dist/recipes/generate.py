@@ -1,0 +1,231 @@
+"""Generate one output per input with a trained model (or any causal LM), on one rank or several.
+
+    dsee-dist generate MODEL --input testset_w_refs.csv --output outputs.txt [--greedy] [--score]
+    deepspeed --num_gpus 8 --module dsee_dist.generate MODEL --input ... --output ...
+
+MODEL is (a) a training checkpoint (a step directory, a checkpoints/ root or a run's output.dir; any ZeRO
+stage and world size), (b) an adapter export (`adapter/`, on the base model it records, or --base-model),
+(c) a merged or pruned export, or (d) a plain Hugging Face model directory. A checkpoint or adapter runs
+with its DSEE layers unmerged. Input: an E2E CSV (its distinct MRs in order of first appearance, in the
+training prompt format `MR ||`) or a text file with one prompt per line. Output: one line per input, in
+input order, written once complete. Several ranks split the inputs and rank 0 writes the file; every rank
+holds the whole model (no DeepSpeed engine here; for ZeRO-3 decoding inside training see
+`dsee_dist/eval/during_training.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from dsee_dist.errors import DSEEError
+from dsee_dist.eval.references import group_by_mr, is_table, read_mr_table
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def read_prompts(path: Path, prompt_format: str | None = None) -> tuple[list[str], list[str]]:
+    """(the inputs as written, the prompts given to the model). CSV/TSV: distinct MRs in order of first
+    appearance, formatted as in training (`e2e`); text: one input per line, used as is (`raw`)."""
+    from dsee_dist.data.dataset import e2e_prompt
+
+    if not path.is_file():
+        raise DSEEError(f"input file '{path}' does not exist")
+    if is_table(path):
+        rows = read_mr_table(path, require_refs=False)
+        inputs, _ = group_by_mr(rows)
+        prompt_format = prompt_format or "e2e"
+    else:
+        inputs = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+        blank = [i for i, line in enumerate(inputs, 1) if not line]
+        if blank:
+            raise DSEEError(f"{path}:{blank[0]}: empty input line; give one prompt per line")
+        prompt_format = prompt_format or "raw"
+    if not inputs:
+        raise DSEEError(f"input file '{path}' has no inputs")
+    prompts = [e2e_prompt(x) for x in inputs] if prompt_format == "e2e" else list(inputs)
+    return inputs, prompts
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def describe_source(path: Path) -> str:
+    """adapter | peft-adapter | hf-model | checkpoint."""
+    if (path / "adapter_config.json").is_file():
+        return "peft-adapter" if "peft_type" in json.loads((path / "adapter_config.json").read_text()) else "adapter"
+    if (path / "config.json").is_file():
+        return "hf-model"
+    return "checkpoint"
+
+
+def load_generation_model(source: str, base_model: str | None = None, dtype: str = "fp32"):
+    """(model in eval mode, tokenizer, kind) from any of the four sources (module docstring)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsee_dist.models.loading import load_tokenizer
+    from dsee_dist.models.pruned_gpt2 import register
+
+    path = Path(source)
+    if not path.exists():
+        raise DSEEError(f"model '{source}' does not exist; give a checkpoint, an adapter export or a model directory")
+    register()  # structurally pruned GPT-2 exports load without remote code
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    kind = describe_source(path)
+    if kind == "adapter":
+        from dsee_dist.dsee.adapter import load_adapted_model, read_adapter_config
+
+        base = base_model or read_adapter_config(path)["base_model"]
+        model = load_adapted_model(path, base, dtype=torch_dtype)
+    elif kind == "peft-adapter":
+        from peft import PeftConfig, PeftModel
+
+        base = base_model or PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype), str(path))
+    elif kind == "hf-model":
+        base = str(path)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
+    else:
+        from dsee_dist.recipes.export import build_model_from_checkpoint, resolve_checkpoint
+
+        checkpoint_dir = resolve_checkpoint(str(path))
+        model, _, base = build_model_from_checkpoint(checkpoint_dir, base_model)
+        model = model.to(torch_dtype)
+        kind = f"checkpoint {checkpoint_dir}"
+    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except (OSError, ValueError):
+        raise DSEEError(f"no tokenizer in '{tokenizer_dir}'; give --base-model with the base model's directory") from None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval(), tokenizer, kind
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a checkpoint, a run's output.dir, an adapter export, or a model directory")
+    parser.add_argument("--input", required=True, help="E2E CSV (its distinct MRs) or a text file of prompts")
+    parser.add_argument("--output", required=True, help="one output line per input, in input order")
+    parser.add_argument("--base-model", help="base model directory (default: the one the checkpoint/adapter records)")
+    parser.add_argument("--config", help="experiment YAML whose generate: section gives the decoding settings")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (instead of the beam search)")
+    parser.add_argument("--num-beams", type=int)
+    parser.add_argument("--length-penalty", type=float)
+    parser.add_argument("--no-repeat-ngram-size", type=int)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--batch-size", type=int, help="inputs per generate call, per rank")
+    parser.add_argument("--no-stop-at-newline", action="store_true", help="stop at EOS only")
+    parser.add_argument("--prompt-format", choices=("e2e", "raw"),
+                        help="e2e: 'MR ||' as in training (default for a CSV); raw: the line as is (default for text)")
+    parser.add_argument("--max-inputs", type=int, default=0, help="only the first N inputs (0 = all)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--score", action="store_true",
+                        help="then score the outputs against the input CSV's references (dsee-dist evaluate)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def decoding_settings(args: argparse.Namespace):
+    from dsee_dist.config.schema import GenerateConfig
+    from dsee_dist.eval.decoding import DecodingSettings
+
+    section = GenerateConfig()
+    if args.config:
+        from dsee_dist.config import load_config
+
+        section = load_config(args.config).generate
+    settings = DecodingSettings.from_config(
+        section, num_beams=args.num_beams, length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, stop_at_newline=False if args.no_stop_at_newline else None)
+    if args.greedy:
+        settings = settings.greedy()
+    return settings
+
+
+def write_lines_atomic(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def score_against_input(input_path: Path, output_path: Path, outputs: list[str]) -> None:
+    """The five E2E figures of `outputs` against the references of the first len(outputs) MRs of the input CSV,
+    printed and written beside the outputs (OUTPUTS.scores.json)."""
+    from dsee_dist.eval.references import References, read_references
+    from dsee_dist.recipes import evaluate
+
+    refs = read_references(input_path)
+    refs = References(refs.groups[:len(outputs)], refs.mrs[:len(outputs)], refs.path)
+    result = evaluate.score_outputs(outputs, refs, output_path)
+    for why in result["unavailable"].values():
+        logger.warning(why)
+    evaluate.report(result, evaluate.default_scores_path(output_path))
+
+
+def generate(args: argparse.Namespace) -> None:
+    from dsee_dist.engine import distributed
+    from dsee_dist.eval.decoding import generate_texts
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
+    # Everything that can be wrong with the request is checked before any rank joins the process group.
+    settings = decoding_settings(args)
+    inputs, prompts = read_prompts(Path(args.input), args.prompt_format)
+    if args.max_inputs > 0:
+        inputs, prompts = inputs[:args.max_inputs], prompts[:args.max_inputs]
+    if args.score and not is_table(Path(args.input)):
+        raise DSEEError("--score needs an E2E CSV input with references (mr,ref)")
+    if not Path(args.model).exists():
+        raise DSEEError(f"model '{args.model}' does not exist; give a checkpoint, an adapter export or a model "
+                        f"directory")
+    if Path(args.output).is_dir():
+        raise DSEEError(f"--output '{args.output}' is a directory; give a file name")
+    dist_info = distributed.init_distributed()
+    logging.basicConfig(level=logging.INFO if dist_info.is_rank_zero else logging.WARNING,
+                        format=f"[dsee rank{dist_info.rank}] %(message)s", stream=sys.stdout)
+    model, tokenizer, kind = load_generation_model(args.model, args.base_model, args.dtype)
+    model.to(distributed.device())
+    logger.info(f"generate: {len(prompts)} inputs from {args.input} with {kind} on {dist_info.world_size} rank(s); "
+                f"{settings.describe()}, batches of {settings.batch_size}")
+    outputs, stats = generate_texts(model, tokenizer, prompts, settings, rank=dist_info.rank,
+                                    world_size=dist_info.world_size, progress=dist_info.is_rank_zero)
+    logger.info(f"generate: {stats.new_tokens} new tokens in {stats.seconds:.1f} s: {stats.tokens_per_s:.1f} tokens/s "
+                f"(all ranks)")
+    empty = sum(1 for text in outputs if not text)
+    if empty:
+        logger.warning(f"generate: {empty} of {len(outputs)} outputs are empty")
+    if dist_info.is_rank_zero:
+        write_lines_atomic(Path(args.output), outputs)
+        logger.info(f"generate: {len(outputs)} lines written to {args.output}")
+        if args.score:
+            score_against_input(Path(args.input), Path(args.output), outputs)
+    distributed.barrier()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        generate(args)
+    except DSEEError as exc:
+        print(f"dsee-dist generate: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dsee-dist generate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
