@@ -1,1 +1,73 @@
-"""DeepSpeed runtime: process group, engine build, checkpoints, resharding, preemption."""
+"""The DeepSpeed runtime, behind a small interface. The only package that imports deepspeed.
+
+- `process_group.py`: joining the process group under any launcher; the collectives (`barrier`,
+  `all_reduce_sum`, `on_rank_zero`, ...); lost-peer detection.
+- `deepspeed_engine.py`: the DeepSpeed config (engine JSON + the experiment-owned settings), the
+  optimizer and `build_engine`.
+- `zero.py`: ZeRO-3 parameter helpers (`gathered`, `full_tensor`, `is_partitioned`, `partitioned_init`).
+- `shm.py`: shared-memory housekeeping for DeepSpeed's CPU allreduce.
+- `launcher.py`: the `deepspeed` launcher command lines and their environment (no deepspeed import).
+- `checkpoint.py`, `reshard.py`, `preemption.py`: sharded checkpoints, resuming at another world size or
+  ZeRO stage, and stopping on a signal with a checkpoint (import them by name).
+
+`from dsee_dist import engine` gives the names below; `from dsee_dist.engine import distributed` is the
+same interface under its earlier module name.
+"""
+
+from dsee_dist.engine.deepspeed_engine import (
+    OWNED_KEYS,
+    build_deepspeed_config,
+    build_engine,
+    build_optimizer,
+    inner_optimizer,
+    optimizer_state_numel,
+    resolve_deepspeed_json,
+    zero_stage,
+)
+from dsee_dist.engine.launcher import deepspeed_command, free_port, launch_env, training_command
+from dsee_dist.engine.process_group import (
+    LOST_PEER_EXIT_CODE,
+    DistInfo,
+    all_gather_object,
+    all_reduce_sum,
+    all_reduce_tensor,
+    barrier,
+    broadcast_object,
+    device,
+    init_distributed,
+    is_lost_peer,
+    on_rank_zero,
+    shutdown,
+)
+from dsee_dist.engine.zero import full_tensor, gathered, is_partitioned, partitioned_init
+
+__all__ = [
+    "LOST_PEER_EXIT_CODE",
+    "OWNED_KEYS",
+    "DistInfo",
+    "all_gather_object",
+    "all_reduce_sum",
+    "all_reduce_tensor",
+    "barrier",
+    "broadcast_object",
+    "build_deepspeed_config",
+    "build_engine",
+    "build_optimizer",
+    "deepspeed_command",
+    "device",
+    "free_port",
+    "full_tensor",
+    "gathered",
+    "inner_optimizer",
+    "init_distributed",
+    "is_lost_peer",
+    "is_partitioned",
+    "launch_env",
+    "on_rank_zero",
+    "optimizer_state_numel",
+    "partitioned_init",
+    "resolve_deepspeed_json",
+    "shutdown",
+    "training_command",
+    "zero_stage",
+]

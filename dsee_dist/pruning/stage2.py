@@ -80,11 +80,7 @@ def attach_keep_masks(model, model_dir: Path, ds_config: dict | None) -> tuple[i
     """Give every adapted module with a stored mask its PruneMask. Collective under ZeRO-3.
     Returns (masks attached, how many of them are partitioned across ranks)."""
     files = keep_mask_files(model_dir)
-    create = None
-    if distributed.zero_stage(ds_config or {}) == 3:
-        import deepspeed
-
-        create = lambda: deepspeed.zero.Init(config_dict_or_path=ds_config)  # noqa: E731 - a fresh context per module
+    create = distributed.partitioned_init(ds_config)  # a fresh zero.Init context per module under ZeRO-3
     count = partitioned = 0
     for name, layer in dsee_layers(model).items():
         if name not in files:
