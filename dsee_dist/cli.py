@@ -1,5 +1,6 @@
 """`dsee-dist` command line: `train --config X.yaml [overrides]`, `export CHECKPOINT --adapter/--merged DIR`,
-`evaluate --refs R --hyp H`, `models fetch smollm2 DIR`, `quickstart`.
+`generate MODEL --input X --output Y`, `evaluate --refs R --hyp H`,
+`models fetch smollm2 DIR`, `quickstart`.
 
 `dsee-dist quickstart` launches the built-in default (configs/quickstart.yaml) on 2 ranks with the
 `deepspeed` launcher; `train` runs in this process (use it under deepspeed/torchrun/srun).
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                           "logits) and whether it fits a device, before launching")
     plan.add_argument("rest", nargs=argparse.REMAINDER)
     from dsee_dist.recipes import evaluate as evaluate_recipe
+    from dsee_dist.recipes import generate as generate_recipe
 
+    generate_recipe.add_arguments(sub.add_parser("generate", help="outputs of a checkpoint, adapter or model for "
+                                                 "an E2E CSV or a file of prompts, one line per input"))
     evaluate_recipe.add_arguments(sub.add_parser("evaluate", help="E2E figures (BLEU, NIST, METEOR, ROUGE-L, CIDEr) "
                                                  "of outputs against references"))
     from dsee_dist.models import fetch as fetch_models
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return plan_main(args.rest)
     if args.command == "evaluate":
         return evaluate_recipe.run(args)
+    if args.command == "generate":
+        return generate_recipe.run(args)
     if args.command == "models":
         return fetch_models.run(args)
     return _quickstart(args)
