@@ -57,7 +57,7 @@ def main() -> None:
     distributed.barrier()
     t0 = time.perf_counter()
     path = checkpoint.save_checkpoint(engine, out, 1, config={"bench": True}, dist_info=info, keep_last=1,
-                                      base_model="bench", log=lambda m: None)
+                                      base_model="bench")
     save_s = time.perf_counter() - t0
     distributed.barrier()
     t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -36,6 +37,9 @@ import torch
 from dsee_dist.config import global_batch_size
 from dsee_dist.engine import distributed
 from dsee_dist.errors import DSEEError
+from dsee_dist.utils.files import write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -81,14 +85,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(engine, out_dir: Path, step: int, *, config: dict, dist_info, keep_last: int, base_model: str,
-                    extra_files: dict[str, Path] = (), log=print) -> Path:
+def save_checkpoint(
+    engine,
+    out_dir: Path,
+    step: int,
+    *,
+    config: dict,
+    dist_info,
+    keep_last: int,
+    base_model: str,
+    extra_files: dict[str, Path] = (),
+) -> Path:
     """Collective: every rank calls it. Returns the directory of the complete checkpoint."""
     root = checkpoint_root(out_dir)
     tag = tag_for(step)
@@ -97,39 +104,49 @@ def save_checkpoint(engine, out_dir: Path, step: int, *, config: dict, dist_info
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / partial, ignore_errors=True)  # left by a save that was killed
     distributed.barrier()
-    client_state = {"dsee_step": step, "dsee_world_size": dist_info.world_size}
-    engine.save_checkpoint(str(root), tag=partial, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=True)
-    torch.save(_rng_state(), root / partial / f"rng_rank_{dist_info.rank:05d}.pt")
-    _maybe_inject_fault(dist_info.rank, step)
+    write_rank_shards(engine, root / partial, step, dist_info)
     distributed.barrier()  # every rank's shards are on disk
     final = root / tag
     if dist_info.is_rank_zero:
         for name, source in dict(extra_files).items():
             shutil.copyfile(source, root / partial / name)
-        (root / partial / TRAINER_STATE).write_text(json.dumps(
-            {"step": step, "world_size": dist_info.world_size, "zero_stage": engine.zero_optimization_stage(),
-             "base_model": base_model, "config": config}, indent=1))
+        (root / partial / TRAINER_STATE).write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "world_size": dist_info.world_size,
+                    "zero_stage": engine.zero_optimization_stage(),
+                    "base_model": base_model,
+                    "config": config,
+                },
+                indent=1,
+            )
+        )
         files = sorted(p for p in (root / partial).rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(root / partial)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+        manifest = {
+            str(p.relative_to(root / partial)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files
+        }
         (root / partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(root / partial, final)
-        _write_atomic(root / LATEST, tag)
+        write_text_atomic(root / LATEST, tag)
         _prune(root, keep_last)
-        log(f"checkpoint: step {step} saved to {final}")
+        logger.info(f"checkpoint: step {step} saved to {final}")
     distributed.barrier()
     return final
 
 
-def _maybe_inject_fault(rank: int, step: int) -> None:
-    """Test aid: DSEE_FAULT_KILL_IN_SAVE=RANK:STEP makes that rank kill -9 itself after writing its shards
-    of that step's checkpoint, before the save is committed (what a node failure mid-save looks like)."""
-    spec = os.environ.get("DSEE_FAULT_KILL_IN_SAVE")
-    if spec and spec == f"{rank}:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
+def write_rank_shards(engine, partial_dir: Path, step: int, dist_info) -> None:
+    """This rank's part of a checkpoint (DeepSpeed's shards, its RNG state) into the uncommitted directory."""
+    client_state = {"dsee_step": step, "dsee_world_size": dist_info.world_size}
+    engine.save_checkpoint(
+        str(partial_dir.parent),
+        tag=partial_dir.name,
+        client_state=client_state,
+        save_latest=False,
+        exclude_frozen_parameters=True,
+    )
+    torch.save(_rng_state(), partial_dir / f"rng_rank_{dist_info.rank:05d}.pt")
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -166,7 +183,7 @@ def verify_checkpoint(path: Path) -> None:
             raise DSEEError(f"checkpoint file '{f}' is corrupt (checksum mismatch)")
 
 
-def find_resume_checkpoint(out_dir: Path, resume: str | None, log=print) -> Path | None:
+def find_resume_checkpoint(out_dir: Path, resume: str | None) -> Path | None:
     """`auto`: the newest complete, intact checkpoint (falling back past corrupt ones), or None.
     A path: that checkpoint, which must be intact."""
     if not resume:
@@ -187,12 +204,13 @@ def find_resume_checkpoint(out_dir: Path, resume: str | None, log=print) -> Path
             verify_checkpoint(candidate)
             return candidate
         except DSEEError as exc:
-            log(f"resume: {exc}; falling back to the previous checkpoint")
+            logger.warning(f"resume: {exc}; falling back to the previous checkpoint")
     return None
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Dotted keys under MUST_MATCH whose values differ between two resolved configs."""
+
     def flatten(d: dict, prefix: str = "") -> dict:
         out = {}
         for k, v in d.items():
@@ -219,7 +237,9 @@ class ResumeInfo:
 
 def read_trainer_state(path: Path) -> ResumeInfo:
     state = json.loads((path / TRAINER_STATE).read_text())
-    return ResumeInfo(path, state["step"], state["world_size"], state["zero_stage"], state["base_model"], state["config"])
+    return ResumeInfo(
+        path, state["step"], state["world_size"], state["zero_stage"], state["base_model"], state["config"]
+    )
 
 
 def global_batch(config: dict, world_size: int) -> int:
@@ -227,14 +247,18 @@ def global_batch(config: dict, world_size: int) -> int:
 
 
 def check_compatible(info: ResumeInfo, current_config: dict, world_size: int) -> None:
-    differing = [f"{k}: {_get(info.config, k)!r} -> {_get(current_config, k)!r}"
-                 for k in config_differences(info.config, current_config)]
+    differing = [
+        f"{k}: {_get(info.config, k)!r} -> {_get(current_config, k)!r}"
+        for k in config_differences(info.config, current_config)
+    ]
     saved_batch, batch = global_batch(info.config, info.world_size), global_batch(current_config, world_size)
     if saved_batch != batch:
         differing.append(f"global batch (micro_batch_size x grad_accum_steps x world size): {saved_batch} -> {batch}")
     if differing:
-        raise DSEEError(f"cannot resume from '{info.path}': the config differs in {'; '.join(differing[:6])}; "
-                        f"restore those settings or start a new output.dir")
+        raise DSEEError(
+            f"cannot resume from '{info.path}': the config differs in {'; '.join(differing[:6])}; "
+            f"restore those settings or start a new output.dir"
+        )
 
 
 def _get(d: dict, dotted: str):
@@ -254,15 +278,22 @@ def load_checkpoint(engine, info: ResumeInfo, dist_info) -> bool:
     same_partitioning = info.zero_stage == stage and (info.world_size == dist_info.world_size or stage == 0)
     if not same_partitioning:
         if info.zero_stage == 0 or stage == 0:
-            raise DSEEError(f"checkpoint '{info.path}' was written under ZeRO stage {info.zero_stage} at world size "
-                            f"{info.world_size}; resuming it under stage {stage} at world size {dist_info.world_size} "
-                            f"needs ZeRO stage >= 1 on both sides (or the original stage and world size)")
+            raise DSEEError(
+                f"checkpoint '{info.path}' was written under ZeRO stage {info.zero_stage} at world size "
+                f"{info.world_size}; resuming it under stage {stage} at world size {dist_info.world_size} "
+                f"needs ZeRO stage >= 1 on both sides (or the original stage and world size)"
+            )
         from dsee_dist.engine.reshard import load_resharded
 
         load_resharded(engine, info.path)
     else:
-        load_path, _ = engine.load_checkpoint(str(info.path.parent), tag=info.path.name, load_module_strict=False,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
+        load_path, _ = engine.load_checkpoint(
+            str(info.path.parent),
+            tag=info.path.name,
+            load_module_strict=False,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
         if load_path is None:
             raise DSEEError(f"DeepSpeed could not load checkpoint '{info.path}'")
     rng_file = info.path / f"rng_rank_{dist_info.rank:05d}.pt"
@@ -277,4 +308,4 @@ def truncate_metrics(out_dir: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    _write_atomic(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

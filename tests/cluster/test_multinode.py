@@ -14,6 +14,7 @@ from dsee_dist.engine.distributed import free_port
 from tests.cluster.harness import NODES
 from tests.conftest import REPO
 from tests.distributed.launch import run_training, train_losses
+from tests.hooks import hook_env
 
 pytestmark = pytest.mark.cluster
 
@@ -22,7 +23,8 @@ MASTER = NODES["node1"]
 
 
 def node_env(**extra) -> dict:
-    env = dict(os.environ, PYTHON=sys.executable, MASTER_ADDR=MASTER, PYTHONPATH=str(REPO), **extra)
+    env = dict(os.environ, PYTHON=sys.executable, MASTER_ADDR=MASTER, PYTHONPATH=str(REPO))
+    env.update(extra)
     env.pop("SLURM_CONF", None)
     return env
 
@@ -88,7 +90,7 @@ def _wait_for_steps(out, n, timeout=240):
 
 def test_preempted_job_checkpoints_requeues_and_resumes_to_the_same_losses(cluster, tmp_path, one_node_reference):
     out = tmp_path / "run"
-    job, log = submit(cluster, tmp_path, out, env_extra={"DSEE_DEBUG_STEP_DELAY": "1.5"})
+    job, log = submit(cluster, tmp_path, out, env_extra=hook_env(step_delay_s=1.5))
     _wait_for_steps(out, 2)
     cluster.slurm("scancel", "--signal=USR1", job)  # what Slurm sends before a time limit or preemption
     deadline = time.time() + 120
@@ -110,7 +112,7 @@ def test_lost_node_fails_the_job_in_bounded_time_and_a_resubmission_resumes(clus
     settings = ("checkpoint.every=2", "deepspeed.timeout_s=15")
     # --no-requeue: with the script's default --requeue, Slurm would requeue the job itself after a node
     # failure; here the job must fail so that a resubmission is what resumes it
-    job, log = submit(cluster, tmp_path, out, *settings, env_extra={"DSEE_DEBUG_STEP_DELAY": "1.5"},
+    job, log = submit(cluster, tmp_path, out, *settings, env_extra=hook_env(step_delay_s=1.5),
                       sbatch_args=("--no-requeue",))
     deadline = time.time() + 240
     while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline:

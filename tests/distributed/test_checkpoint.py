@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from dsee_dist.dsee.adapter import ADAPTER_WEIGHTS
 from tests.conftest import REPO
 from tests.distributed.launch import TINY_RUN, run_training, train_command, train_losses
+from tests.hooks import hook_env
 
 pytestmark = pytest.mark.distributed
 
@@ -75,7 +76,7 @@ def test_resume_at_another_world_size_continues_the_loss_curve(stage, before, af
 
 def test_kill_9_of_one_rank_mid_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, DSEE_FAULT_KILL_IN_SAVE="1:8")  # rank 1 dies after writing its shards of step 8
+    env = dict(os.environ, **hook_env(kill_in_save=(1, 8)))  # rank 1 dies after writing its shards of step 8
     proc = subprocess.run(train_command(2, out, *BASE, _stage(2)), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode != 0
     root = out / "checkpoints"
@@ -89,7 +90,7 @@ def test_kill_9_of_one_rank_mid_save_keeps_the_previous_checkpoint(uninterrupted
 
 def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_losses(uninterrupted, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, DSEE_DEBUG_STEP_DELAY="0.5")
+    env = dict(os.environ, **hook_env(step_delay_s=0.5))
     launcher = subprocess.Popen(train_command(2, out, *BASE, _stage(2), "checkpoint.every=0"), cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 300
