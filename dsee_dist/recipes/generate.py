@@ -107,7 +107,8 @@ def load_generation_model(source: str, base_model: str | None = None, dtype: str
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
     except (OSError, ValueError):
-        raise DSEEError(f"no tokenizer in '{tokenizer_dir}'; give --base-model with the base model's directory") from None
+        raise DSEEError(f"no tokenizer in '{tokenizer_dir}'; give --base-model with the base model's "
+                        f"directory") from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), tokenizer, kind

@@ -122,7 +122,8 @@ def test_settings_come_from_the_generate_section_and_are_checked():
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["generate.num_beams=4", "generate.max_new_tokens=32"])
     settings = DecodingSettings.from_config(cfg.generate, batch_size=2)
-    assert (settings.num_beams, settings.max_new_tokens, settings.batch_size, settings.length_penalty) == (4, 32, 2, 0.9)
+    assert (settings.num_beams, settings.max_new_tokens, settings.batch_size) == (4, 32, 2)
+    assert settings.length_penalty == 0.9 and settings.stop_at_newline
     assert settings.greedy().num_beams == 1 and settings.greedy().no_repeat_ngram_size == 0
     with pytest.raises(ConfigError, match="generate.num_beams must be at least 1"):
         DecodingSettings.from_config(cfg.generate, num_beams=0)
