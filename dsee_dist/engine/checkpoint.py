@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 MANIFEST = "dsee_manifest.json"
+BEST = "best.json"  # the checkpoint.keep_best checkpoint, written by dsee_dist/eval/during_training.py
 TRAINER_STATE = "trainer_state.json"
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 
@@ -160,8 +161,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
+    best = json.loads((root / BEST).read_text()).get("tag") if (root / BEST).is_file() else None
     for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != best:  # checkpoint.keep_best: the best one stays
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def verify_checkpoint(path: Path) -> None:
