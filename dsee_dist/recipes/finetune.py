@@ -32,17 +32,16 @@ import torch.nn.functional as F
 
 from dsee_dist.config import Config, dump_yaml, load_config, resolve_path
 from dsee_dist.data import dataset as data
-from dsee_dist.dsee.adapter import save_adapter
 from dsee_dist.dsee.inject import (check_num_sparse, check_rank, count_parameters, find_targets, inject_dsee,
                                    mark_only_adapters_trainable, parameter_summary)
 from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
 from dsee_dist.engine import checkpoint, distributed
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from dsee_dist.errors import DSEEError
-from dsee_dist.eval.during_training import GenerationEval
 from dsee_dist.models import loading as models
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
 from dsee_dist.pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
+from dsee_dist.recipes import methods
 from dsee_dist.utils.log import setup_logging
 from dsee_dist.utils.metrics_log import MetricsLogger
 
@@ -193,7 +192,10 @@ def setup(cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_
         grad_clip=cfg.train.grad_clip, world_size=dist_info.world_size)
     model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
     logger.info(f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})")
-    trainable = inject_adapters(model, cfg, out_dir, ds_config, dist_info, init_adapter, masks_dir)
+    if cfg.method == "dsee":
+        trainable = inject_adapters(model, cfg, out_dir, ds_config, dist_info, init_adapter, masks_dir)
+    else:  # PEFT LoRA or full fine-tuning: the same loop on another trainable model (recipes/methods.py)
+        model, trainable = methods.prepare_trainable(cfg, model)
     logger.info(parameter_summary(model))
 
     # Engine: only the adapter parameters reach the optimizer.
@@ -282,7 +284,6 @@ def fit(stage: Stage) -> int | None:
         f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
     stage.metrics = MetricsLogger(stage.out_dir, dist_info.is_rank_zero, stage.max_steps, stage.start_step)
     preemption = PreemptionHandler()
-    generation = GenerationEval(stage)  # eval.generate_every_n_steps, checkpoint.keep_best, final_generate
     stage.engine.train()  # from_pretrained returns the model in eval mode
     t_last = time.time()
     for step in range(stage.start_step, stage.max_steps):
@@ -296,16 +297,14 @@ def fit(stage: Stage) -> int | None:
             t_last = log_progress(stage, done, loss, lr, t_last)
         if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < stage.max_steps:
             periodic_evaluate(stage, done)
-        new_best = generation.after_step(stage, done)
         preempted = preemption.should_stop()
         planned_stop = cfg.train.stop_after_steps > 0 and done - stage.start_step >= cfg.train.stop_after_steps
         every = cfg.checkpoint.every
-        if preempted or planned_stop or new_best or done == stage.max_steps or (every and done % every == 0):
+        if preempted or planned_stop or done == stage.max_steps or (every and done % every == 0):
             save_checkpoint(stage, done)
         if preempted or (planned_stop and done < stage.max_steps):
             return stop_early(stage, done, preemption if preempted else None)
     preemption.restore()
-    generation.finish(stage)
     return None
 
 
@@ -408,12 +407,13 @@ def evaluate(stage: Stage) -> dict:
 
 
 def save(stage: Stage) -> None:
-    """The trained adapter into out_dir/adapter (rank 0 writes, every rank gathers)."""
+    """The training result into out_dir (rank 0 writes, every rank gathers): the DSEE adapter in adapter/, or
+    for method lora a PEFT adapter in adapter/, for full the whole model in merged/ (recipes/methods.py)."""
     dist_info = stage.ctx.dist_info
-    save_adapter(stage.engine.module, stage.out_dir / "adapter", base_model=stage.base_model,
-                 dsee_cfg=stage.cfg.dsee, is_rank_zero=dist_info.is_rank_zero)
+    target = methods.save_trained(stage.cfg.method, stage.engine.module, stage.out_dir, base_model=stage.base_model,
+                                  dsee_cfg=stage.cfg.dsee, is_rank_zero=dist_info.is_rank_zero)
     distributed.barrier()
-    logger.info(f"adapter written to {stage.out_dir / 'adapter'}")
+    logger.info(f"{'adapter' if stage.cfg.method != 'full' else 'model'} written to {target}")
 
 
 # ------------------------------------------------------------------------------ process entry

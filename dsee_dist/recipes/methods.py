@@ -74,10 +74,15 @@ def prepare_full(model):
     return model, list(model.parameters())
 
 
-def prepare_trainable(method: str, model, dsee_cfg, seed: int):
-    """(the model to train, its trainable parameters) for `lora` or `full`; DSEE is set up by the trainer."""
+def prepare_trainable(cfg, model):
+    """(the model to train, its trainable parameters) for method `lora` or `full` (DSEE is set up by the
+    trainer's own injection). Refuses what only DSEE supports: the two-stage pruning recipe."""
+    method = method_of(cfg)
+    if cfg.prune.method != "none":
+        raise ConfigError(f"prune.method={cfg.prune.method} (the two-stage recipe) needs method=dsee, got "
+                          f"method={method}; set method=dsee or prune.method=none")
     if method == "lora":
-        return prepare_lora(model, dsee_cfg, seed)
+        return prepare_lora(model, cfg.dsee, cfg.train.seed)
     if method == "full":
         return prepare_full(model)
     raise ValueError(f"prepare_trainable handles lora and full, not '{method}'")

@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsee_dist.config.schema import DSEEConfig
+from dsee_dist.config.schema import Config, DSEEConfig, PruneConfig
+from dsee_dist.errors import ConfigError
 from dsee_dist.recipes import methods
 from tests.conftest import tiny_gpt2, tiny_llama
 
@@ -53,7 +54,8 @@ def test_lora_on_gpt2_uses_fan_in_fan_out_and_matches_plain_model_at_init():
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_training_lowers_the_loss(method):
-    model, params = methods.prepare_trainable(method, tiny_llama(), _dsee_cfg(), seed=0)
+    cfg = Config(method=method, dsee=_dsee_cfg())
+    model, params = methods.prepare_trainable(cfg, tiny_llama())
     losses = _train(model, params)
     assert losses[-1] < losses[0] - 0.1  # a random 2-layer model on one batch: a clear drop, either way
     if method == "full":
@@ -108,3 +110,9 @@ def test_saved_full_model_reloads_as_a_plain_model(tmp_path):
     assert target.name == "merged"
     reloaded = AutoModelForCausalLM.from_pretrained(target).eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+
+
+def test_two_stage_pruning_with_lora_is_refused():
+    cfg = Config(method="lora", dsee=_dsee_cfg(), prune=PruneConfig(method="unstructured"))
+    with pytest.raises(ConfigError, match="needs method=dsee"):
+        methods.prepare_trainable(cfg, tiny_llama())

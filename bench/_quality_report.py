@@ -1,0 +1,120 @@
+"""The quality table's outputs, rebuilt from every finished row: table.md (one table per decoding),
+quality.json (everything: settings, per-seed records, aggregates) and quality.png (BLEU against trainable
+parameters and against FLOPs per token)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+
+from bench._quality_rows import ROWS
+
+METRIC_COLUMNS = (("BLEU", "BLEU", 100), ("NIST", "NIST", 1), ("METEOR", "METEOR", 100), ("ROUGE_L", "ROUGE-L", 100),
+                  ("CIDEr", "CIDEr", 1))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(records: list[dict], speeds: dict) -> list[dict]:
+    """One entry per (row, decoding): mean and standard deviation over its seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["row"], r["decoding"]), []).append(r)
+    order = {name: i for i, name in enumerate(ROWS)}
+    out = []
+    for (name, decoding), recs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 99))):
+        entry = {"row": name, "decoding": decoding, "seeds": [r["seed"] for r in recs], "device": recs[0]["device"],
+                 "trainable_params": recs[0].get("trainable_params"), "test_mrs": recs[0]["test_mrs"],
+                 "flops_per_token": recs[0].get("flops_per_token"), "lr": recs[0].get("lr"),
+                 "steps": recs[0].get("steps"), "sparsity": recs[0].get("sparsity")}
+        for key, _, _ in METRIC_COLUMNS:
+            entry[key] = _mean_std([r["scores"].get(key) for r in recs])
+        entry["train_wall_s"] = _mean_std([r.get("train_wall_s") for r in recs])
+        entry["peak_rss_mb"] = max((r.get("peak_rss_mb") or 0 for r in recs), default=None) or None
+        entry["tokens_per_s"] = _mean_std([speeds.get(f"{r['row']}-s{r['seed']}") for r in recs])
+        out.append(entry)
+    return out
+
+
+def _fmt(ms: tuple[float, float | None], scale: float, digits: int) -> str:
+    mean, std = ms
+    if mean != mean:  # nan
+        return "n/a"
+    text = f"{mean * scale:.{digits}f}"
+    return text + (f" ± {std * scale:.{digits}f}" if std is not None else "")
+
+
+def markdown(entries: list[dict]) -> str:
+    """One Markdown table per decoding (rows decoded differently are never compared in one table)."""
+    parts = []
+    for decoding in sorted({e["decoding"] for e in entries}):
+        rows = [e for e in entries if e["decoding"] == decoding]
+        parts.append(f"Decoding: {decoding}; device: {rows[0]['device']}; test MRs: {rows[0]['test_mrs']}\n")
+        parts.append("| row | seeds | trainable params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | MFLOPs/token | "
+                     "greedy tokens/s | train wall s | peak RSS MB | LR |")
+        parts.append("|" + " --- |" * 13)
+        for e in rows:
+            metrics = [_fmt(e[key], scale, 2 if scale == 100 else 3) for key, _, scale in METRIC_COLUMNS]
+            flops = f"{e['flops_per_token'] / 1e6:.1f}" if e.get("flops_per_token") else "n/a"
+            params = f"{e['trainable_params']:,}" if e.get("trainable_params") is not None else "n/a"
+            lr = f"{e['lr']:g}" if e.get("lr") else "-"
+            rss = f"{e['peak_rss_mb']:.0f}" if e.get("peak_rss_mb") else "-"
+            parts.append(f"| {e['row']} | {len(e['seeds'])} | {params} | " + " | ".join(metrics)
+                         + f" | {flops} | {_fmt(e['tokens_per_s'], 1, 1)} | {_fmt(e['train_wall_s'], 1, 0)} | {rss} | {lr} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot(entries: list[dict], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for decoding in sorted({e["decoding"] for e in entries}):
+        rows = [e for e in entries if e["decoding"] == decoding and e["BLEU"][0] == e["BLEU"][0]]
+        for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
+                               (axes[1], "flops_per_token", "decoding FLOPs per token")):
+            for e in rows:
+                x = e.get(key)
+                if not x:
+                    continue
+                mean, std = e["BLEU"]
+                ax.errorbar([x], [100 * mean], yerr=[100 * std] if std else None, fmt="o", capsize=3)
+                ax.annotate(f"{e['row']} ({decoding})", (x, 100 * mean), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)
+            ax.set_xlabel(label)
+            ax.set_ylabel("BLEU")
+            if key == "trainable_params":
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+    axes[0].set_title("BLEU vs trainable parameters (base model not shown: 0)")
+    axes[1].set_title("BLEU vs FLOPs per token")
+    fig.tight_layout()
+    tmp = target.with_name(target.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, target)
+
+
+def write_report(root: Path, records: list[dict], meta: dict) -> dict:
+    entries = aggregate(records, meta["speed"]["tokens_per_s"])
+    md = markdown(entries)
+    tmp = root / "table.md.tmp"
+    tmp.write_text(md)
+    os.replace(tmp, root / "table.md")
+    everything = {**meta, "rows": entries, "records": records}
+    tmp = root / "quality.json.tmp"
+    tmp.write_text(json.dumps(everything, indent=1, default=str) + "\n")
+    os.replace(tmp, root / "quality.json")
+    if entries:
+        plot(entries, root / "quality.png")
+    return {"markdown": md, "entries": entries}

@@ -1,0 +1,97 @@
+"""bench/quality.py end to end on tiny random models: train (the project's trainer) -> export -> decode ->
+score -> table row, and a rerun that skips finished rows."""
+
+import csv
+import json
+
+import pytest
+
+from bench import quality
+from bench._quality_rows import sparse_budget
+from tests.bench.conftest import SAMPLE
+
+
+def _small_train_csv(tmp_path, n: int = 48):
+    with open(SAMPLE / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:n]
+    path = tmp_path / "train.csv"
+    quality.write_pairs(path, [(r["mr"], r["ref"]) for r in rows])
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_java(monkeypatch):
+    """Scoring without Java (METEOR reported unavailable): the JVM start costs ~30 s on 2 cores; the METEOR
+    path itself is checked against the official figures in tests/unit/eval."""
+    import dsee_dist.eval.metrics as metrics
+
+    monkeypatch.setattr(metrics, "find_java", lambda: None)
+
+
+def _run(model, train_csv, results, rows, capsys):
+    quality.main(["--model", str(model), "--train-csv", str(train_csv), "--test-csv", str(SAMPLE / "test.csv"),
+                  "--results", str(results), "--rows", rows, "--max-test-mrs", "5", "--max-steps", "3",
+                  "--no-grid", "--seeds", "1", "--device", "cpu", "--micro-batch-size", "4",
+                  "--grad-accum-steps", "1", "--max-new-tokens", "12"])
+    return capsys.readouterr().out
+
+
+def test_split_by_mr_never_splits_an_mr():
+    pairs = [(f"mr{i % 30}", f"ref{i}") for i in range(200)]
+    train, held = quality.split_by_mr(pairs, 0.1, seed=0)
+    assert len(train) + len(held) == 200
+    assert {m for m, _ in train}.isdisjoint({m for m, _ in held}) and len({m for m, _ in held}) == 3
+    assert quality.split_by_mr(pairs, 0.1, seed=0) == (train, held)
+
+
+def test_sparse_budget_is_within_five_percent_of_lora():
+    smollm2 = [(576, 576), (192, 576)] * 30  # q_proj, v_proj of SmolLM2-135M's 30 layers
+    budget = sparse_budget(smollm2, rank=8)
+    assert budget["lora_params"] == 30 * 8 * (1152 + 768) and budget["num_sparse"] == 384
+    assert 1.0 < budget["ratio"] <= 1.05 and sparse_budget(smollm2, 8, 0.049)["num_sparse"] < 384
+
+
+def test_llama_pipeline_rows_and_resume(tiny_models, tmp_path, capsys):
+    results = tmp_path / "results"
+    train_csv = _small_train_csv(tmp_path)
+    out = _run(tiny_models["llama"], train_csv, results, "base,dsee", capsys)
+    report = json.loads((results / "quality.json").read_text())
+    by_row = {r["row"]: r for r in report["records"]}
+    assert set(by_row) == {"base", "dsee"}
+    budget = report["sparse_budget"]
+    assert by_row["dsee"]["trainable_params"] == budget["dsee_params"] and by_row["base"]["trainable_params"] == 0
+    for name, rec in by_row.items():
+        outputs = (results / "rows" / f"{name}-s42" / "outputs.txt").read_text().splitlines()
+        assert len(outputs) == 5 and all(outputs)
+        assert rec["decoding"] == "greedy" and rec["test_mrs"] == 5 and rec["flops_per_token"] > 0
+        assert set(rec["scores"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+        assert 0.0 <= rec["scores"]["BLEU"] <= 1.0 and rec["scores"]["ROUGE_L"] is not None and rec["versions"]["torch"]
+        assert rec["scores"] == quality.score(outputs, quality.test_set(str(SAMPLE / "test.csv"), 5)[1])
+    assert by_row["dsee"]["train_wall_s"] > 0 and by_row["dsee"]["peak_rss_mb"] > 0
+    table = (results / "table.md").read_text()
+    assert "| base |" in table and "| dsee |" in table and "Decoding: greedy" in table
+    assert (results / "quality.png").stat().st_size > 1000
+    assert all(v > 0 for v in report["speed"]["tokens_per_s"].values())
+
+    # Rerun with more rows: the finished ones are skipped (their records untouched), the new ones run.
+    before = {p: p.stat().st_mtime_ns for p in results.glob("rows/*/row.json")}
+    out = _run(tiny_models["llama"], train_csv, results, "base,dsee,lora,full", capsys)
+    assert "row base seed 42: finished earlier, skipped" in out and "row dsee seed 42: finished earlier, skipped" in out
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    report = json.loads((results / "quality.json").read_text())
+    by_row = {r["row"]: r for r in report["records"]}
+    assert set(by_row) == {"base", "dsee", "lora", "full"}
+    assert by_row["lora"]["trainable_params"] == budget["lora_params"]
+    from transformers import AutoModelForCausalLM
+
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).parameters())
+    assert by_row["full"]["trainable_params"] == total
+    assert "| lora |" in (results / "table.md").read_text()
+
+
+def test_gpt2_pipeline_dsee_row(tiny_models, tmp_path, capsys):
+    results = tmp_path / "results"
+    _run(tiny_models["gpt2"], _small_train_csv(tmp_path), results, "dsee", capsys)
+    (rec,) = json.loads((results / "quality.json").read_text())["records"]
+    assert rec["row"] == "dsee" and rec["trainable_params"] > 0 and rec["scores"]["BLEU"] is not None
+    assert len((results / "rows" / "dsee-s42" / "outputs.txt").read_text().splitlines()) == 5
