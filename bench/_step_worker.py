@@ -1,4 +1,7 @@
-"""One (method, DeepSpeed config) step-time measurement; launched by bench/step_time.py under deepspeed."""
+"""One (family, method, DeepSpeed config) step-time measurement; launched by bench/step_time.py under deepspeed.
+
+GPT-2 (fused c_attn: DSEE on its q and v slices, PEFT LoRA on the fused matrix) or Llama (GQA; DSEE and PEFT
+LoRA on q_proj and v_proj)."""
 
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsee_dist.engine import distributed  # noqa: E402
 from _dsee_model import inject_random_dsee  # noqa: E402
 
+from dsee_dist.engine import distributed  # noqa: E402
 
 # Bytes this rank sends into collectives during the measured steps, by kind: "grad" (all-reduce,
 # reduce-scatter, reduce: gradient reduction) and "param" (all-gather, broadcast: parameter gathering).
@@ -48,7 +51,11 @@ def count_collectives() -> None:
     wrap("all_reduce", "grad", first)
     wrap("reduce", "grad", first)
     wrap("reduce_scatter_tensor", "grad", lambda *a, **k: _nbytes(k.get("input", a[1] if len(a) > 1 else None)))
-    wrap("reduce_scatter", "grad", lambda *a, **k: sum(_nbytes(t) for t in k.get("input_list", a[1] if len(a) > 1 else [])))
+    wrap(
+        "reduce_scatter",
+        "grad",
+        lambda *a, **k: sum(_nbytes(t) for t in k.get("input_list", a[1] if len(a) > 1 else [])),
+    )
     wrap("all_gather_into_tensor", "param", lambda *a, **k: _nbytes(k.get("output_tensor", a[0] if a else None)))
     wrap("all_gather", "param", lambda *a, **k: sum(_nbytes(t) for t in k.get("tensor_list", a[0] if a else [])))
     wrap("broadcast", "param", first)
@@ -61,7 +68,9 @@ def model_state_bytes(model, engine) -> int:
         local = getattr(p, "ds_tensor", None)
         total += _nbytes(local) if local is not None else _nbytes(p)
     zero = engine.optimizer
-    masters = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(zero, "single_partition_of_fp32_groups", None)
+    masters = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
+        zero, "single_partition_of_fp32_groups", None
+    )
     inner = distributed.inner_optimizer(engine)
     masters = masters or [p for group in inner.param_groups for p in group["params"]]
     total += sum(_nbytes(m) for m in masters)
@@ -70,10 +79,61 @@ def model_state_bytes(model, engine) -> int:
     return total
 
 
+def build_model(args):
+    """A randomly initialised model of the requested shape, dropout off (the step time does not depend on weights)."""
+    if args.family == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            n_layer=args.n_layer,
+            n_embd=args.n_embd,
+            n_head=args.n_head,
+            vocab_size=args.vocab,
+            n_positions=args.seq,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        return GPT2LMHeadModel(config)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    intermediate = args.intermediate or 64 * round(8 * args.n_embd / 3 / 64)
+    config = LlamaConfig(
+        num_hidden_layers=args.n_layer,
+        hidden_size=args.n_embd,
+        num_attention_heads=args.n_head,
+        num_key_value_heads=args.n_kv_head or args.n_head,
+        intermediate_size=intermediate,
+        vocab_size=args.vocab,
+        max_position_embeddings=args.seq,
+        use_cache=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def inject_random_dsee_on(model, targets: list[str], rank: int, num_sparse: int) -> list:
+    """DSEE (alpha = 2r) on whole `targets` matrices with a random support; returns the trainable parameters."""
+    from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable
+    from dsee_dist.dsee.support import matrix_generator, select_support
+
+    specs = find_targets(model, targets, [])
+    support = {
+        s.name: select_support(
+            torch.zeros(s.out_features, s.in_features), num_sparse, "random", generator=matrix_generator(0, s.name)
+        )
+        for s in specs
+    }
+    inject_dsee(model, specs, support, rank=rank, alpha=2 * rank, dropout=0.0, seed=0)
+    return mark_only_adapters_trainable(model)
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     p = argparse.ArgumentParser()
     p.add_argument("--method", choices=["full", "lora", "dsee"], required=True)
+    p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
+    p.add_argument("--n-kv-head", type=int, default=0, help="Llama: key/value heads (GQA); 0 = --n-head")
+    p.add_argument("--intermediate", type=int, default=0, help="Llama: MLP width; 0 = 8/3 x hidden, rounded to 64")
     p.add_argument("--ds-config", required=True)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=512)
@@ -96,11 +156,14 @@ def main() -> None:
     if not torch.cuda.is_available():  # one rank per core share: oversubscription makes CPU timings noise
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    ds = distributed.build_deepspeed_config(json.loads(Path(args.ds_config).read_text()), {},
-                                            micro_batch_size=args.micro_batch, grad_accum_steps=1, grad_clip=1.0,
-                                            world_size=info.world_size)
-    from transformers import GPT2Config, GPT2LMHeadModel
-
+    ds = distributed.build_deepspeed_config(
+        json.loads(Path(args.ds_config).read_text()),
+        {},
+        micro_batch_size=args.micro_batch,
+        grad_accum_steps=1,
+        grad_clip=1.0,
+        world_size=info.world_size,
+    )
     from dsee_dist.models import loading as models
 
     if ds["zero_optimization"]["stage"] == 3:
@@ -108,19 +171,28 @@ def main() -> None:
 
         models._HF_DS_CONFIG = HfDeepSpeedConfig(ds)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab,
-                        n_positions=args.seq, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config)
+    model = build_model(args)
+    targets = ["c_attn"] if args.family == "gpt2" else ["q_proj", "v_proj"]
     if args.method == "full":
         params = [p for p in model.parameters()]
     elif args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=["c_attn"],
-                                                 fan_in_fan_out=True, lora_dropout=0.0))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.rank,
+                lora_alpha=2 * args.rank,
+                target_modules=targets,
+                fan_in_fan_out=args.family == "gpt2",
+                lora_dropout=0.0,
+            ),
+        )
         params = [p for p in model.parameters() if p.requires_grad]
-    else:
+    elif args.family == "gpt2":
         params, _ = inject_random_dsee(model, args.rank, args.num_sparse)
+    else:
+        params = inject_random_dsee_on(model, targets, args.rank, args.num_sparse)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     engine, _, _ = distributed.build_engine(model, optimizer, None, ds)
     engine.train()
@@ -144,15 +216,29 @@ def main() -> None:
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     import resource
 
-    per_rank = distributed.all_gather_object({
-        "grad_bytes_per_step": COMM["grad"] / args.steps, "param_bytes_per_step": COMM["param"] / args.steps,
-        "model_state_bytes": model_state_bytes(model, engine),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-    })
+    per_rank = distributed.all_gather_object(
+        {
+            "grad_bytes_per_step": COMM["grad"] / args.steps,
+            "param_bytes_per_step": COMM["param"] / args.steps,
+            "model_state_bytes": model_state_bytes(model, engine),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        }
+    )
     if info.is_rank_zero:
-        Path(args.result).write_text(json.dumps({"median_step_s": statistics.median(times), "trainable": trainable,
-                                                 "steps": len(times), "per_rank": per_rank}))
+        median = statistics.median(times)
+        Path(args.result).write_text(
+            json.dumps(
+                {
+                    "median_step_s": median,
+                    "trainable": trainable,
+                    "p90_over_median": sorted(times)[int(0.9 * (len(times) - 1))] / median,
+                    "tokens_per_s": args.micro_batch * args.seq * info.world_size / median,
+                    "steps": len(times),
+                    "per_rank": per_rank,
+                }
+            )
+        )
     distributed.shutdown()
 
 

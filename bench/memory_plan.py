@@ -24,44 +24,94 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-GPT2_SMALL = {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024,
-              "vocab_size": 50257, "bos_token_id": 0, "eos_token_id": 0}
-TINYLLAMA = {"model_type": "llama", "num_hidden_layers": 22, "hidden_size": 2048, "num_attention_heads": 32,
-             "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000,
-             "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2}
+GPT2_SMALL = {
+    "model_type": "gpt2",
+    "n_layer": 12,
+    "n_embd": 768,
+    "n_head": 12,
+    "n_positions": 1024,
+    "vocab_size": 50257,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+TINYLLAMA = {
+    "model_type": "llama",
+    "num_hidden_layers": 22,
+    "hidden_size": 2048,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "intermediate_size": 5632,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 
 # name -> one measurement. GPU: real model sizes; CPU: small shapes that run in seconds.
 GPU_CASES = {
     "gpt2-small zero2 bf16 b8x512": dict(hf=GPT2_SMALL, ds="zero2_bf16", micro_batch=8, seq=512),
     "gpt2-small zero3 bf16 b8x512": dict(hf=GPT2_SMALL, ds="zero3_bf16", micro_batch=8, seq=512),
-    "tinyllama-1.1b zero2 bf16 b8x512": dict(hf=TINYLLAMA, ds="zero2_bf16", micro_batch=8, seq=512,
-                                             targets=["q_proj", "v_proj"]),
+    "tinyllama-1.1b zero2 bf16 b8x512": dict(
+        hf=TINYLLAMA, ds="zero2_bf16", micro_batch=8, seq=512, targets=["q_proj", "v_proj"]
+    ),
     "tinyllama-1.1b zero2 bf16 b8x2048 checkpointed, chunked loss": dict(
-        hf=TINYLLAMA, ds="zero2_bf16", micro_batch=8, seq=2048, targets=["q_proj", "v_proj"],
-        checkpointing=True, chunk_tokens=4096),
+        hf=TINYLLAMA,
+        ds="zero2_bf16",
+        micro_batch=8,
+        seq=2048,
+        targets=["q_proj", "v_proj"],
+        checkpointing=True,
+        chunk_tokens=4096,
+    ),
 }
-CPU_GPT2 = {"model_type": "gpt2", "n_layer": 6, "n_embd": 384, "n_head": 6, "n_positions": 256, "vocab_size": 8192,
-            "bos_token_id": 0, "eos_token_id": 0}
-CPU_LLAMA = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8,
-             "num_key_value_heads": 2, "intermediate_size": 704, "vocab_size": 4096, "max_position_embeddings": 256,
-             "bos_token_id": 1, "eos_token_id": 2}
+CPU_GPT2 = {
+    "model_type": "gpt2",
+    "n_layer": 6,
+    "n_embd": 384,
+    "n_head": 6,
+    "n_positions": 256,
+    "vocab_size": 8192,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+CPU_LLAMA = {
+    "model_type": "llama",
+    "num_hidden_layers": 4,
+    "hidden_size": 256,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 704,
+    "vocab_size": 4096,
+    "max_position_embeddings": 256,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 CPU_CASES = {
     "gpt2 6x384 zero0 fp32 b4x128": dict(hf=CPU_GPT2, ds="zero0_fp32", micro_batch=4, seq=128),
     "gpt2 6x384 zero2 fp32 b4x128": dict(hf=CPU_GPT2, ds="zero2_fp32", micro_batch=4, seq=128),
-    "llama 4x256 gqa zero2 fp32 b4x128": dict(hf=CPU_LLAMA, ds="zero2_fp32", micro_batch=4, seq=128,
-                                              targets=["q_proj", "v_proj"]),
+    "llama 4x256 gqa zero2 fp32 b4x128": dict(
+        hf=CPU_LLAMA, ds="zero2_fp32", micro_batch=4, seq=128, targets=["q_proj", "v_proj"]
+    ),
 }
 
 
 def case_spec(case: dict, device: str) -> dict:
     """A case with every default filled in (what `--one` reads)."""
     gpt2 = case["hf"]["model_type"] == "gpt2"
-    return {"hf": case["hf"], "ds": json.loads((ROOT / "configs" / "ds" / f"{case['ds']}.json").read_text()),
-            "micro_batch": case["micro_batch"], "seq": case["seq"], "steps": case.get("steps", 3),
-            "targets": case.get("targets", ["c_attn"]), "fused_slices": ["q", "v"] if gpt2 else [],
-            "rank": case.get("rank", 8), "num_sparse": case.get("num_sparse", 64),
-            "checkpointing": case.get("checkpointing", False), "chunk_tokens": case.get("chunk_tokens", 0),
-            "device": device}
+    return {
+        "hf": case["hf"],
+        "ds": json.loads((ROOT / "configs" / "ds" / f"{case['ds']}.json").read_text()),
+        "micro_batch": case["micro_batch"],
+        "seq": case["seq"],
+        "steps": case.get("steps", 3),
+        "targets": case.get("targets", ["c_attn"]),
+        "fused_slices": ["q", "v"] if gpt2 else [],
+        "rank": case.get("rank", 8),
+        "num_sparse": case.get("num_sparse", 64),
+        "checkpointing": case.get("checkpointing", False),
+        "chunk_tokens": case.get("chunk_tokens", 0),
+        "device": device,
+    }
 
 
 class _DSEESettings:
@@ -75,18 +125,28 @@ class _DSEESettings:
 def planned(spec: dict) -> dict:
     from dsee_dist.recipes.plan import plan_run
 
-    plan, _ = plan_run(spec["hf"], method="dsee", dsee_cfg=_DSEESettings(spec), ds_config=_full_ds(spec),
-                       world_size=1, micro_batch_size=spec["micro_batch"], seq_len=spec["seq"], padded=True,
-                       activation_checkpointing=spec["checkpointing"], loss_chunk_tokens=spec["chunk_tokens"],
-                       dropout=0.0)
+    plan, _ = plan_run(
+        spec["hf"],
+        method="dsee",
+        dsee_cfg=_DSEESettings(spec),
+        ds_config=_full_ds(spec),
+        world_size=1,
+        micro_batch_size=spec["micro_batch"],
+        seq_len=spec["seq"],
+        padded=True,
+        activation_checkpointing=spec["checkpointing"],
+        loss_chunk_tokens=spec["chunk_tokens"],
+        dropout=0.0,
+    )
     return {"peak_bytes": plan.peak, "rows_bytes": plan.rows}
 
 
 def _full_ds(spec: dict) -> dict:
     from dsee_dist.engine import distributed
 
-    return distributed.build_deepspeed_config(spec["ds"], {}, micro_batch_size=spec["micro_batch"], grad_accum_steps=1,
-                                              grad_clip=1.0, world_size=1)
+    return distributed.build_deepspeed_config(
+        spec["ds"], {}, micro_batch_size=spec["micro_batch"], grad_accum_steps=1, grad_clip=1.0, world_size=1
+    )
 
 
 def _batch(spec: dict, step: int, vocab: int):
@@ -97,7 +157,7 @@ def _batch(spec: dict, step: int, vocab: int):
     b, s = spec["micro_batch"], spec["seq"]
     ids = torch.randint(0, vocab, (b, s), generator=g)
     mask = torch.ones(b, s, dtype=torch.long)
-    mask[::2, s - s // 4:] = 0
+    mask[::2, s - s // 4 :] = 0
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
@@ -126,8 +186,9 @@ def measure(specs: list[dict]) -> list[dict]:
             with torch.device(dev):
                 run_steps(spec, ds, dev, token_loss_sum)
             torch.cuda.synchronize()
-            results.append({"peak_bytes": torch.cuda.max_memory_allocated() - base,
-                            "how": "torch.cuda.max_memory_allocated"})
+            results.append(
+                {"peak_bytes": torch.cuda.max_memory_allocated() - base, "how": "torch.cuda.max_memory_allocated"}
+            )
             continue
         from torch.profiler import ProfilerActivity, profile
 
@@ -166,9 +227,13 @@ def run_steps(spec: dict, ds: dict, dev, loss_fn) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     specs = find_targets(model, spec["targets"], spec["fused_slices"])
-    support = {name: select_support(torch.zeros(rows[1], s.in_features), spec["num_sparse"], "random",
-                                    generator=matrix_generator(0, name))
-               for s in specs for rows, name in zip(s.slices, s.matrix_names())}
+    support = {
+        name: select_support(
+            torch.zeros(rows[1], s.in_features), spec["num_sparse"], "random", generator=matrix_generator(0, name)
+        )
+        for s in specs
+        for rows, name in zip(s.slices, s.matrix_names())
+    }
     inject_dsee(model, specs, support, rank=spec["rank"], alpha=2 * spec["rank"], dropout=0.0, seed=0)
     params = mark_only_adapters_trainable(model)
     if spec["checkpointing"]:
@@ -187,19 +252,34 @@ def run_cases(specs: list[dict]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "specs.json"
         spec_file.write_text(json.dumps(specs))
-        env = dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions")))
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one", str(spec_file)],
-                              capture_output=True, text=True, env=env, cwd=str(ROOT))
+        env = dict(
+            os.environ,
+            TORCH_EXTENSIONS_DIR=os.environ.get(
+                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions")
+            ),
+        )
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--one", str(spec_file)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"measurement failed:\n{proc.stderr[-3000:]}")
         measured = json.loads(proc.stdout.strip().splitlines()[-1])
     results = []
     for spec, one in zip(specs, measured):
         plan = planned(spec)
-        results.append({"measured_bytes": one["peak_bytes"], "planned_bytes": plan["peak_bytes"], "how": one["how"],
-                        "planned_rows_bytes": plan["rows_bytes"],
-                        "measured_over_planned": round(one["peak_bytes"] / plan["peak_bytes"], 4)})
+        results.append(
+            {
+                "measured_bytes": one["peak_bytes"],
+                "planned_bytes": plan["peak_bytes"],
+                "how": one["how"],
+                "planned_rows_bytes": plan["rows_bytes"],
+                "measured_over_planned": round(one["peak_bytes"] / plan["peak_bytes"], 4),
+            }
+        )
     return results
 
 
@@ -214,8 +294,10 @@ def main() -> None:
     import torch
 
     if not args.cpu and not torch.cuda.is_available():
-        print("bench/memory_plan.py: no CUDA GPU on this machine: GPU measurement skipped "
-              "(run with --cpu for the CPU allocator check)")
+        print(
+            "bench/memory_plan.py: no CUDA GPU on this machine: GPU measurement skipped "
+            "(run with --cpu for the CPU allocator check)"
+        )
         print(json.dumps({"skipped": "no GPU"}))
         return
     cases, tolerance = (CPU_CASES, 0.30) if args.cpu else (GPU_CASES, 0.15)
@@ -225,11 +307,21 @@ def main() -> None:
         (result,) = run_cases([case_spec(case, device)])
         results[name] = result
         within = abs(result["measured_over_planned"] - 1) <= tolerance
-        print(f"{name:60s} measured {result['measured_bytes'] / 2**20:9.1f} MiB  planned "
-              f"{result['planned_bytes'] / 2**20:9.1f} MiB  ratio {result['measured_over_planned']:.3f}"
-              f"{'' if within else '  OUTSIDE ' + format(tolerance, '.0%')}", flush=True)
-    print(json.dumps({"device": device, "tolerance": tolerance,
-                      "ratios": {k: v["measured_over_planned"] for k, v in results.items()}}))
+        print(
+            f"{name:60s} measured {result['measured_bytes'] / 2**20:9.1f} MiB  planned "
+            f"{result['planned_bytes'] / 2**20:9.1f} MiB  ratio {result['measured_over_planned']:.3f}"
+            f"{'' if within else '  OUTSIDE ' + format(tolerance, '.0%')}",
+            flush=True,
+        )
+    print(
+        json.dumps(
+            {
+                "device": device,
+                "tolerance": tolerance,
+                "ratios": {k: v["measured_over_planned"] for k, v in results.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,12 +29,17 @@ from dataclasses import dataclass, field
 from dsee_dist.errors import ConfigError
 
 FP32 = 4
-GIB = 1024 ** 3
-MIB = 1024 ** 2
+GIB = 1024**3
+MIB = 1024**2
 # DeepSpeed's defaults for the keys the plan reads (deepspeed/runtime/zero/config.py).
-DS_DEFAULTS = {"reduce_bucket_size": 5e8, "overlap_comm_stage3": True, "overlap_comm": False,
-               "contiguous_gradients": True, "stage3_max_live_parameters": 1e9,
-               "stage3_param_persistence_threshold": 1e5}
+DS_DEFAULTS = {
+    "reduce_bucket_size": 5e8,
+    "overlap_comm_stage3": True,
+    "overlap_comm": False,
+    "contiguous_gradients": True,
+    "stage3_max_live_parameters": 1e9,
+    "stage3_param_persistence_threshold": 1e5,
+}
 
 
 @dataclass(frozen=True)
@@ -70,19 +75,44 @@ def shape_from_hf_config(config: dict, dropout: float | None = None) -> ModelSha
     if model_type == "gpt2":
         hidden = config["n_embd"]
         resid = config.get("resid_pdrop", 0.1) if dropout is None else dropout
-        return ModelShape("gpt2", config["n_layer"], hidden, config["n_head"], config["n_head"],
-                          hidden // config["n_head"], config.get("n_inner") or 4 * hidden, config["vocab_size"],
-                          config.get("n_positions", 1024), config.get("tie_word_embeddings", True),
-                          config.get("activation_function", "gelu_new"), float(resid), True, True)
+        return ModelShape(
+            "gpt2",
+            config["n_layer"],
+            hidden,
+            config["n_head"],
+            config["n_head"],
+            hidden // config["n_head"],
+            config.get("n_inner") or 4 * hidden,
+            config["vocab_size"],
+            config.get("n_positions", 1024),
+            config.get("tie_word_embeddings", True),
+            config.get("activation_function", "gelu_new"),
+            float(resid),
+            True,
+            True,
+        )
     if model_type in LLAMA_LIKE:
         hidden, heads = config["hidden_size"], config["num_attention_heads"]
-        return ModelShape("llama", config["num_hidden_layers"], hidden, heads,
-                          config.get("num_key_value_heads") or heads, config.get("head_dim") or hidden // heads,
-                          config["intermediate_size"], config["vocab_size"], config.get("max_position_embeddings", 2048),
-                          config.get("tie_word_embeddings", False), config.get("hidden_act", "silu"), 0.0,
-                          bool(config.get("attention_bias", model_type == "qwen2")), bool(config.get("mlp_bias", False)))
-    raise ConfigError(f"dsee-dist plan knows GPT-2 and Llama-style decoders ({', '.join(('gpt2',) + LLAMA_LIKE)}), "
-                      f"not model_type '{model_type}'; plan a model of one of those families")
+        return ModelShape(
+            "llama",
+            config["num_hidden_layers"],
+            hidden,
+            heads,
+            config.get("num_key_value_heads") or heads,
+            config.get("head_dim") or hidden // heads,
+            config["intermediate_size"],
+            config["vocab_size"],
+            config.get("max_position_embeddings", 2048),
+            config.get("tie_word_embeddings", False),
+            config.get("hidden_act", "silu"),
+            0.0,
+            bool(config.get("attention_bias", model_type == "qwen2")),
+            bool(config.get("mlp_bias", False)),
+        )
+    raise ConfigError(
+        f"dsee-dist plan knows GPT-2 and Llama-style decoders ({', '.join(('gpt2',) + LLAMA_LIKE)}), "
+        f"not model_type '{model_type}'; plan a model of one of those families"
+    )
 
 
 @dataclass(frozen=True)
@@ -107,20 +137,24 @@ def linear_modules(shape: ModelShape) -> list[LinearModule]:
     for i in range(shape.n_layer):
         if shape.family == "gpt2":
             p = f"transformer.h.{i}."
-            mods += [LinearModule(p + "attn.c_attn", h, 3 * h, "attn_norm", True, i),
-                     LinearModule(p + "attn.c_proj", h, h, "attn_out", True, i),
-                     LinearModule(p + "mlp.c_fc", h, ff, "mlp_norm", True, i),
-                     LinearModule(p + "mlp.c_proj", ff, h, "mlp_act", True, i)]
+            mods += [
+                LinearModule(p + "attn.c_attn", h, 3 * h, "attn_norm", True, i),
+                LinearModule(p + "attn.c_proj", h, h, "attn_out", True, i),
+                LinearModule(p + "mlp.c_fc", h, ff, "mlp_norm", True, i),
+                LinearModule(p + "mlp.c_proj", ff, h, "mlp_act", True, i),
+            ]
         else:
             p = f"model.layers.{i}."
             ab, mb = shape.attention_bias, shape.mlp_bias
-            mods += [LinearModule(p + "self_attn.q_proj", h, q_width, "attn_norm", ab, i),
-                     LinearModule(p + "self_attn.k_proj", h, kv, "attn_norm", ab, i),
-                     LinearModule(p + "self_attn.v_proj", h, kv, "attn_norm", ab, i),
-                     LinearModule(p + "self_attn.o_proj", q_width, h, "attn_out", False, i),
-                     LinearModule(p + "mlp.gate_proj", h, ff, "mlp_norm", mb, i),
-                     LinearModule(p + "mlp.up_proj", h, ff, "mlp_norm", mb, i),
-                     LinearModule(p + "mlp.down_proj", ff, h, "mlp_act", mb, i)]
+            mods += [
+                LinearModule(p + "self_attn.q_proj", h, q_width, "attn_norm", ab, i),
+                LinearModule(p + "self_attn.k_proj", h, kv, "attn_norm", ab, i),
+                LinearModule(p + "self_attn.v_proj", h, kv, "attn_norm", ab, i),
+                LinearModule(p + "self_attn.o_proj", q_width, h, "attn_out", False, i),
+                LinearModule(p + "mlp.gate_proj", h, ff, "mlp_norm", mb, i),
+                LinearModule(p + "mlp.up_proj", h, ff, "mlp_norm", mb, i),
+                LinearModule(p + "mlp.down_proj", ff, h, "mlp_act", mb, i),
+            ]
     mods.append(LinearModule("lm_head", h, shape.vocab, "final_norm", False, -1))
     return mods
 
@@ -191,21 +225,28 @@ class EngineSettings:
         return 2 if self.bf16 else FP32
 
     @classmethod
-    def from_deepspeed_config(cls, ds: dict, world_size: int) -> "EngineSettings":
+    def from_deepspeed_config(cls, ds: dict, world_size: int) -> EngineSettings:
         zero = ds.get("zero_optimization", {}) or {}
         stage = int(zero.get("stage", 0))
         if (ds.get("fp16", {}) or {}).get("enabled"):
             raise ConfigError("dsee-dist plan covers fp32 and bf16 runs; the DeepSpeed JSON enables fp16")
         return cls(
-            zero_stage=stage, world_size=world_size, bf16=bool((ds.get("bf16", {}) or {}).get("enabled")),
+            zero_stage=stage,
+            world_size=world_size,
+            bf16=bool((ds.get("bf16", {}) or {}).get("enabled")),
             reduce_bucket_size=int(float(zero.get("reduce_bucket_size", DS_DEFAULTS["reduce_bucket_size"]))),
-            overlap_comm=bool(zero.get("overlap_comm", DS_DEFAULTS["overlap_comm_stage3"] if stage == 3
-                                       else DS_DEFAULTS["overlap_comm"])),
+            overlap_comm=bool(
+                zero.get(
+                    "overlap_comm", DS_DEFAULTS["overlap_comm_stage3"] if stage == 3 else DS_DEFAULTS["overlap_comm"]
+                )
+            ),
             contiguous_gradients=bool(zero.get("contiguous_gradients", DS_DEFAULTS["contiguous_gradients"])),
-            max_live_parameters=int(float(zero.get("stage3_max_live_parameters",
-                                                   DS_DEFAULTS["stage3_max_live_parameters"]))),
-            persistence_threshold=int(float(zero.get("stage3_param_persistence_threshold",
-                                                     DS_DEFAULTS["stage3_param_persistence_threshold"]))),
+            max_live_parameters=int(
+                float(zero.get("stage3_max_live_parameters", DS_DEFAULTS["stage3_max_live_parameters"]))
+            ),
+            persistence_threshold=int(
+                float(zero.get("stage3_param_persistence_threshold", DS_DEFAULTS["stage3_param_persistence_threshold"]))
+            ),
             offload_optimizer=(zero.get("offload_optimizer", {}) or {}).get("device", "none") not in ("none", None),
             offload_param=(zero.get("offload_param", {}) or {}).get("device", "none") not in ("none", None),
         )
@@ -245,8 +286,15 @@ class MemoryPlan:
         return self.peak <= device_bytes
 
 
-def _layer_saved_bytes(shape: ModelShape, adapted_in_layer: list[AdaptedModule], w: Workload, b: int,
-                       rank: int, num_sparse: int, first_layer: bool) -> int:
+def _layer_saved_bytes(
+    shape: ModelShape,
+    adapted_in_layer: list[AdaptedModule],
+    w: Workload,
+    b: int,
+    rank: int,
+    num_sparse: int,
+    first_layer: bool,
+) -> int:
     """Bytes autograd saves for one block in forward (frozen base, DSEE on `adapted_in_layer`)."""
     tokens = w.micro_batch_size * w.seq_len
     h, ff, kv = shape.hidden, shape.intermediate, shape.kv_width
@@ -284,12 +332,17 @@ def _layer_saved_bytes(shape: ModelShape, adapted_in_layer: list[AdaptedModule],
     return tokens * per_token + fixed
 
 
-def activation_bytes(shape: ModelShape, adapted: list[AdaptedModule], w: Workload, b: int, rank: int,
-                     num_sparse: int) -> tuple[int, int]:
+def activation_bytes(
+    shape: ModelShape, adapted: list[AdaptedModule], w: Workload, b: int, rank: int, num_sparse: int
+) -> tuple[int, int]:
     """(saved activations without checkpointing, peak activations with checkpointing), bytes."""
     tokens = w.micro_batch_size * w.seq_len
-    per_layer = [_layer_saved_bytes(shape, [a for a in adapted if a.module.layer == i], w, b, rank, num_sparse,
-                                    first_layer=i == 0) for i in range(shape.n_layer)]
+    per_layer = [
+        _layer_saved_bytes(
+            shape, [a for a in adapted if a.module.layer == i], w, b, rank, num_sparse, first_layer=i == 0
+        )
+        for i in range(shape.n_layer)
+    ]
     final_norm = tokens * (shape.hidden * (FP32 if shape.family == "llama" else b) + FP32)
     mask = w.micro_batch_size * w.seq_len * w.seq_len if w.padded else 0  # the 4-D boolean attention mask
     plain = sum(per_layer) + final_norm + mask
@@ -307,9 +360,16 @@ def logits_bytes(shape: ModelShape, w: Workload, b: int) -> tuple[int, int]:
     return positions * per_position, chunk * per_position
 
 
-def compute_plan(shape: ModelShape, adapted: list[AdaptedModule], rank: int, num_sparse: int,
-                 engine: EngineSettings, workload: Workload, total_params: int | None = None,
-                 extra_trainable: list[int] = ()) -> MemoryPlan:
+def compute_plan(
+    shape: ModelShape,
+    adapted: list[AdaptedModule],
+    rank: int,
+    num_sparse: int,
+    engine: EngineSettings,
+    workload: Workload,
+    total_params: int | None = None,
+    extra_trainable: list[int] = (),
+) -> MemoryPlan:
     """The per-rank memory plan of one configuration. `total_params`: the model's parameter count (default:
     `parameter_count(shape)`); `extra_trainable`: trained tensors outside `adapted` (full fine-tuning's
     embeddings and norms)."""
@@ -329,11 +389,15 @@ def compute_plan(shape: ModelShape, adapted: list[AdaptedModule], rank: int, num
         rows["frozen parameters"] = 0 if engine.offload_param else -(-frozen // n) * b
         persistent = sum(t for t in trainable_tensors if t <= engine.persistence_threshold)
         rows["trainable parameters"] = (persistent + -(-(trainable - persistent) // n)) * b
-        gathered = min(frozen + trainable - persistent, max(engine.max_live_parameters, max(
-            m.in_features * m.out_features for m in linear_modules(shape))))
+        gathered = min(
+            frozen + trainable - persistent,
+            max(engine.max_live_parameters, max(m.in_features * m.out_features for m in linear_modules(shape))),
+        )
         rows["gathered parameters (ZeRO-3)"] = gathered * b
-        notes.append(f"ZeRO-3 keeps up to stage3_max_live_parameters={engine.max_live_parameters:.3g} gathered "
-                     f"values alive in forward/backward ({gathered * b / GIB:.2f} GiB here)")
+        notes.append(
+            f"ZeRO-3 keeps up to stage3_max_live_parameters={engine.max_live_parameters:.3g} gathered "
+            f"values alive in forward/backward ({gathered * b / GIB:.2f} GiB here)"
+        )
     else:
         rows["frozen parameters"] = frozen * b
         rows["trainable parameters"] = trainable * b
@@ -361,10 +425,12 @@ def compute_plan(shape: ModelShape, adapted: list[AdaptedModule], rank: int, num
     rows["optimizer: fp32 master + Adam moments"] = master + moments
     act_plain, act_ckpt = activation_bytes(shape, adapted, workload, b, rank, num_sparse)
     log_plain, log_chunked = logits_bytes(shape, workload, b)
-    rows["activations" + (" (checkpointed)" if workload.activation_checkpointing else "")] = \
+    rows["activations" + (" (checkpointed)" if workload.activation_checkpointing else "")] = (
         act_ckpt if workload.activation_checkpointing else act_plain
-    rows["logits + loss" + (f" (chunks of {workload.loss_chunk_tokens})" if workload.loss_chunk_tokens else "")] = \
+    )
+    rows["logits + loss" + (f" (chunks of {workload.loss_chunk_tokens})" if workload.loss_chunk_tokens else "")] = (
         log_chunked if workload.loss_chunk_tokens else log_plain
+    )
     if engine.offload_param:
         host += -(-frozen // n) * b
     return MemoryPlan(rows, act_plain, act_ckpt, log_plain, log_chunked, host, trainable, frozen, notes)

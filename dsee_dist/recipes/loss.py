@@ -42,7 +42,9 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tenso
     return _sum_cross_entropy(head(hidden), labels)
 
 
-def chunked_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+def chunked_loss_sum(
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
     """Sum of cross-entropies of `head(hidden)` against `labels` (both already shifted), `chunk_tokens` positions
     at a time; positions with no label are skipped entirely."""
     flat_hidden = hidden.flatten(0, -2)
@@ -60,8 +62,10 @@ def token_loss_sum(model, batch: dict, dev, chunk_tokens: int = 0) -> tuple[torc
     """(sum of next-token cross-entropies over the labelled tokens, their count as a tensor), for one micro-batch.
     `model` is the DeepSpeed engine (or any module returning `.logits`); `chunk_tokens` > 0 chunks the loss."""
     labels = batch["labels"][:, 1:].to(dev, non_blocking=True)
-    inputs = dict(input_ids=batch["input_ids"].to(dev, non_blocking=True),
-                  attention_mask=batch["attention_mask"].to(dev, non_blocking=True))
+    inputs = dict(
+        input_ids=batch["input_ids"].to(dev, non_blocking=True),
+        attention_mask=batch["attention_mask"].to(dev, non_blocking=True),
+    )
     count = (labels != IGNORE_INDEX).sum()
     if not chunk_tokens:
         logits = model(**inputs).logits

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-from pathlib import Path
 
 from dsee_dist.config import Config, load_config, resolve_path
 from dsee_dist.engine import memory
@@ -21,8 +20,18 @@ from dsee_dist.errors import ConfigError, DSEEError
 
 logger = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4,
-          "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -39,13 +48,20 @@ def hf_config_of(cfg: Config) -> dict:
         path = resolve_path(cfg, cfg.model.path)
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ConfigError(f"model.path '{cfg.model.path}' has no config.json; dsee-dist plan reads the model's "
-                              f"shape from it (no weights are needed): point model.path at a local model directory")
+            raise ConfigError(
+                f"model.path '{cfg.model.path}' has no config.json; dsee-dist plan reads the model's "
+                f"shape from it (no weights are needed): point model.path at a local model directory"
+            )
         return json.loads(config_file.read_text())
     from dsee_dist.models.loading import BUILTIN_MODELS
 
-    return {"model_type": "gpt2", "vocab_size": cfg.model.tokenizer_vocab_size, "bos_token_id": 0, "eos_token_id": 0,
-            **BUILTIN_MODELS[cfg.model.builtin]}
+    return {
+        "model_type": "gpt2",
+        "vocab_size": cfg.model.tokenizer_vocab_size,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        **BUILTIN_MODELS[cfg.model.builtin],
+    }
 
 
 def _meta_model(hf_config: dict):
@@ -64,15 +80,20 @@ def trained_modules(model, shape: memory.ModelShape, method: str, dsee_cfg) -> l
 
     by_name = {m.name: m for m in memory.linear_modules(shape)}
     if method == "full":
-        return [memory.AdaptedModule(m, "full") for m in by_name.values()
-                if not (m.name == "lm_head" and shape.tied_embeddings)]
+        return [
+            memory.AdaptedModule(m, "full")
+            for m in by_name.values()
+            if not (m.name == "lm_head" and shape.tied_embeddings)
+        ]
     fused = dsee_cfg.fused_slices if method == "dsee" else []
     specs = find_targets(model, dsee_cfg.target_modules, fused, dsee_cfg.exclude_modules)
     adapted = []
     for spec in specs:
         if spec.name not in by_name:
-            raise ConfigError(f"dsee-dist plan has no activation model for the adapted module '{spec.name}'; "
-                              f"plan a run that adapts the attention or MLP projections")
+            raise ConfigError(
+                f"dsee-dist plan has no activation model for the adapted module '{spec.name}'; "
+                f"plan a run that adapts the attention or MLP projections"
+            )
         if method == "lora":
             adapted.append(memory.AdaptedModule(by_name[spec.name], "lora"))
         else:
@@ -80,9 +101,20 @@ def trained_modules(model, shape: memory.ModelShape, method: str, dsee_cfg) -> l
     return adapted
 
 
-def plan_run(hf_config: dict, *, method: str, dsee_cfg, ds_config: dict, world_size: int, micro_batch_size: int,
-             seq_len: int, padded: bool, activation_checkpointing: bool = False, loss_chunk_tokens: int = 0,
-             dropout: float | None = None) -> tuple[memory.MemoryPlan, memory.ModelShape]:
+def plan_run(
+    hf_config: dict,
+    *,
+    method: str,
+    dsee_cfg,
+    ds_config: dict,
+    world_size: int,
+    micro_batch_size: int,
+    seq_len: int,
+    padded: bool,
+    activation_checkpointing: bool = False,
+    loss_chunk_tokens: int = 0,
+    dropout: float | None = None,
+) -> tuple[memory.MemoryPlan, memory.ModelShape]:
     """The memory plan of one run, from its parts (also used by bench/memory_plan.py)."""
     shape = memory.shape_from_hf_config(hf_config, dropout=dropout)
     model = _meta_model(hf_config)
@@ -96,8 +128,9 @@ def plan_run(hf_config: dict, *, method: str, dsee_cfg, ds_config: dict, world_s
     num_sparse = dsee_cfg.num_sparse if method == "dsee" else 0
     engine = memory.EngineSettings.from_deepspeed_config(ds_config, world_size)
     workload = memory.Workload(micro_batch_size, seq_len, padded, activation_checkpointing, loss_chunk_tokens)
-    plan = memory.compute_plan(shape, adapted, rank, num_sparse, engine, workload, total_params=total,
-                               extra_trainable=extra)
+    plan = memory.compute_plan(
+        shape, adapted, rank, num_sparse, engine, workload, total_params=total, extra_trainable=extra
+    )
     return plan, shape
 
 
@@ -107,15 +140,27 @@ def plan_config(cfg: Config, world_size: int) -> tuple[memory.MemoryPlan, memory
     from dsee_dist.recipes.methods import method_of
 
     ds_config = distributed.build_deepspeed_config(
-        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)), cfg.deepspeed.overrides,
-        micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
-        grad_clip=cfg.train.grad_clip, world_size=world_size)
+        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
+        cfg.deepspeed.overrides,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_clip=cfg.train.grad_clip,
+        world_size=world_size,
+    )
     train = cfg.train
     plan, shape = plan_run(
-        hf_config_of(cfg), method=method_of(cfg), dsee_cfg=cfg.dsee, ds_config=ds_config, world_size=world_size,
-        micro_batch_size=train.micro_batch_size, seq_len=cfg.data.block_size, padded=cfg.data.format != "text",
+        hf_config_of(cfg),
+        method=method_of(cfg),
+        dsee_cfg=cfg.dsee,
+        ds_config=ds_config,
+        world_size=world_size,
+        micro_batch_size=train.micro_batch_size,
+        seq_len=cfg.data.block_size,
+        padded=cfg.data.format != "text",
         activation_checkpointing=getattr(train, "activation_checkpointing", False),
-        loss_chunk_tokens=getattr(train, "loss_chunk_tokens", 0), dropout=cfg.model.dropout)
+        loss_chunk_tokens=getattr(train, "loss_chunk_tokens", 0),
+        dropout=cfg.model.dropout,
+    )
     return plan, shape, ds_config
 
 
@@ -127,10 +172,14 @@ def render_table(plan: memory.MemoryPlan, shape: memory.ModelShape, header: str,
     lines = [header, f"{'component (per rank)':44s} {'memory':>13s}"]
     lines += [f"{name:44s} {_size(value)}" for name, value in plan.rows.items()]
     lines.append(f"{'peak':44s} {_size(plan.peak)}")
-    lines.append(f"  activations without / with checkpointing: {_size(plan.activations_plain).strip()} / "
-                 f"{_size(plan.activations_checkpointed).strip()}")
-    lines.append(f"  logits + loss, plain / chunked (train.loss_chunk_tokens): {_size(plan.logits_plain).strip()} / "
-                 f"{_size(plan.logits_chunked).strip()}")
+    lines.append(
+        f"  activations without / with checkpointing: {_size(plan.activations_plain).strip()} / "
+        f"{_size(plan.activations_checkpointed).strip()}"
+    )
+    lines.append(
+        f"  logits + loss, plain / chunked (train.loss_chunk_tokens): {_size(plan.logits_plain).strip()} / "
+        f"{_size(plan.logits_chunked).strip()}"
+    )
     if plan.host_bytes:
         lines.append(f"  offloaded to host memory: {_size(plan.host_bytes).strip()}")
     lines += [f"  note: {note}" for note in plan.notes]
@@ -140,15 +189,21 @@ def render_table(plan: memory.MemoryPlan, shape: memory.ModelShape, header: str,
 
 def verdict(plan: memory.MemoryPlan, device_bytes: int | None) -> str:
     if device_bytes is None:
-        return (f"verdict: peak {plan.peak / memory.GIB:.2f} GiB per rank; no device memory given "
-                f"(pass --device-memory, e.g. 80GiB)")
+        return (
+            f"verdict: peak {plan.peak / memory.GIB:.2f} GiB per rank; no device memory given "
+            f"(pass --device-memory, e.g. 80GiB)"
+        )
     share = plan.peak / device_bytes
     if plan.fits(device_bytes):
-        return (f"verdict: FITS: peak {plan.peak / memory.GIB:.2f} GiB per rank of {device_bytes / memory.GIB:.2f} GiB "
-                f"({share:.0%})")
-    return (f"verdict: DOES NOT FIT: peak {plan.peak / memory.GIB:.2f} GiB per rank > {device_bytes / memory.GIB:.2f} GiB "
-            f"({share:.0%}); try train.activation_checkpointing=true, train.loss_chunk_tokens, a smaller "
-            f"train.micro_batch_size, ZeRO-3 or more ranks")
+        return (
+            f"verdict: FITS: peak {plan.peak / memory.GIB:.2f} GiB per rank of {device_bytes / memory.GIB:.2f} GiB "
+            f"({share:.0%})"
+        )
+    return (
+        f"verdict: DOES NOT FIT: peak {plan.peak / memory.GIB:.2f} GiB per rank > {device_bytes / memory.GIB:.2f} GiB "
+        f"({share:.0%}); try train.activation_checkpointing=true, train.loss_chunk_tokens, a smaller "
+        f"train.micro_batch_size, ZeRO-3 or more ranks"
+    )
 
 
 def _local_device_memory() -> int | None:
@@ -166,10 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsee-dist plan", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="experiment YAML (e.g. configs/quickstart.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, as for training")
-    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
-                        help="ranks the run will use (default: $WORLD_SIZE or 1)")
-    parser.add_argument("--device-memory", default=None,
-                        help="memory of one device, e.g. 80GiB (default: this machine's first GPU, if any)")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=int(os.environ.get("WORLD_SIZE", "1")),
+        help="ranks the run will use (default: $WORLD_SIZE or 1)",
+    )
+    parser.add_argument(
+        "--device-memory",
+        default=None,
+        help="memory of one device, e.g. 80GiB (default: this machine's first GPU, if any)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_intermixed_args(argv)
     try:
@@ -183,21 +245,35 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     engine = memory.EngineSettings.from_deepspeed_config(ds_config, args.world_size)
     if args.json:
-        print(json.dumps({
-            "rows_bytes": plan.rows, "peak_bytes": plan.peak, "device_bytes": device_bytes,
-            "fits": None if device_bytes is None else plan.fits(device_bytes),
-            "activations_plain_bytes": plan.activations_plain,
-            "activations_checkpointed_bytes": plan.activations_checkpointed,
-            "logits_plain_bytes": plan.logits_plain, "logits_chunked_bytes": plan.logits_chunked,
-            "host_bytes": plan.host_bytes, "trainable_params": plan.trainable_params,
-            "frozen_params": plan.frozen_params, "zero_stage": engine.zero_stage, "world_size": args.world_size,
-            "dtype": "bf16" if engine.bf16 else "fp32", "micro_batch_size": cfg.train.micro_batch_size,
-            "seq_len": cfg.data.block_size, "notes": plan.notes,
-        }))
+        print(
+            json.dumps(
+                {
+                    "rows_bytes": plan.rows,
+                    "peak_bytes": plan.peak,
+                    "device_bytes": device_bytes,
+                    "fits": None if device_bytes is None else plan.fits(device_bytes),
+                    "activations_plain_bytes": plan.activations_plain,
+                    "activations_checkpointed_bytes": plan.activations_checkpointed,
+                    "logits_plain_bytes": plan.logits_plain,
+                    "logits_chunked_bytes": plan.logits_chunked,
+                    "host_bytes": plan.host_bytes,
+                    "trainable_params": plan.trainable_params,
+                    "frozen_params": plan.frozen_params,
+                    "zero_stage": engine.zero_stage,
+                    "world_size": args.world_size,
+                    "dtype": "bf16" if engine.bf16 else "fp32",
+                    "micro_batch_size": cfg.train.micro_batch_size,
+                    "seq_len": cfg.data.block_size,
+                    "notes": plan.notes,
+                }
+            )
+        )
         return 0
-    header = (f"plan: {shape.family} {shape.n_layer} x {shape.hidden} ({shape.n_head} heads, {shape.n_kv_head} KV), "
-              f"vocab {shape.vocab}; {plan.trainable_params:,} trainable / {plan.frozen_params:,} frozen parameters; "
-              f"ZeRO-{engine.zero_stage}, {'bf16' if engine.bf16 else 'fp32'}, world size {args.world_size}, "
-              f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.block_size} tokens")
+    header = (
+        f"plan: {shape.family} {shape.n_layer} x {shape.hidden} ({shape.n_head} heads, {shape.n_kv_head} KV), "
+        f"vocab {shape.vocab}; {plan.trainable_params:,} trainable / {plan.frozen_params:,} frozen parameters; "
+        f"ZeRO-{engine.zero_stage}, {'bf16' if engine.bf16 else 'fp32'}, world size {args.world_size}, "
+        f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.block_size} tokens"
+    )
     print(render_table(plan, shape, header, device_bytes))
     return 0
