@@ -38,6 +38,7 @@ from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
 from dsee_dist.engine import checkpoint, distributed
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from dsee_dist.errors import DSEEError
+from dsee_dist.eval.during_training import GenerationEval
 from dsee_dist.models import loading as models
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
 from dsee_dist.pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
@@ -284,6 +285,7 @@ def fit(stage: Stage) -> int | None:
         f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
     stage.metrics = MetricsLogger(stage.out_dir, dist_info.is_rank_zero, stage.max_steps, stage.start_step)
     preemption = PreemptionHandler()
+    generation = GenerationEval(stage)  # eval.generate_every_n_steps, checkpoint.keep_best, final_generate
     stage.engine.train()  # from_pretrained returns the model in eval mode
     t_last = time.time()
     for step in range(stage.start_step, stage.max_steps):
@@ -297,14 +299,16 @@ def fit(stage: Stage) -> int | None:
             t_last = log_progress(stage, done, loss, lr, t_last)
         if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < stage.max_steps:
             periodic_evaluate(stage, done)
+        new_best = generation.after_step(stage, done)
         preempted = preemption.should_stop()
         planned_stop = cfg.train.stop_after_steps > 0 and done - stage.start_step >= cfg.train.stop_after_steps
         every = cfg.checkpoint.every
-        if preempted or planned_stop or done == stage.max_steps or (every and done % every == 0):
+        if preempted or planned_stop or new_best or done == stage.max_steps or (every and done % every == 0):
             save_checkpoint(stage, done)
         if preempted or (planned_stop and done < stage.max_steps):
             return stop_early(stage, done, preemption if preempted else None)
     preemption.restore()
+    generation.finish(stage)
     return None
 
 
