@@ -22,3 +22,14 @@ def cluster():
         yield c
     finally:
         c.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test that used the cluster gets the tails of slurmctld.log and each slurmd log in its report
+    (taken while the cluster still runs), so that the failure explains itself."""
+    outcome = yield
+    report = outcome.get_result()
+    cluster = getattr(item, "funcargs", {}).get("cluster")
+    if report.failed and isinstance(cluster, Cluster):
+        report.sections.append((f"Slurm logs ({cluster.root}/log)", cluster.log_excerpts()))

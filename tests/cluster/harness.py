@@ -6,11 +6,16 @@ process gets its own UTS namespace (hostname) via `unshare --uts`; `nsenter --ne
 which remounts /sys and stops slurmd). One munged serves every node through its socket file. All state
 lives in a private directory; everything started is stopped by PID (process group), never by name, and
 the network and /etc/hosts are restored, also when a test fails.
+
+Every wait here is bounded, and every Slurm command has a timeout. `Cluster.log_excerpts()` gives the tail of
+slurmctld.log and of each node's slurmd log (kept in `<root>/log`); tests/cluster/conftest.py attaches it to
+every failing cluster test, so a failure explains itself.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +28,9 @@ CTL_ADDR = f"{SUBNET}.1"
 NODES = {"node1": f"{SUBNET}.11", "node2": f"{SUBNET}.21"}
 HOSTS_MARK = "# dsee-dist test cluster"
 REQUIRED = ("slurmctld", "slurmd", "sbatch", "munged", "nsenter", "unshare", "ip")
+COMMAND_TIMEOUT = 60  # seconds for any one Slurm or ip command; slurmctld answers in milliseconds when healthy
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+                "PREEMPTED")
 
 
 def missing_tools() -> list[str]:
@@ -30,7 +38,7 @@ def missing_tools() -> list[str]:
 
 
 def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, capture_output=True, text=True)
+    return subprocess.run(list(args), check=check, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
 
 
 def netns(node: str) -> str:
@@ -82,6 +90,7 @@ class Cluster:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.procs: list[subprocess.Popen] = []
+        self.daemons: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "slurm.conf"
         self._hosts_backup: str | None = None
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -95,6 +104,10 @@ class Cluster:
             self._munge()
             self._slurm()
             self.wait_idle()
+        except Exception as exc:
+            excerpts = self.log_excerpts()
+            self.stop()
+            raise RuntimeError(f"the test cluster in {self.root} did not start: {exc}\n{excerpts}") from exc
         except BaseException:
             self.stop()
             raise
@@ -150,6 +163,7 @@ class Cluster:
         log = open(self.root / f"{name}.out", "w")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.procs.append(proc)
+        self.daemons[name] = proc
         return proc
 
     @staticmethod
@@ -171,8 +185,12 @@ class Cluster:
 
     # ------------------------------------------------------------------ use
 
-    def slurm(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(argv), capture_output=True, text=True, env=self.env, check=check)
+    def slurm(self, *argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(list(argv), capture_output=True, text=True, env=self.env, check=check, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"'{' '.join(argv)}' did not return within {timeout}s; slurmctld is not answering "
+                               f"(see {self.root}/log/slurmctld.log)") from None
 
     def sbatch(self, *argv: str) -> str:
         out = self.slurm("sbatch", "--parsable", *argv).stdout.strip()
@@ -192,7 +210,7 @@ class Cluster:
                 return field.split("=", 1)[1]
         return None
 
-    def wait_job(self, job_id: str, timeout: float, states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")) -> str:
+    def wait_job(self, job_id: str, timeout: float, states=FINAL_STATES) -> str:
         deadline = time.time() + timeout
         while time.time() < deadline:
             state = self.job_state(job_id)
@@ -200,6 +218,95 @@ class Cluster:
                 return state
             time.sleep(0.5)
         raise TimeoutError(f"job {job_id} still {self.job_state(job_id)} after {timeout}s")
+
+    def wait_requeued(self, job_id: str, restarts: int, timeout: float) -> None:
+        """Wait until job `job_id` has been requeued `restarts` times and its previous run has fully left the
+        nodes, so that shortening the BeginTime hold (`scontrol update StartTime=now`) cannot race with it.
+
+        After `scontrol requeue` slurmctld shows the job PENDING while the old run's slurmstepd processes may
+        still be ending on the nodes (seen: 3 s), and each slurmd has revoked the job's credential as of the
+        kill, to the second: a launch whose credential is from that same second is refused ("Job N already
+        killed, do not launch batch job") and the job ends FAILED. Slurm's own hold (BeginTime = requeue +
+        credential lifetime + 1 s, 121 s by default) avoids both; a test that shortens it must wait for:
+        the controller (PENDING, no COMPLETING, no steps), the nodes (no slurmstepd of the job, a
+        "done with job" line in the slurmd log for every step launched there) and one more wall-clock second.
+        """
+        deadline = time.time() + timeout
+        checks = {
+            f"requeued ({restarts}) and PENDING at the controller": lambda: self._requeued_pending(job_id, restarts),
+            "without steps at the controller": lambda: not self.slurm("squeue", "-h", "-s", "-j", job_id).stdout.strip(),
+            "without a slurmstepd on the nodes": lambda: not self.job_processes(job_id),
+            "with 'done with job' in the slurmd logs for every step": lambda: not self.steps_not_done(job_id),
+        }
+        while True:
+            state = self.job_state(job_id)
+            if state in FINAL_STATES:
+                raise AssertionError(f"job {job_id} ended {state} instead of being requeued")
+            failing = next((name for name, check in checks.items() if not check()), None)
+            if failing is None:
+                break
+            if time.time() > deadline:
+                raise TimeoutError(f"job {job_id} not {failing} after {timeout}s: state {state}, "
+                                   f"Restarts={self.job_field(job_id, 'Restarts')}, slurmstepd {self.job_processes(job_id)}, "
+                                   f"steps without 'done with job' {self.steps_not_done(job_id)}")
+            time.sleep(0.3)
+        # the credential revocation is as of the kill, which happened before now: one wall-clock second later
+        # a new credential is strictly newer
+        settled = time.time()
+        while time.time() < int(settled) + 2:
+            time.sleep(0.1)
+
+    def _requeued_pending(self, job_id: str, restarts: int) -> bool:
+        out = self.slurm("scontrol", "show", "job", job_id, check=False).stdout
+        fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+        # JobState shows COMPLETING or REQUEUED while the old run is still being torn down
+        return fields.get("JobState") == "PENDING" and int(fields.get("Restarts", "0")) >= restarts
+
+    def job_processes(self, job_id: str) -> list[str]:
+        """Process titles of the job's slurmstepd processes still alive on any node."""
+        found = []
+        for node in NODES:
+            for pid in _sh("ip", "netns", "pids", netns(node), check=False).stdout.split():
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if title.startswith(f"slurmstepd: [{job_id}."):
+                    found.append(f"{node}:{title.strip()}")
+        return found
+
+    def steps_not_done(self, job_id: str) -> list[str]:
+        """Steps of the job that a slurmd launched more often than it logged "[job.step] done with job"."""
+        missing = []
+        for node in NODES:
+            log = self.root / "log" / f"slurmd-{node}.log"
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            launched = re.findall(rf"launch task StepId={job_id}\.(\d+) ", text)
+            launched += ["batch"] * len(re.findall(rf"Launching batch job {job_id} ", text))
+            for step in sorted(set(launched)):
+                done = text.count(f"[{job_id}.{step}] done with job")
+                if done < launched.count(step):
+                    missing.append(f"{node}:{job_id}.{step}")
+        return missing
+
+    def log_excerpts(self, lines: int = 40) -> str:
+        """The last `lines` lines of slurmctld.log and of each slurmd log, and the output of any daemon that
+        has exited (a daemon that dies at start may not get as far as its log file)."""
+        parts = []
+        for path in [self.root / "log" / "slurmctld.log", *(self.root / "log" / f"slurmd-{n}.log" for n in NODES)]:
+            parts.extend(self._tail(path, lines))
+        for name, proc in self.daemons.items():
+            if proc.poll() is not None:
+                parts.append(f"--- {name} exited with status {proc.returncode}")
+                parts.extend(self._tail(self.root / f"{name}.out", lines))
+        return "\n".join(parts)
+
+    @staticmethod
+    def _tail(path: Path, lines: int) -> list[str]:
+        if not path.is_file():
+            return [f"--- {path}: missing"]
+        text = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        return [f"--- {path} (last {min(lines, len(text))} of {len(text)} lines)", *text[-lines:]]
 
     def popen_on(self, node: str, command: list[str], env: dict, log: Path) -> subprocess.Popen:
         out = open(log, "w")
@@ -239,7 +346,10 @@ class Cluster:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                proc.wait()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass  # unkillable (D state); the OS reaps it, and the network teardown below does not need it
         self.procs.clear()
         self._cleanup_network()
         if self._hosts_backup is not None:
