@@ -40,16 +40,22 @@ def load_decoder(model_dir: str, device: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def decode_mrs(model, tokenizer, mrs: list[str], decoding: str, batch_size: int,
-               max_new_tokens: int = 64) -> tuple[list[str], dict]:
+def decode_mrs(
+    model, tokenizer, mrs: list[str], decoding: str, batch_size: int, max_new_tokens: int = 64
+) -> tuple[list[str], dict]:
     """One output line per MR (prompt "MR ||", as in training) with dsee_dist.eval.decoding, and its timing."""
     from dsee_dist.eval.decoding import generate_texts
 
     settings = decoding_settings(decoding, max_new_tokens, batch_size)
     outputs, stats = generate_texts(model, tokenizer, [e2e_prompt(mr) for mr in mrs], settings)
     outputs = [o or "-" for o in outputs]  # an empty generation still gets a line (scored as one token)
-    return outputs, {"decode_s": round(stats.seconds, 2), "new_tokens": stats.new_tokens, "decoding": decoding,
-                     "decoding_settings": dataclasses.asdict(settings), "decoding_described": settings.describe()}
+    return outputs, {
+        "decode_s": round(stats.seconds, 2),
+        "new_tokens": stats.new_tokens,
+        "decoding": decoding,
+        "decoding_settings": dataclasses.asdict(settings),
+        "decoding_described": settings.describe(),
+    }
 
 
 @torch.no_grad()
@@ -63,13 +69,20 @@ def greedy_tokens_per_s(models: dict[str, tuple], mrs: list[str], new_tokens: in
     for rep in range(repeats + 1):  # repetition 0 warms up
         for name, (model, tokenizer) in models.items():
             device = next(model.parameters()).device
-            enc = prepare_tokenizer(tokenizer)([e2e_prompt(mr) for mr in mrs], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(device)
+            enc = prepare_tokenizer(tokenizer)(
+                [e2e_prompt(mr) for mr in mrs], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model.generate(**enc, do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                **enc,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if rep:

@@ -11,8 +11,13 @@ from pathlib import Path
 
 from bench._quality_rows import ROWS
 
-METRIC_COLUMNS = (("BLEU", "BLEU", 100), ("NIST", "NIST", 1), ("METEOR", "METEOR", 100), ("ROUGE_L", "ROUGE-L", 100),
-                  ("CIDEr", "CIDEr", 1))
+METRIC_COLUMNS = (
+    ("BLEU", "BLEU", 100),
+    ("NIST", "NIST", 1),
+    ("METEOR", "METEOR", 100),
+    ("ROUGE_L", "ROUGE-L", 100),
+    ("CIDEr", "CIDEr", 1),
+)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -30,10 +35,18 @@ def aggregate(records: list[dict], speeds: dict) -> list[dict]:
     order = {name: i for i, name in enumerate(ROWS)}
     out = []
     for (name, decoding), recs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 99))):
-        entry = {"row": name, "decoding": decoding, "seeds": [r["seed"] for r in recs], "device": recs[0]["device"],
-                 "trainable_params": recs[0].get("trainable_params"), "test_mrs": recs[0]["test_mrs"],
-                 "flops_per_token": recs[0].get("flops_per_token"), "lr": recs[0].get("lr"),
-                 "steps": recs[0].get("steps"), "sparsity": recs[0].get("sparsity")}
+        entry = {
+            "row": name,
+            "decoding": decoding,
+            "seeds": [r["seed"] for r in recs],
+            "device": recs[0]["device"],
+            "trainable_params": recs[0].get("trainable_params"),
+            "test_mrs": recs[0]["test_mrs"],
+            "flops_per_token": recs[0].get("flops_per_token"),
+            "lr": recs[0].get("lr"),
+            "steps": recs[0].get("steps"),
+            "sparsity": recs[0].get("sparsity"),
+        }
         for key, _, _ in METRIC_COLUMNS:
             entry[key] = _mean_std([r["scores"].get(key) for r in recs])
         entry["train_wall_s"] = _mean_std([r.get("train_wall_s") for r in recs])
@@ -57,8 +70,10 @@ def markdown(entries: list[dict]) -> str:
     for decoding in sorted({e["decoding"] for e in entries}):
         rows = [e for e in entries if e["decoding"] == decoding]
         parts.append(f"Decoding: {decoding}; device: {rows[0]['device']}; test MRs: {rows[0]['test_mrs']}\n")
-        parts.append("| row | seeds | trainable params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | MFLOPs/token | "
-                     "greedy tokens/s | train wall s | peak RSS MB | LR |")
+        parts.append(
+            "| row | seeds | trainable params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | MFLOPs/token | "
+            "greedy tokens/s | train wall s | peak RSS MB | LR |"
+        )
         parts.append("|" + " --- |" * 13)
         for e in rows:
             metrics = [_fmt(e[key], scale, 2 if scale == 100 else 3) for key, _, scale in METRIC_COLUMNS]
@@ -66,8 +81,12 @@ def markdown(entries: list[dict]) -> str:
             params = f"{e['trainable_params']:,}" if e.get("trainable_params") is not None else "n/a"
             lr = f"{e['lr']:g}" if e.get("lr") else "-"
             rss = f"{e['peak_rss_mb']:.0f}" if e.get("peak_rss_mb") else "-"
-            parts.append(f"| {e['row']} | {len(e['seeds'])} | {params} | " + " | ".join(metrics)
-                         + f" | {flops} | {_fmt(e['tokens_per_s'], 1, 1)} | {_fmt(e['train_wall_s'], 1, 0)} | {rss} | {lr} |")
+            speed, wall = _fmt(e["tokens_per_s"], 1, 1), _fmt(e["train_wall_s"], 1, 0)
+            parts.append(
+                f"| {e['row']} | {len(e['seeds'])} | {params} | "
+                + " | ".join(metrics)
+                + f" | {flops} | {speed} | {wall} | {rss} | {lr} |"
+            )
         parts.append("")
     return "\n".join(parts)
 
@@ -81,16 +100,19 @@ def plot(entries: list[dict], target: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for decoding in sorted({e["decoding"] for e in entries}):
         rows = [e for e in entries if e["decoding"] == decoding and e["BLEU"][0] == e["BLEU"][0]]
-        for ax, key, label in ((axes[0], "trainable_params", "trainable parameters"),
-                               (axes[1], "flops_per_token", "decoding FLOPs per token")):
+        for ax, key, label in (
+            (axes[0], "trainable_params", "trainable parameters"),
+            (axes[1], "flops_per_token", "decoding FLOPs per token"),
+        ):
             for e in rows:
                 x = e.get(key)
                 if not x:
                     continue
                 mean, std = e["BLEU"]
                 ax.errorbar([x], [100 * mean], yerr=[100 * std] if std else None, fmt="o", capsize=3)
-                ax.annotate(f"{e['row']} ({decoding})", (x, 100 * mean), textcoords="offset points", xytext=(4, 4),
-                            fontsize=8)
+                ax.annotate(
+                    f"{e['row']} ({decoding})", (x, 100 * mean), textcoords="offset points", xytext=(4, 4), fontsize=8
+                )
             ax.set_xlabel(label)
             ax.set_ylabel("BLEU")
             if key == "trainable_params":

@@ -27,23 +27,56 @@ class Row:
     multi_seed: bool = False
 
 
-ROWS: dict[str, Row] = {r.name: r for r in [
-    Row("base", "the pretrained model, no tuning (same prompt)", None),
-    Row("full", "full fine-tuning", "full", lr_from="full"),
-    Row("lora", "PEFT LoRA r=8 on q_proj, v_proj (PEFT's own layers, same trainer)", "lora", lr_from="lora",
-        multi_seed=True),
-    Row("dsee", "DSEE r=8 + N sparse per matrix on q_proj, v_proj (fast decomposition support)", "dsee",
-        lr_from="dsee", multi_seed=True),
-    Row("dsee-ref", "dsee, support from the reference decomposition loop", "dsee",
-        {"dsee": {"decomposition": {"algorithm": "reference"}}}, lr_from="dsee"),
-    Row("dsee-u50", "dsee, then 50 % unstructured pruning of the adapted matrices, re-tuned, sparse export", "dsee",
-        {"prune": {"method": "unstructured", "ratio": 0.5, "grouping": "adaptation",
-                   "group_ratios": {"adapted": 0.5, "frozen": 0.0}}}, lr_from="dsee"),
-    Row("dsee-s25", "dsee, then 25 % of attention heads (GQA-aware) and 25 % of MLP neurons removed, re-tuned, "
-        "physically smaller export", "dsee",
-        {"prune": {"method": "structured", "head_ratio": 0.25, "mlp_ratio": 0.25, "head_score": "delta"}},
-        lr_from="dsee"),
-]}
+ROWS: dict[str, Row] = {
+    r.name: r
+    for r in [
+        Row("base", "the pretrained model, no tuning (same prompt)", None),
+        Row("full", "full fine-tuning", "full", lr_from="full"),
+        Row(
+            "lora",
+            "PEFT LoRA r=8 on q_proj, v_proj (PEFT's own layers, same trainer)",
+            "lora",
+            lr_from="lora",
+            multi_seed=True,
+        ),
+        Row(
+            "dsee",
+            "DSEE r=8 + N sparse per matrix on q_proj, v_proj (fast decomposition support)",
+            "dsee",
+            lr_from="dsee",
+            multi_seed=True,
+        ),
+        Row(
+            "dsee-ref",
+            "dsee, support from the reference decomposition loop",
+            "dsee",
+            {"dsee": {"decomposition": {"algorithm": "reference"}}},
+            lr_from="dsee",
+        ),
+        Row(
+            "dsee-u50",
+            "dsee, then 50 % unstructured pruning of the adapted matrices, re-tuned, sparse export",
+            "dsee",
+            {
+                "prune": {
+                    "method": "unstructured",
+                    "ratio": 0.5,
+                    "grouping": "adaptation",
+                    "group_ratios": {"adapted": 0.5, "frozen": 0.0},
+                }
+            },
+            lr_from="dsee",
+        ),
+        Row(
+            "dsee-s25",
+            "dsee, then 25 % of attention heads (GQA-aware) and 25 % of MLP neurons removed, re-tuned, "
+            "physically smaller export",
+            "dsee",
+            {"prune": {"method": "structured", "head_ratio": 0.25, "mlp_ratio": 0.25, "head_score": "delta"}},
+            lr_from="dsee",
+        ),
+    ]
+}
 
 # Learning-rate grids, chosen on the held-out MRs (lowest held-out loss). Defaults are used without a grid.
 LR_GRID = {"full": [2e-5, 5e-5, 1e-4], "lora": [5e-4, 1e-3, 2e-3], "dsee": [5e-4, 1e-3, 2e-3]}
@@ -83,17 +116,38 @@ def sparse_budget(shapes: list[tuple[int, int]], rank: int, tolerance: float = 0
     lora = sum(rank * (rows + cols) for rows, cols in shapes)
     n = math.floor(tolerance * lora / len(shapes))
     dsee = lora + n * len(shapes)
-    return {"num_sparse": n, "matrices": len(shapes), "lora_params": lora, "dsee_params": dsee,
-            "ratio": dsee / lora}
+    return {"num_sparse": n, "matrices": len(shapes), "lora_params": lora, "dsee_params": dsee, "ratio": dsee / lora}
 
 
-def base_config(*, model_dir: str, train_csv: str, eval_csv: str, out_dir: str, budget: dict, seed: int, lr: float,
-                method: str, num_sparse: int, model_type: str, gpu: bool) -> dict:
+def base_config(
+    *,
+    model_dir: str,
+    train_csv: str,
+    eval_csv: str,
+    out_dir: str,
+    budget: dict,
+    seed: int,
+    lr: float,
+    method: str,
+    num_sparse: int,
+    model_type: str,
+    gpu: bool,
+) -> dict:
     """The shared training config of every row (a plain dict, written as the row's YAML)."""
     targets, fused = family_targets(model_type)
-    train = {"seed": seed, "lr": lr, "weight_decay": 0.0, "schedule": "linear", "grad_clip": 1.0,
-             "micro_batch_size": budget["micro_batch_size"], "grad_accum_steps": budget["grad_accum_steps"],
-             "warmup_steps": budget["warmup_steps"], "log_every_n_steps": 10, "max_steps": 0, "epochs": 0.0}
+    train = {
+        "seed": seed,
+        "lr": lr,
+        "weight_decay": 0.0,
+        "schedule": "linear",
+        "grad_clip": 1.0,
+        "micro_batch_size": budget["micro_batch_size"],
+        "grad_accum_steps": budget["grad_accum_steps"],
+        "warmup_steps": budget["warmup_steps"],
+        "log_every_n_steps": 10,
+        "max_steps": 0,
+        "epochs": 0.0,
+    }
     if budget.get("max_steps"):
         train["max_steps"] = budget["max_steps"]
     else:
@@ -101,10 +155,22 @@ def base_config(*, model_dir: str, train_csv: str, eval_csv: str, out_dir: str, 
     return {
         "method": method,
         "model": {"path": model_dir, "dropout": 0.0},
-        "data": {"format": "e2e", "train_path": train_csv, "eval_path": eval_csv, "block_size": 128,
-                 "max_eval_examples": budget.get("max_eval_examples", 0)},
-        "dsee": {"lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "num_sparse": num_sparse,
-                 "support": "decomposition", "target_modules": targets, "fused_slices": fused},
+        "data": {
+            "format": "e2e",
+            "train_path": train_csv,
+            "eval_path": eval_csv,
+            "block_size": 128,
+            "max_eval_examples": budget.get("max_eval_examples", 0),
+        },
+        "dsee": {
+            "lora_rank": LORA_RANK,
+            "lora_alpha": LORA_ALPHA,
+            "lora_dropout": 0.0,
+            "num_sparse": num_sparse,
+            "support": "decomposition",
+            "target_modules": targets,
+            "fused_slices": fused,
+        },
         "train": train,
         "eval": {"every_n_steps": 0, "micro_batch_size": 16},
         "output": {"dir": out_dir},
@@ -122,6 +188,7 @@ def row_config(row: Row, **kw) -> dict:
     cfg = merge_nested(cfg, row.overrides)
     if "prune" in row.overrides:
         train = cfg["train"]
-        cfg["prune"].update({"retrain_steps": train["max_steps"], "retrain_epochs": train["epochs"],
-                             "retrain_lr": train["lr"]})
+        cfg["prune"].update(
+            {"retrain_steps": train["max_steps"], "retrain_epochs": train["epochs"], "retrain_lr": train["lr"]}
+        )
     return cfg

@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -138,8 +137,9 @@ def versions() -> dict:
 def git_commit() -> str | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         return commit.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -162,8 +162,11 @@ def pick_device(requested: str) -> tuple[str, str]:
         raise SystemExit("bench/quality.py: error: --device cuda but no CUDA GPU is visible; use --device cpu or auto")
     if requested == "cpu" or not has_gpu:
         if requested == "auto":
-            print("no GPU visible: CPU path (fp32 training, greedy decoding); with a GPU the same command uses bf16 "
-                  "and beam search", flush=True)
+            print(
+                "no GPU visible: CPU path (fp32 training, greedy decoding); with a GPU the same command uses bf16 "
+                "and beam search",
+                flush=True,
+            )
         return "cpu", "greedy"
     return "cuda", "beam10"
 
@@ -186,8 +189,13 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
     log_path = out_dir / "train.log"
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dsee_dist.train", "--config", str(cfg_path)], cwd=REPO,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsee_dist.train", "--config", str(cfg_path)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
@@ -240,14 +248,22 @@ class Bench:
     def prepare_data(self) -> dict:
         pairs = read_pairs(self.s.train_csv)
         train, held = split_by_mr(pairs, self.s.heldout_fraction, seed=0)
-        paths = {"all": self.data_dir / "train_all.csv", "train90": self.data_dir / "train90.csv",
-                 "heldout10": self.data_dir / "heldout10.csv"}
+        paths = {
+            "all": self.data_dir / "train_all.csv",
+            "train90": self.data_dir / "train90.csv",
+            "heldout10": self.data_dir / "heldout10.csv",
+        }
         for key, rows in (("all", pairs), ("train90", train), ("heldout10", held)):
             if not paths[key].is_file():
                 write_pairs(paths[key], rows)
         self.paths = paths
-        return {"train_pairs": len(pairs), "train_mrs": len({m for m, _ in pairs}), "grid_train_pairs": len(train),
-                "heldout_pairs": len(held), "heldout_mrs": len({m for m, _ in held})}
+        return {
+            "train_pairs": len(pairs),
+            "train_mrs": len({m for m, _ in pairs}),
+            "grid_train_pairs": len(train),
+            "heldout_pairs": len(held),
+            "heldout_mrs": len({m for m, _ in held}),
+        }
 
     def steps_per_epoch(self, n_pairs: int) -> int:
         import math
@@ -257,17 +273,31 @@ class Bench:
     def budget(self, n_pairs: int, fraction: float = 1.0) -> dict:
         steps = self.s.max_steps or self.steps_per_epoch(n_pairs)
         steps = max(1, round(steps * fraction))
-        return {"micro_batch_size": self.s.micro_batch_size, "grad_accum_steps": self.s.grad_accum_steps,
-                "max_steps": steps, "warmup_steps": max(1, steps // 10),
-                "max_eval_examples": 200 if self.s.quick else 0}
+        return {
+            "micro_batch_size": self.s.micro_batch_size,
+            "grad_accum_steps": self.s.grad_accum_steps,
+            "max_steps": steps,
+            "warmup_steps": max(1, steps // 10),
+            "max_eval_examples": 200 if self.s.quick else 0,
+        }
 
-    def config_for(self, row, *, seed: int, lr: float, out_dir: Path, train_csv: Path, eval_csv: Path,
-                   fraction: float = 1.0) -> dict:
+    def config_for(
+        self, row, *, seed: int, lr: float, out_dir: Path, train_csv: Path, eval_csv: Path, fraction: float = 1.0
+    ) -> dict:
         n_pairs = sum(1 for _ in read_pairs(str(train_csv)))
-        return rows_mod.row_config(row, model_dir=str(Path(self.s.model).resolve()), train_csv=str(train_csv),
-                                   eval_csv=str(eval_csv), out_dir=str(out_dir), budget=self.budget(n_pairs, fraction),
-                                   seed=seed, lr=lr, num_sparse=self.budget_info["num_sparse"],
-                                   model_type=self.model_type, gpu=self.s.device == "cuda")
+        return rows_mod.row_config(
+            row,
+            model_dir=str(Path(self.s.model).resolve()),
+            train_csv=str(train_csv),
+            eval_csv=str(eval_csv),
+            out_dir=str(out_dir),
+            budget=self.budget(n_pairs, fraction),
+            seed=seed,
+            lr=lr,
+            num_sparse=self.budget_info["num_sparse"],
+            model_type=self.model_type,
+            gpu=self.s.device == "cuda",
+        )
 
     # learning rates -----------------------------------------------------------
     def learning_rate(self, method: str) -> dict:
@@ -282,21 +312,42 @@ class Bench:
                 losses[lr] = json.loads(result_path.read_text())["heldout_loss"]
                 continue
             row = ROWS[method]
-            config = self.config_for(row, seed=SEEDS[0], lr=lr, out_dir=point_dir / "run",
-                                     train_csv=self.paths["train90"], eval_csv=self.paths["heldout10"],
-                                     fraction=self.s.grid_fraction)
+            config = self.config_for(
+                row,
+                seed=SEEDS[0],
+                lr=lr,
+                out_dir=point_dir / "run",
+                train_csv=self.paths["train90"],
+                eval_csv=self.paths["heldout10"],
+                fraction=self.s.grid_fraction,
+            )
             print(f"grid: {method} lr={lr:g} ({config['train']['max_steps']} steps on the 90 % split)", flush=True)
             timing = run_training(config, point_dir / "run", self.s.device)
             losses[lr] = final_eval_loss(point_dir / "run")
-            write_json_atomic(result_path, {"method": method, "lr": lr, "heldout_loss": losses[lr],
-                                            "steps": config["train"]["max_steps"], **timing})
+            write_json_atomic(
+                result_path,
+                {
+                    "method": method,
+                    "lr": lr,
+                    "heldout_loss": losses[lr],
+                    "steps": config["train"]["max_steps"],
+                    **timing,
+                },
+            )
             shutil.rmtree(point_dir / "run" / "checkpoints", ignore_errors=True)
         best = min(losses, key=losses.get)
-        print(f"grid: {method} learning rate {best:g} wins (held-out loss "
-              + ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in losses.items()) + ")", flush=True)
-        return {"lr": best, "chosen_by": f"lowest held-out loss of {sorted(losses)}",
-                "heldout_losses": {f"{lr:g}": v for lr, v in losses.items()},
-                "grid_fraction_of_budget": self.s.grid_fraction}
+        print(
+            f"grid: {method} learning rate {best:g} wins (held-out loss "
+            + ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in losses.items())
+            + ")",
+            flush=True,
+        )
+        return {
+            "lr": best,
+            "chosen_by": f"lowest held-out loss of {sorted(losses)}",
+            "heldout_losses": {f"{lr:g}": v for lr, v in losses.items()},
+            "grid_fraction_of_budget": self.s.grid_fraction,
+        }
 
     # one row ------------------------------------------------------------------
     def row_dir(self, name: str, seed: int) -> Path:
@@ -305,22 +356,42 @@ class Bench:
     def run_row(self, name: str, seed: int, lr_info: dict | None) -> dict:
         row = ROWS[name]
         row_dir = self.row_dir(name, seed)
-        record = {"row": name, "what": row.what, "seed": seed, "method": row.method or "none",
-                  "device": device_name(self.s.device), "decoding": self.s.decoding,
-                  "test_mrs": len(self.mrs), "versions": versions(), "commit": git_commit()}
+        record = {
+            "row": name,
+            "what": row.what,
+            "seed": seed,
+            "method": row.method or "none",
+            "device": device_name(self.s.device),
+            "decoding": self.s.decoding,
+            "test_mrs": len(self.mrs),
+            "versions": versions(),
+            "commit": git_commit(),
+        }
         if row.method is None:
             model_dir = Path(self.s.model)
             record.update(trainable_params=0, train_wall_s=0.0, peak_rss_mb=None)
         else:
             run_dir = row_dir / "run"
-            config = self.config_for(row, seed=seed, lr=lr_info["lr"], out_dir=run_dir, train_csv=self.paths["all"],
-                                     eval_csv=self.paths["heldout10"])
-            print(f"row {name} seed {seed}: training {config['train']['max_steps']} steps at lr {lr_info['lr']:g}",
-                  flush=True)
+            config = self.config_for(
+                row,
+                seed=seed,
+                lr=lr_info["lr"],
+                out_dir=run_dir,
+                train_csv=self.paths["all"],
+                eval_csv=self.paths["heldout10"],
+            )
+            print(
+                f"row {name} seed {seed}: training {config['train']['max_steps']} steps at lr {lr_info['lr']:g}",
+                flush=True,
+            )
             record.update(run_training(config, run_dir, self.s.device))
-            record.update(lr=lr_info["lr"], lr_chosen_by=lr_info["chosen_by"], steps=config["train"]["max_steps"],
-                          global_batch=self.s.micro_batch_size * self.s.grad_accum_steps,
-                          trainable_params=trainable_params(run_dir))
+            record.update(
+                lr=lr_info["lr"],
+                lr_chosen_by=lr_info["chosen_by"],
+                steps=config["train"]["max_steps"],
+                global_batch=self.s.micro_batch_size * self.s.grad_accum_steps,
+                trainable_params=trainable_params(run_dir),
+            )
             model_dir = export_model(row, run_dir)
         record["model_dir"] = str(model_dir)
         outputs, timing = self.decode(model_dir)
@@ -329,8 +400,11 @@ class Bench:
         record["scores"] = self.scorer().score(outputs, self.refs)
         record.update(model_report(model_dir))
         write_json_atomic(row_dir / "row.json", record)  # last: its presence marks the row finished
-        print(f"row {name} seed {seed}: " + ", ".join(f"{k} {v:.4f}" for k, v in record["scores"].items()
-                                                       if v is not None), flush=True)
+        print(
+            f"row {name} seed {seed}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in record["scores"].items() if v is not None),
+            flush=True,
+        )
         return record
 
     def decode(self, model_dir: Path) -> tuple[list[str], dict]:
@@ -340,8 +414,9 @@ class Bench:
 
         dtype = torch.bfloat16 if self.s.device == "cuda" else torch.float32
         model, tokenizer = load_decoder(str(model_dir), self.s.device, dtype)
-        outputs, timing = decode_mrs(model, tokenizer, self.mrs, self.s.decoding, self.s.decode_batch_size,
-                                     max_new_tokens=self.s.max_new_tokens)
+        outputs, timing = decode_mrs(
+            model, tokenizer, self.mrs, self.s.decoding, self.s.decode_batch_size, max_new_tokens=self.s.max_new_tokens
+        )
         del model
         return outputs, timing
 
@@ -355,8 +430,11 @@ class Bench:
 
     # everything ---------------------------------------------------------------
     def planned(self) -> list[tuple[str, int]]:
-        return [(name, seed) for name in self.s.rows
-                for seed in (self.s.seeds if ROWS[name].multi_seed else self.s.seeds[:1])]
+        return [
+            (name, seed)
+            for name in self.s.rows
+            for seed in (self.s.seeds if ROWS[name].multi_seed else self.s.seeds[:1])
+        ]
 
     def run(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -376,10 +454,18 @@ class Bench:
         speeds = measure_speeds(finished, self.mrs[:SPEED_MRS], self.s.device)
         from bench._quality_report import write_report
 
-        meta = {"settings": asdict(self.s), "data": data_info, "sparse_budget": self.budget_info,
-                "speed": {"mrs": SPEED_MRS, "new_tokens": SPEED_NEW_TOKENS, "device": device_name(self.s.device),
-                          "tokens_per_s": speeds},
-                "protocol": __doc__}
+        meta = {
+            "settings": asdict(self.s),
+            "data": data_info,
+            "sparse_budget": self.budget_info,
+            "speed": {
+                "mrs": SPEED_MRS,
+                "new_tokens": SPEED_NEW_TOKENS,
+                "device": device_name(self.s.device),
+                "tokens_per_s": speeds,
+            },
+            "protocol": __doc__,
+        }
         return write_report(self.root, finished, meta)
 
 
@@ -444,8 +530,11 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--model", required=True, help="the base model directory (dsee-dist models fetch smollm2 DIR)")
     p.add_argument("--train-csv", default=str(SHARED_E2E / "devset.csv"))
     p.add_argument("--test-csv", default=str(SHARED_E2E / "testset_w_refs.csv"))
-    p.add_argument("--results", default=None, help="results directory (default results/quality, "
-                                                    "results/quality-quick with --quick)")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="results directory (default results/quality, results/quality-quick with --quick)",
+    )
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {','.join(ROWS)}")
     p.add_argument("--quick", action="store_true", help="30 steps, the first 200 test MRs, one seed, no LR grid")
     p.add_argument("--seeds", type=int, default=None, help="seeds for the multi-seed rows (default 3; 1 with --quick)")
@@ -462,21 +551,33 @@ def parse_args(argv=None) -> Settings:
     if unknown:
         p.error(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     if not (Path(a.model) / "config.json").is_file():
-        p.error(f"--model '{a.model}' is not a Hugging Face model directory; get SmolLM2 with "
-                f"`dsee-dist models fetch smollm2 {a.model}`")
+        p.error(
+            f"--model '{a.model}' is not a Hugging Face model directory; get SmolLM2 with "
+            f"`dsee-dist models fetch smollm2 {a.model}`"
+        )
     for path in (a.train_csv, a.test_csv):
         if not Path(path).is_file():
             p.error(f"'{path}' does not exist (E2E CSV with columns mr,ref)")
     device, decoding = pick_device(a.device)
     n_seeds = a.seeds or (1 if a.quick else len(SEEDS))
     return Settings(
-        model=a.model, train_csv=a.train_csv, test_csv=a.test_csv,
-        results=a.results or str(REPO / "results" / ("quality-quick" if a.quick else "quality")), rows=names,
-        quick=a.quick, seeds=[SEEDS[0] + i for i in range(n_seeds)], device=device, decoding=decoding,
+        model=a.model,
+        train_csv=a.train_csv,
+        test_csv=a.test_csv,
+        results=a.results or str(REPO / "results" / ("quality-quick" if a.quick else "quality")),
+        rows=names,
+        quick=a.quick,
+        seeds=[SEEDS[0] + i for i in range(n_seeds)],
+        device=device,
+        decoding=decoding,
         max_test_mrs=a.max_test_mrs if a.max_test_mrs is not None else (200 if a.quick else 0),
         max_steps=a.max_steps if a.max_steps is not None else (30 if a.quick else 0),
-        grid=not (a.no_grid or a.quick), grid_fraction=1.0 if device == "cuda" else 1 / 3,
-        micro_batch_size=a.micro_batch_size, grad_accum_steps=a.grad_accum_steps, max_new_tokens=a.max_new_tokens)
+        grid=not (a.no_grid or a.quick),
+        grid_fraction=1.0 if device == "cuda" else 1 / 3,
+        micro_batch_size=a.micro_batch_size,
+        grad_accum_steps=a.grad_accum_steps,
+        max_new_tokens=a.max_new_tokens,
+    )
 
 
 def main(argv=None) -> int:

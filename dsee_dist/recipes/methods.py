@@ -59,8 +59,15 @@ def prepare_lora(model, dsee_cfg, seed: int):
 
     names = lora_target_names(model, dsee_cfg)
     fan_in_fan_out = any(is_conv1d(model.get_submodule(n)) for n in names)
-    config = LoraConfig(r=dsee_cfg.lora_rank, lora_alpha=dsee_cfg.lora_alpha, lora_dropout=dsee_cfg.lora_dropout,
-                        target_modules=names, fan_in_fan_out=fan_in_fan_out, bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=dsee_cfg.lora_rank,
+        lora_alpha=dsee_cfg.lora_alpha,
+        lora_dropout=dsee_cfg.lora_dropout,
+        target_modules=names,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(seed)  # PEFT draws A from the global generator: the same A on every rank
     peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -79,8 +86,10 @@ def prepare_trainable(cfg, model):
     trainer's own injection). Refuses what only DSEE supports: the two-stage pruning recipe."""
     method = method_of(cfg)
     if cfg.prune.method != "none":
-        raise ConfigError(f"prune.method={cfg.prune.method} (the two-stage recipe) needs method=dsee, got "
-                          f"method={method}; set method=dsee or prune.method=none")
+        raise ConfigError(
+            f"prune.method={cfg.prune.method} (the two-stage recipe) needs method=dsee, got "
+            f"method={method}; set method=dsee or prune.method=none"
+        )
     if method == "lora":
         return prepare_lora(model, cfg.dsee, cfg.train.seed)
     if method == "full":
@@ -178,7 +187,9 @@ def is_peft_adapter(path: str | os.PathLike) -> bool:
     return config.is_file() and "peft_type" in json.loads(config.read_text())
 
 
-def merge_peft_adapter(adapter_dir: str | os.PathLike, target: str | os.PathLike, base_model: str | None = None) -> Path:
+def merge_peft_adapter(
+    adapter_dir: str | os.PathLike, target: str | os.PathLike, base_model: str | None = None
+) -> Path:
     """A PEFT LoRA adapter folded into its base model, written as an ordinary Hugging Face directory."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM

@@ -26,13 +26,31 @@ def save_tiny_model(family: str, target: Path) -> Path:
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id
     if family == "llama":
-        config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                             bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=True)
+        config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=256,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+            tie_word_embeddings=True,
+        )
         model = LlamaForCausalLM(config)
     else:
-        config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(tokenizer), n_positions=256,
-                            bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+        config = GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            vocab_size=len(tokenizer),
+            n_positions=256,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
         model = GPT2LMHeadModel(config)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

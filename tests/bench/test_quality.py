@@ -29,10 +29,35 @@ def _no_java(monkeypatch):
 
 
 def _run(model, train_csv, results, rows, capsys):
-    quality.main(["--model", str(model), "--train-csv", str(train_csv), "--test-csv", str(SAMPLE / "test.csv"),
-                  "--results", str(results), "--rows", rows, "--max-test-mrs", "5", "--max-steps", "3",
-                  "--no-grid", "--seeds", "1", "--device", "cpu", "--micro-batch-size", "4",
-                  "--grad-accum-steps", "1", "--max-new-tokens", "12"])
+    quality.main(
+        [
+            "--model",
+            str(model),
+            "--train-csv",
+            str(train_csv),
+            "--test-csv",
+            str(SAMPLE / "test.csv"),
+            "--results",
+            str(results),
+            "--rows",
+            rows,
+            "--max-test-mrs",
+            "5",
+            "--max-steps",
+            "3",
+            "--no-grid",
+            "--seeds",
+            "1",
+            "--device",
+            "cpu",
+            "--micro-batch-size",
+            "4",
+            "--grad-accum-steps",
+            "1",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
     return capsys.readouterr().out
 
 

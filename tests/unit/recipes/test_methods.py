@@ -82,8 +82,9 @@ def test_saved_lora_adapter_reloads_with_peft_and_merges(tmp_path):
     model.eval()
     ids = _batch(seed=2)
     expected = model(input_ids=ids).logits
-    target = methods.save_trained("lora", model, tmp_path / "run", base_model=str(base_dir), dsee_cfg=_dsee_cfg(),
-                                  is_rank_zero=True)
+    target = methods.save_trained(
+        "lora", model, tmp_path / "run", base_model=str(base_dir), dsee_cfg=_dsee_cfg(), is_rank_zero=True
+    )
     assert methods.is_peft_adapter(target)
     tensors = load_file(str(target / "adapter_model.safetensors"))
     assert len(tensors) == 2 * 2 * 2 and all(t.numel() > 0 for t in tensors.values())
@@ -105,8 +106,9 @@ def test_saved_full_model_reloads_as_a_plain_model(tmp_path):
     model.eval()
     ids = _batch(seed=2)
     expected = model(input_ids=ids).logits
-    target = methods.save_trained("full", model, tmp_path / "run", base_model=str(base_dir), dsee_cfg=_dsee_cfg(),
-                                  is_rank_zero=True)
+    target = methods.save_trained(
+        "full", model, tmp_path / "run", base_model=str(base_dir), dsee_cfg=_dsee_cfg(), is_rank_zero=True
+    )
     assert target.name == "merged"
     reloaded = AutoModelForCausalLM.from_pretrained(target).eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
