@@ -1,7 +1,9 @@
 """`dsee-dist generate` from a 2-rank ZeRO-3 checkpoint and from each export of it: every source gives the
 unmerged model's greedy output (one prompt at a time, no cache), and 2 generating ranks write the same file
-as 1, line by line."""
+as 1, line by line. The same ZeRO-3 run decodes during training (eval.generate_every_n_steps, partitioned,
+synced_gpus), keeps its best checkpoint and writes its final generations."""
 
+import json
 import subprocess
 import sys
 
@@ -12,19 +14,25 @@ from dsee_dist.engine.distributed import free_port
 from dsee_dist.eval.decoding import DecodingSettings, clean_output, generate_texts, stop_token_ids
 from dsee_dist.recipes import generate
 from tests.conftest import REPO
-from tests.distributed.launch import TINY_RUN, run_training
+from dsee_dist.eval.metrics import compute_bleu
+from dsee_dist.eval.references import read_references
+from tests.distributed.launch import TINY_RUN, read_metrics, run_training
 
 pytestmark = pytest.mark.distributed
 
 MAX_NEW, NUM_INPUTS = 12, 10
+DURING_TRAINING = ["eval.every_n_steps=0", "eval.generate_every_n_steps=3", f"eval.generate_max_examples={NUM_INPUTS}",
+                   f"generate.max_new_tokens={MAX_NEW}", "generate.num_beams=2", "generate.batch_size=3",
+                   "eval.final_generate=true", "checkpoint.keep_best=bleu", "checkpoint.keep_last=1"]
 DECODE = ["--greedy", "--max-new-tokens", str(MAX_NEW), "--batch-size", "3", "--max-inputs", str(NUM_INPUTS)]
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """6 steps at world size 2 under ZeRO-3 (quickstart's engine JSON), lr 1e-2: the adapter moves the outputs."""
+    """6 steps at world size 2 under ZeRO-3 (quickstart's engine JSON), lr 1e-2: the adapter moves the outputs;
+    greedy BLEU/ROUGE-L at steps 3 and 6, the best checkpoint kept, the final generations written."""
     out = tmp_path_factory.mktemp("gen") / "run"
-    run_training(2, out, *TINY_RUN, "eval.every_n_steps=0")
+    run_training(2, out, *TINY_RUN, *DURING_TRAINING)
     return out
 
 
@@ -92,3 +100,26 @@ def test_two_ranks_write_the_one_rank_file_in_input_order(run_dir, tmp_path):
     assert len(outputs[1]) == NUM_INPUTS and outputs[2] == outputs[1]
     model, tokenizer, _ = generate.load_generation_model(str(run_dir))
     assert outputs[1] == _generate(model, tokenizer, _prompts(run_dir))
+
+
+def test_training_logs_the_bleu_of_its_own_greedy_outputs_and_keeps_the_best(run_dir):
+    rows = [r for r in read_metrics(run_dir) if "eval_bleu" in r]
+    assert [r["step"] for r in rows] == [3, 6] and all(0 <= r["eval_rouge_l"] <= 1 for r in rows)
+    # step 6 is the final checkpoint: decoding its first MRs in one process gives the BLEU logged by the 2
+    # partitioned ZeRO-3 ranks
+    model, tokenizer, _ = generate.load_generation_model(str(run_dir))
+    refs = read_references(_inputs(run_dir)).groups[:NUM_INPUTS]
+    assert compute_bleu(_generate(model, tokenizer, _prompts(run_dir)), refs) == pytest.approx(rows[-1]["eval_bleu"],
+                                                                                              abs=1e-9)
+    best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
+    first_max = max(rows, key=lambda r: (r["eval_bleu"], -r["step"]))
+    assert best["step"] == first_max["step"] and best["value"] == first_max["eval_bleu"]
+    kept = {p.name for p in (run_dir / "checkpoints").glob("step_*")}
+    assert kept == {best["tag"], "step_00000006"}  # keep_last=1 plus the best
+
+
+def test_final_generate_writes_every_eval_mr_and_the_five_figures(run_dir):
+    num_mrs = len(read_references(_inputs(run_dir)).groups)
+    assert len((run_dir / "generations.txt").read_text().splitlines()) == num_mrs
+    scores = json.loads((run_dir / "generations.scores.json").read_text())
+    assert scores["num_mrs"] == num_mrs and set(scores["scores"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
