@@ -9,9 +9,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["quickstart"]:  # its own options and dotted overrides, in any order
+        from dsee_dist.recipes.quickstart import main as quickstart_main
+
+        return quickstart_main(argv[1:])
     parser = argparse.ArgumentParser(prog="dsee-dist", description="DSEE fine-tuning on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run training in this process (under deepspeed, torchrun, srun or alone)")
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "(models fetch smollm2 DIR)"))
     quick = sub.add_parser("quickstart", help="DSEE on SmolLM2-135M with the built-in E2E sample, 2 ranks: "
                            "outputs and BLEU before/after (--tiny: the small synthetic GPT-2 job)")
-    quick.add_argument("rest", nargs=argparse.REMAINDER)
+    quick.add_argument("rest", nargs=argparse.REMAINDER)  # handled above (dsee-dist quickstart --help)
     args = parser.parse_args(argv)
     if args.command == "train":
         from dsee_dist.recipes.finetune import exit_process, run
@@ -54,6 +60,4 @@ def main(argv: list[str] | None = None) -> int:
         return generate_recipe.run(args)
     if args.command == "models":
         return fetch_models.run(args)
-    from dsee_dist.recipes.quickstart import main as quickstart_main
-
-    return quickstart_main(args.rest)
+    raise AssertionError(f"unhandled command {args.command}")
