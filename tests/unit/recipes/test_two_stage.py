@@ -13,10 +13,15 @@ def test_a_base_that_is_not_a_local_directory_is_refused():
         check_request(PruneConfig(method="unstructured"), "openai-community/gpt2")
 
 
-def test_a_non_gpt2_model_is_refused(tmp_path):
-    tiny_llama().save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="pruning supports GPT-2-style models"):
-        check_request(PruneConfig(method="unstructured"), str(tmp_path))
+def test_a_model_of_an_unknown_family_is_refused_and_llama_passes(tmp_path):
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    GPTJForCausalLM(GPTJConfig(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, vocab_size=97)).save_pretrained(tmp_path / "j")
+    with pytest.raises(ConfigError, match="pruning needs a known decoder family, and model_type 'gptj' is not one"):
+        check_request(PruneConfig(method="unstructured"), str(tmp_path / "j"))
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    check_request(PruneConfig(method="unstructured"), str(tmp_path / "llama"))
+    check_request(PruneConfig(method="structured", heads_removed=2, mlp_ratio=0.25), str(tmp_path / "llama"))
 
 
 def test_a_valid_request_passes(tmp_path):
