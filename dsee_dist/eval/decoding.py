@@ -37,19 +37,19 @@ class DecodingSettings:
     stop_at_newline: bool = True
 
     @classmethod
-    def from_config(cls, section, **overrides) -> "DecodingSettings":
+    def from_config(cls, section, **overrides) -> DecodingSettings:
         """From the config's `generate:` section (or anything with the same attributes), with overrides."""
         values = {name: getattr(section, name) for name in cls.__dataclass_fields__}
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values).checked()
 
-    def greedy(self) -> "DecodingSettings":
+    def greedy(self) -> DecodingSettings:
         """Plain greedy decoding with the same length limit, batch size and stopping rule."""
         return DecodingSettings(num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0,
                                 max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                                 stop_at_newline=self.stop_at_newline)
 
-    def checked(self) -> "DecodingSettings":
+    def checked(self) -> DecodingSettings:
         problems = []
         for key in ("num_beams", "max_new_tokens", "batch_size"):
             if getattr(self, key) < 1:

@@ -239,7 +239,7 @@ class E2EScorer:
             self._meteor.close()
             self._meteor = None
 
-    def __enter__(self) -> "E2EScorer":
+    def __enter__(self) -> E2EScorer:
         return self
 
     def __exit__(self, *exc) -> None:

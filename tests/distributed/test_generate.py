@@ -12,10 +12,10 @@ import torch
 
 from dsee_dist.engine.distributed import free_port
 from dsee_dist.eval.decoding import DecodingSettings, clean_output, generate_texts, stop_token_ids
-from dsee_dist.recipes import generate
-from tests.conftest import REPO
 from dsee_dist.eval.metrics import compute_bleu
 from dsee_dist.eval.references import read_references
+from dsee_dist.recipes import generate
+from tests.conftest import REPO
 from tests.distributed.launch import TINY_RUN, read_metrics, run_training
 
 pytestmark = pytest.mark.distributed

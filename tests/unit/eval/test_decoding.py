@@ -8,8 +8,14 @@ import torch
 from dsee_dist.data.synthetic_e2e import generate_examples
 from dsee_dist.dsee.inject import find_targets, inject_dsee
 from dsee_dist.errors import ConfigError
-from dsee_dist.eval.decoding import (DecodingSettings, clean_output, generate_texts, plan_batches, prepare_tokenizer,
-                                     stop_token_ids)
+from dsee_dist.eval.decoding import (
+    DecodingSettings,
+    clean_output,
+    generate_texts,
+    plan_batches,
+    prepare_tokenizer,
+    stop_token_ids,
+)
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
 
 MAX_NEW = 12
