@@ -26,8 +26,9 @@ def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:
     """{host: slots} in file order. Raises DSEEError naming the file and line of the first problem."""
     path = Path(path)
     if not path.is_file():
-        raise DSEEError(f"hostfile '{path}' does not exist; write one 'hostname slots=N' line per node "
-                        f"(see hostfile.example)")
+        raise DSEEError(
+            f"hostfile '{path}' does not exist; write one 'hostname slots=N' line per node (see hostfile.example)"
+        )
     hosts: dict[str, int] = {}
     for lineno, raw in enumerate(path.read_text().splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -38,7 +39,9 @@ def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:
             raise DSEEError(f"{path}:{lineno}: '{line}' is not of the form 'hostname slots=N'")
         host, slots = match.group("host"), match.group("slots")
         if not slots.isdigit() or int(slots) < 1:
-            raise DSEEError(f"{path}:{lineno}: slots must be a positive integer (GPUs or ranks on {host}), got '{slots}'")
+            raise DSEEError(
+                f"{path}:{lineno}: slots must be a positive integer (GPUs or ranks on {host}), got '{slots}'"
+            )
         if host in hosts:
             raise DSEEError(f"{path}:{lineno}: host '{host}' is listed twice; give each node one line")
         hosts[host] = int(slots)
@@ -50,21 +53,24 @@ def parse_hostfile(path: str | os.PathLike) -> dict[str, int]:
 def check_allocation(hosts: dict[str, int] | None, nnodes: int | None, env: dict[str, str]) -> None:
     """Node counts must agree with each other and, inside Slurm, with the allocation."""
     if hosts is not None and nnodes is not None and nnodes != len(hosts):
-        raise DSEEError(f"--nnodes {nnodes} does not match the {len(hosts)} hosts in the hostfile; "
-                        f"make them agree")
+        raise DSEEError(f"--nnodes {nnodes} does not match the {len(hosts)} hosts in the hostfile; make them agree")
     slurm_nodes = env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES")
     wanted = nnodes if nnodes is not None else (len(hosts) if hosts is not None else None)
     if slurm_nodes and wanted is not None and int(slurm_nodes) != wanted:
-        raise DSEEError(f"the job asks for {wanted} nodes but the Slurm allocation has {slurm_nodes}; "
-                        f"match sbatch --nodes to the hostfile / --nnodes")
+        raise DSEEError(
+            f"the job asks for {wanted} nodes but the Slurm allocation has {slurm_nodes}; "
+            f"match sbatch --nodes to the hostfile / --nnodes"
+        )
 
 
 def check_rendezvous(env: dict[str, str], multi_node: bool) -> None:
     """Outside Slurm a multi-node job needs MASTER_ADDR (inside, the scripts derive it from the node list)."""
     in_slurm = "SLURM_JOB_ID" in env
     if multi_node and not in_slurm and not env.get("MASTER_ADDR"):
-        raise DSEEError("MASTER_ADDR is not set; export MASTER_ADDR=<address of the first node> "
-                        "(and MASTER_PORT) on every node before launching")
+        raise DSEEError(
+            "MASTER_ADDR is not set; export MASTER_ADDR=<address of the first node> "
+            "(and MASTER_PORT) on every node before launching"
+        )
     port = env.get("MASTER_PORT")
     if port is not None and (not port.isdigit() or not 0 < int(port) < 65536):
         raise DSEEError(f"MASTER_PORT '{port}' is not a TCP port number; use e.g. 29500")

@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsee_dist.engine.launcher import launch_env
+
 REPO = Path(__file__).resolve().parent.parent
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions"))
+os.environ.update(launch_env())  # TORCH_EXTENSIONS_DIR defaulted as the launchers do
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

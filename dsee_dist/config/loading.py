@@ -88,8 +88,7 @@ def build_section(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = sorted(set(data) - set(public))
     if unknown:
         raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: "
-            + ", ".join(prefix + k for k in public)
+            f"unknown config key '{prefix}{unknown[0]}'; valid keys here: " + ", ".join(prefix + k for k in public)
         )
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     return cls(**kwargs)
@@ -153,8 +152,9 @@ def resolve_extends(path: Path, data: dict, seen: tuple = ()) -> dict:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML, "
-                          f"e.g. --config configs/quickstart.yaml")
+        raise ConfigError(
+            f"config file '{path}' does not exist; pass an existing YAML, e.g. --config configs/quickstart.yaml"
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

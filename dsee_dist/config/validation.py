@@ -56,16 +56,22 @@ def _check_model(cfg: Config, problems: list[str]) -> None:
 
     m = cfg.model
     if (m.path is None) == (m.builtin is None):
-        problems.append("set exactly one of model.path (a local Hugging Face directory) or model.builtin (one of: "
-                        + ", ".join(BUILTIN_MODELS) + ")")
+        problems.append(
+            "set exactly one of model.path (a local Hugging Face directory) or model.builtin (one of: "
+            + ", ".join(BUILTIN_MODELS)
+            + ")"
+        )
     if m.builtin is not None and m.builtin not in BUILTIN_MODELS:
-        problems.append(f"model.builtin '{m.builtin}' is not a built-in model; choose one of: "
-                        + ", ".join(BUILTIN_MODELS))
+        problems.append(
+            f"model.builtin '{m.builtin}' is not a built-in model; choose one of: " + ", ".join(BUILTIN_MODELS)
+        )
     if m.path is not None and not resolve_path(cfg, m.path).exists() and not _looks_like_hub_name(m.path):
         problems.append(f"model.path '{m.path}' does not exist; point it at a local Hugging Face model directory")
     if m.tokenizer_vocab_size < 300:
-        problems.append(f"model.tokenizer_vocab_size must be at least 300 (byte-level BPE has 257 base symbols), "
-                        f"got {m.tokenizer_vocab_size}")
+        problems.append(
+            f"model.tokenizer_vocab_size must be at least 300 (byte-level BPE has 257 base symbols), "
+            f"got {m.tokenizer_vocab_size}"
+        )
     if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
         problems.append(f"model.dropout must be in [0, 1) or null, got {m.dropout}")
 
@@ -119,8 +125,9 @@ def _check_train(cfg: Config, problems: list[str]) -> None:
         if getattr(t, key) < 1:
             problems.append(f"train.{key} must be >= 1, got {getattr(t, key)}")
     if t.warmup_steps < 0 or t.grad_clip < 0 or t.weight_decay < 0 or t.stop_after_steps < 0:
-        problems.append("train.warmup_steps, train.grad_clip, train.weight_decay and train.stop_after_steps "
-                        "must be >= 0")
+        problems.append(
+            "train.warmup_steps, train.grad_clip, train.weight_decay and train.stop_after_steps must be >= 0"
+        )
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         problems.append(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
     e = cfg.eval
@@ -145,8 +152,12 @@ def _check_prune(cfg: Config, problems: list[str]) -> None:
     p: PruneConfig = cfg.prune
     if p.method == "none":
         return
-    ratios = {"prune.ratio": p.ratio, "prune.head_ratio": p.head_ratio, "prune.mlp_ratio": p.mlp_ratio,
-              **{f"prune.group_ratios.{k}": v for k, v in p.group_ratios.items()}}
+    ratios = {
+        "prune.ratio": p.ratio,
+        "prune.head_ratio": p.head_ratio,
+        "prune.mlp_ratio": p.mlp_ratio,
+        **{f"prune.group_ratios.{k}": v for k, v in p.group_ratios.items()},
+    }
     for key, value in ratios.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
             problems.append(f"{key} must be a fraction in [0, 1) (the share removed), got {value!r}")
@@ -157,18 +168,22 @@ def _check_prune(cfg: Config, problems: list[str]) -> None:
     if p.method == "unstructured" and not p.modules:
         problems.append("prune.modules is empty; name the module kinds to prune, e.g. [attn_q, attn_v, mlp_in]")
     if p.method == "structured" and not (p.heads_removed or p.head_ratio or p.mlp_ratio):
-        problems.append("prune.method=structured removes nothing; set prune.heads_removed, prune.head_ratio "
-                        "or prune.mlp_ratio")
+        problems.append(
+            "prune.method=structured removes nothing; set prune.heads_removed, prune.head_ratio or prune.mlp_ratio"
+        )
     if p.retrain_steps < 0 or p.retrain_epochs < 0 or (p.retrain_steps > 0) == (p.retrain_epochs > 0):
-        problems.append("set exactly one of prune.retrain_steps or prune.retrain_epochs to a positive value "
-                        "(stage 2 length)")
+        problems.append(
+            "set exactly one of prune.retrain_steps or prune.retrain_epochs to a positive value (stage 2 length)"
+        )
     if p.retrain_lr is not None and p.retrain_lr <= 0:
         problems.append(f"prune.retrain_lr must be > 0 or null, got {p.retrain_lr}")
     if p.flops_context < 1:
         problems.append(f"prune.flops_context must be >= 1, got {p.flops_context}")
     if cfg.resume not in (None, "auto"):
-        problems.append("a two-stage (prune.method != none) run resumes by itself from its output directory; "
-                        "use resume=auto (or null to start over), not a checkpoint path")
+        problems.append(
+            "a two-stage (prune.method != none) run resumes by itself from its output directory; "
+            "use resume=auto (or null to start over), not a checkpoint path"
+        )
 
 
 SECTION_CHECKS = (_check_model, _check_data, _check_dsee, _check_train, _check_run, _check_prune)

@@ -15,17 +15,20 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsee_dist.engine import distributed
 from dsee_dist.config import Config, global_batch_size, resolve_path
-from dsee_dist.errors import DSEEError
 from dsee_dist.data.synthetic_e2e import generate_examples, write_csv
+from dsee_dist.engine import distributed
+from dsee_dist.errors import DSEEError
+from dsee_dist.utils.files import atomic_path
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 E2E_SEPARATOR = " ||"
@@ -62,7 +65,9 @@ def read_jsonl(path: Path) -> list[tuple[str, str]]:
                 obj = json.loads(line)
                 rows.append((str(obj["prompt"]), str(obj["completion"])))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DSEEError(f"{path}:{lineno}: each line must be a JSON object with 'prompt' and 'completion'") from None
+                raise DSEEError(
+                    f"{path}:{lineno}: each line must be a JSON object with 'prompt' and 'completion'"
+                ) from None
     if not rows:
         raise DSEEError(f"JSONL file '{path}' has no examples")
     return rows
@@ -143,7 +148,7 @@ def materialize_synthetic_data(cfg: Config, out_dir: Path) -> tuple[Path, Path]:
     train_path, eval_path = data_dir / "synthetic_e2e_train.csv", data_dir / "synthetic_e2e_eval.csv"
     rows = generate_examples(cfg.data.synthetic_train_examples + cfg.data.synthetic_eval_examples, cfg.train.seed)
     write_csv(rows[: cfg.data.synthetic_train_examples], train_path)
-    write_csv(rows[cfg.data.synthetic_train_examples:], eval_path)
+    write_csv(rows[cfg.data.synthetic_train_examples :], eval_path)
     return train_path, eval_path
 
 
@@ -151,7 +156,11 @@ def data_sources(cfg: Config, out_dir: Path) -> tuple[str, str | None]:
     if cfg.data.format == "synthetic_e2e":
         data_dir = out_dir / "data"
         return str(data_dir / "synthetic_e2e_train.csv"), str(data_dir / "synthetic_e2e_eval.csv")
-    train = str(resolve_path(cfg, cfg.data.train_path)) if Path(resolve_path(cfg, cfg.data.train_path)).exists() else cfg.data.train_path
+    train = (
+        str(resolve_path(cfg, cfg.data.train_path))
+        if Path(resolve_path(cfg, cfg.data.train_path)).exists()
+        else cfg.data.train_path
+    )
     ev = cfg.data.eval_path
     if ev:
         ev = str(resolve_path(cfg, ev)) if resolve_path(cfg, ev).exists() else ev
@@ -171,7 +180,9 @@ def _limit(split: TokenizedSplit, n: int) -> TokenizedSplit:
     return split if n <= 0 else TokenizedSplit(split.input_ids[:n], split.labels[:n])
 
 
-def _build_splits(cfg: Config, tokenizer, train_source: str, eval_source: str | None) -> tuple[TokenizedSplit, TokenizedSplit]:
+def _build_splits(
+    cfg: Config, tokenizer, train_source: str, eval_source: str | None
+) -> tuple[TokenizedSplit, TokenizedSplit]:
     fmt, block = cfg.data.format, cfg.data.block_size
 
     def load(source: str) -> TokenizedSplit:
@@ -186,33 +197,40 @@ def _build_splits(cfg: Config, tokenizer, train_source: str, eval_source: str | 
     else:  # hold out the last 5 % (at least one example) of the training data
         n_eval = max(1, math.ceil(0.05 * len(train)))
         if len(train) <= n_eval:
-            raise DSEEError(f"data.train_path has only {len(train)} examples; too few to hold out an evaluation set "
-                            f"(give data.eval_path)")
+            raise DSEEError(
+                f"data.train_path has only {len(train)} examples; too few to hold out an evaluation set "
+                f"(give data.eval_path)"
+            )
         evals = TokenizedSplit(train.input_ids[-n_eval:], train.labels[-n_eval:])
         train = TokenizedSplit(train.input_ids[:-n_eval], train.labels[:-n_eval])
     return _limit(train, cfg.data.max_train_examples), _limit(evals, cfg.data.max_eval_examples)
 
 
-def load_splits(cfg: Config, tokenizer, out_dir: Path, log=print) -> tuple[TokenizedSplit, TokenizedSplit]:
+def load_splits(cfg: Config, tokenizer, out_dir: Path) -> tuple[TokenizedSplit, TokenizedSplit]:
     """Tokenised (train, eval) splits, tokenised once by rank 0 and cached in out_dir/cache/."""
     train_source, eval_source = data_sources(cfg, out_dir)
-    key = json.dumps({
-        "format": cfg.data.format, "block": cfg.data.block_size, "tok": _tokenizer_fingerprint(tokenizer),
-        "train": _file_fingerprint(train_source), "eval": _file_fingerprint(eval_source) if eval_source else None,
-        "max": [cfg.data.max_train_examples, cfg.data.max_eval_examples], "v": 1,
-    }, sort_keys=True)
+    key = json.dumps(
+        {
+            "format": cfg.data.format,
+            "block": cfg.data.block_size,
+            "tok": _tokenizer_fingerprint(tokenizer),
+            "train": _file_fingerprint(train_source),
+            "eval": _file_fingerprint(eval_source) if eval_source else None,
+            "max": [cfg.data.max_train_examples, cfg.data.max_eval_examples],
+            "v": 1,
+        },
+        sort_keys=True,
+    )
     cache = out_dir / "cache" / f"tokenized-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     def build_cache() -> None:
         if cache.is_file():
-            log(f"data: using cached tokenisation {cache}")
+            logger.info(f"data: using cached tokenisation {cache}")
             return
-        log(f"data: tokenising {train_source}" + (f" and {eval_source}" if eval_source else ""))
+        logger.info(f"data: tokenising {train_source}" + (f" and {eval_source}" if eval_source else ""))
         train, evals = _build_splits(cfg, tokenizer, train_source, eval_source)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        torch.save({"train": vars(train), "eval": vars(evals)}, tmp)
-        os.replace(tmp, cache)
+        with atomic_path(cache) as tmp:
+            torch.save({"train": vars(train), "eval": vars(evals)}, tmp)
 
     distributed.on_rank_zero(build_cache)
     blob = torch.load(cache, weights_only=True)
@@ -225,17 +243,20 @@ def load_splits(cfg: Config, tokenizer, out_dir: Path, log=print) -> tuple[Token
 class GlobalBatchSchedule:
     """Which examples each rank sees at each optimizer step (see the module docstring)."""
 
-    def __init__(self, num_examples: int, micro_batch_size: int, grad_accum_steps: int, rank: int,
-                 world_size: int, seed: int):
+    def __init__(
+        self, num_examples: int, micro_batch_size: int, grad_accum_steps: int, rank: int, world_size: int, seed: int
+    ):
         self.num_examples = num_examples
         self.micro, self.accum = micro_batch_size, grad_accum_steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.global_batch = global_batch_size(micro_batch_size, grad_accum_steps, world_size)
         self.steps_per_epoch = num_examples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise DSEEError(f"the training set has {num_examples} examples, fewer than one global batch of "
-                            f"{self.global_batch} (micro_batch_size x grad_accum_steps x world_size); "
-                            f"lower train.micro_batch_size or add data")
+            raise DSEEError(
+                f"the training set has {num_examples} examples, fewer than one global batch of "
+                f"{self.global_batch} (micro_batch_size x grad_accum_steps x world_size); "
+                f"lower train.micro_batch_size or add data"
+            )
         self._epoch, self._perm = -1, None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -253,7 +274,7 @@ class GlobalBatchSchedule:
         out = []
         for a in range(self.accum):
             lo = start + a * per_micro_step + self.rank * self.micro
-            out.append(perm[lo:lo + self.micro].tolist())
+            out.append(perm[lo : lo + self.micro].tolist())
         return out
 
 
@@ -278,5 +299,5 @@ def eval_batches(split: TokenizedSplit, micro_batch_size: int, rank: int, world_
     fewer examples gets empty lists, which the caller runs as padding and ignores."""
     indices = list(range(rank, len(split), world_size))
     per_rank = math.ceil(math.ceil(len(split) / world_size) / micro_batch_size)
-    batches = [indices[i * micro_batch_size:(i + 1) * micro_batch_size] for i in range(per_rank)]
+    batches = [indices[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(per_rank)]
     return batches[:max_batches] if max_batches > 0 else batches

@@ -11,8 +11,26 @@ import csv
 import random
 from pathlib import Path
 
-NAMES = ["The Eagle", "Alimentum", "Blue Spice", "The Punter", "Zizzi", "Loch Fyne", "The Mill", "Cotto",
-         "Giraffe", "Fitzbillies", "The Phoenix", "Aromi", "Strada", "Wildwood", "Bibimbap House", "The Vaults"]
+from dsee_dist.utils.files import atomic_path
+
+NAMES = [
+    "The Eagle",
+    "Alimentum",
+    "Blue Spice",
+    "The Punter",
+    "Zizzi",
+    "Loch Fyne",
+    "The Mill",
+    "Cotto",
+    "Giraffe",
+    "Fitzbillies",
+    "The Phoenix",
+    "Aromi",
+    "Strada",
+    "Wildwood",
+    "Bibimbap House",
+    "The Vaults",
+]
 EAT_TYPES = ["pub", "restaurant", "coffee shop"]
 FOODS = ["Chinese", "English", "French", "Indian", "Italian", "Japanese", "Fast food"]
 PRICES = ["cheap", "moderate", "high", "less than £20", "more than £30", "£20-25"]
@@ -37,8 +55,14 @@ def _realise(slots: dict, rng: random.Random) -> str:
     if "priceRange" in slots:
         extra.append(rng.choice([f"Prices are {slots['priceRange']}", f"It has a {slots['priceRange']} price range"]))
     if "customer rating" in slots:
-        extra.append(rng.choice([f"Customers rate it {slots['customer rating']}",
-                                 f"It has a customer rating of {slots['customer rating']}"]))
+        extra.append(
+            rng.choice(
+                [
+                    f"Customers rate it {slots['customer rating']}",
+                    f"It has a customer rating of {slots['customer rating']}",
+                ]
+            )
+        )
     if "familyFriendly" in slots:
         extra.append("It is family friendly" if slots["familyFriendly"] == "yes" else "It is not family friendly")
     return " ".join([sentence] + [e + "." for e in extra])
@@ -49,8 +73,14 @@ def generate_examples(n: int, seed: int) -> list[tuple[str, str]]:
     rows = []
     for _ in range(n):
         slots = {"name": rng.choice(NAMES), "eatType": rng.choice(EAT_TYPES)}
-        optional = [("food", FOODS), ("priceRange", PRICES), ("customer rating", RATINGS), ("area", AREAS),
-                    ("familyFriendly", ["yes", "no"]), ("near", NEAR)]
+        optional = [
+            ("food", FOODS),
+            ("priceRange", PRICES),
+            ("customer rating", RATINGS),
+            ("area", AREAS),
+            ("familyFriendly", ["yes", "no"]),
+            ("near", NEAR),
+        ]
         for key, values in rng.sample(optional, rng.randint(1, len(optional))):
             slots[key] = rng.choice(values)
         order = ["name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near"]
@@ -60,10 +90,7 @@ def generate_examples(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def write_csv(rows: list[tuple[str, str]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["mr", "ref"])
         writer.writerows(rows)
-    tmp.replace(path)

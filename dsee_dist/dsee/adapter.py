@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsee_dist.engine import distributed
 from dsee_dist.dsee.inject import dsee_layers
 from dsee_dist.dsee.layer import DSEELayer, delta_from_factors
+from dsee_dist.engine import distributed
 from dsee_dist.errors import DSEEError
+from dsee_dist.utils.files import atomic_directory
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,13 +45,9 @@ def save_adapter(model, target: Path, *, base_model: str, dsee_cfg, is_rank_zero
         "lora_alpha": dsee_cfg.lora_alpha, "lora_dropout": dsee_cfg.lora_dropout, "num_sparse": dsee_cfg.num_sparse,
         "support": dsee_cfg.support, "layers": layers_meta,
     }
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_directory(target) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:

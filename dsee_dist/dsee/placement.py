@@ -10,18 +10,21 @@ resumed job reads them back and never recomputes a different support.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from dsee_dist.engine import distributed
-from dsee_dist.errors import DSEEError
 from dsee_dist.dsee.inject import TargetSpec
 from dsee_dist.dsee.layer import slice_rows, weight_out_in
 from dsee_dist.dsee.support import matrix_generator, select_support
+from dsee_dist.engine import distributed
+from dsee_dist.errors import DSEEError
+from dsee_dist.utils.files import atomic_path
+
+logger = logging.getLogger(__name__)
 
 SUPPORT_FILE = "support.safetensors"
 
@@ -57,8 +60,8 @@ def _matrix_of(model, spec: TargetSpec, slice_idx: int) -> tuple[torch.nn.Parame
     return model.get_submodule(spec.name).weight, slice_rows(spec.slices[slice_idx])
 
 
-def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: int, world_size: int,
-                     log=print) -> dict[str, torch.Tensor]:
+def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: int,
+                     world_size: int) -> dict[str, torch.Tensor]:
     """Every rank calls this; returns the full {matrix name: (2 x N) slice-local index} on every rank."""
     jobs = [(spec, i, name) for spec in specs for i, name in enumerate(spec.matrix_names())]
     dc = dsee_cfg.decomposition
@@ -80,7 +83,7 @@ def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: 
                 threshold=dc.threshold, algorithm=dc.algorithm,
             )
         done = min(round_start + world_size, len(jobs))
-        log(f"support ({dsee_cfg.support}): {done}/{len(jobs)} matrices, {time.time() - t0:.1f}s")
+        logger.info(f"support ({dsee_cfg.support}): {done}/{len(jobs)} matrices, {time.time() - t0:.1f}s")
     supports: dict[str, torch.Tensor] = {}
     for part in distributed.all_gather_object(mine):
         supports.update(part)
@@ -88,19 +91,18 @@ def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: 
 
 
 def load_or_compute_support(model, specs: list[TargetSpec], dsee_cfg, seed: int, out_dir: Path,
-                            dist_info, log=print) -> dict[str, torch.Tensor]:
+                            dist_info) -> dict[str, torch.Tensor]:
     path = Path(out_dir) / SUPPORT_FILE
     settings = support_settings(dsee_cfg, seed, specs)
     if dsee_cfg.num_sparse == 0:
         return {}
     if path.is_file():
-        log(f"support: reusing {path}")
+        logger.info(f"support: reusing {path}")
         return _read_support(path, settings)
-    supports = compute_supports(model, specs, dsee_cfg, seed, dist_info.rank, dist_info.world_size, log=log)
+    supports = compute_supports(model, specs, dsee_cfg, seed, dist_info.rank, dist_info.world_size)
     if dist_info.is_rank_zero:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in supports.items()}, str(tmp),
-                  metadata={"dsee_support": json.dumps(settings)})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.contiguous() for k, v in supports.items()}, str(tmp),
+                      metadata={"dsee_support": json.dumps(settings)})
     distributed.barrier()
     return supports

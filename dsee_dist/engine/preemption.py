@@ -9,10 +9,12 @@ only sets the same flag again: the save completes and the previous checkpoint st
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 
 from dsee_dist.engine import distributed
+
+logger = logging.getLogger(__name__)
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry".
 PREEMPTED_EXIT_CODE = 75
@@ -20,10 +22,9 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionHandler:
-    def __init__(self, log=print):
+    def __init__(self):
         self.requested = False
         self.signal_name = None
-        self._log = log
         self._previous = {}
         for sig in SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
@@ -31,7 +32,8 @@ class PreemptionHandler:
     def _handle(self, signum, frame) -> None:
         if not self.requested:
             self.signal_name = signal.Signals(signum).name
-            print(f"[dsee] received {self.signal_name}: checkpointing after the current step", file=sys.stderr, flush=True)
+            # every rank says it: a signal may reach only some of them
+            logger.warning(f"received {self.signal_name}: checkpointing after the current step")
         self.requested = True
 
     def should_stop(self) -> bool:

@@ -68,8 +68,11 @@ def consolidate_trainable_state(checkpoint_dir: Path) -> tuple[dict[str, dict[st
             mappings = [o["param_slice_mappings"][g] for o in optim]
             for name, shape in shapes.items():
                 full[name] = {
-                    key: torch.cat([flat[r].narrow(0, m[name].start, m[name].numel)
-                                    for r, m in enumerate(mappings) if name in m]).view(shape).clone()
+                    key: torch.cat(
+                        [flat[r].narrow(0, m[name].start, m[name].numel) for r, m in enumerate(mappings) if name in m]
+                    )
+                    .view(shape)
+                    .clone()
                     for key, flat in flats.items()
                 }
         else:
@@ -77,13 +80,21 @@ def consolidate_trainable_state(checkpoint_dir: Path) -> tuple[dict[str, dict[st
             for name, shape in shapes.items():
                 numel = math.prod(shape)
                 part = math.ceil(numel / world)
-                full[name] = {key: torch.cat([flat[r].narrow(0, offset, part) for r in range(world)])[:numel].view(shape).clone()
-                              for key, flat in flats.items()}
+                full[name] = {
+                    key: torch.cat([flat[r].narrow(0, offset, part) for r in range(world)])[:numel].view(shape).clone()
+                    for key, flat in flats.items()
+                }
                 offset += part
     if len(steps) != 1:
-        raise DSEEError(f"'{checkpoint_dir}': ranks disagree on the optimizer step ({sorted(steps)}); the checkpoint is corrupt")
-    meta = {"step": steps.pop(), "lr_scheduler": model_state.get("lr_scheduler"),
-            "global_steps": model_state.get("global_steps", 0), "global_samples": model_state.get("global_samples", 0)}
+        raise DSEEError(
+            f"'{checkpoint_dir}': ranks disagree on the optimizer step ({sorted(steps)}); the checkpoint is corrupt"
+        )
+    meta = {
+        "step": steps.pop(),
+        "lr_scheduler": model_state.get("lr_scheduler"),
+        "global_steps": model_state.get("global_steps", 0),
+        "global_samples": model_state.get("global_samples", 0),
+    }
     return full, meta
 
 
@@ -96,8 +107,11 @@ def _ensure_optimizer_state(engine) -> None:
         flats += list(getattr(engine.optimizer, attr, []) or [])
     for flat in flats:
         if not inner.state.get(flat):
-                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                     "exp_avg_sq": torch.zeros_like(flat)}
+            inner.state[flat] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": torch.zeros_like(flat),
+                "exp_avg_sq": torch.zeros_like(flat),
+            }
     if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2 (done at the first step otherwise)
         engine.optimizer._lazy_init_hp_params_optimizer_state()
 
@@ -111,7 +125,9 @@ def load_resharded(engine, checkpoint_dir: Path) -> None:
     named = {n: p for n, p in engine.module.named_parameters() if p.requires_grad}
     missing = sorted(set(named) - set(state))
     if missing:
-        raise DSEEError(f"checkpoint '{checkpoint_dir}' lacks trainable tensors {missing[:3]}; it was written by another model")
+        raise DSEEError(
+            f"checkpoint '{checkpoint_dir}' lacks trainable tensors {missing[:3]}; it was written by another model"
+        )
     for name, param in named.items():
         value = state[name]["fp32"]
         safe_set_full_fp32_param(param, value)
@@ -123,7 +139,9 @@ def load_resharded(engine, checkpoint_dir: Path) -> None:
                 param.data.copy_(value.to(param.dtype))
     for group_state in distributed.inner_optimizer(engine).state.values():
         if "step" in group_state:
-            group_state["step"] = torch.tensor(float(meta["step"])) if torch.is_tensor(group_state["step"]) else meta["step"]
+            group_state["step"] = (
+                torch.tensor(float(meta["step"])) if torch.is_tensor(group_state["step"]) else meta["step"]
+            )
     if engine.lr_scheduler is not None and meta["lr_scheduler"] is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
         # a scheduler's state does not include the optimizer's current learning rate: put it back

@@ -28,21 +28,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dsee_dist.config import Config, dump_yaml, load_config, resolve_path
 from dsee_dist.data import dataset as data
-from dsee_dist.dsee.inject import (check_num_sparse, check_rank, count_parameters, find_targets, inject_dsee,
-                                   mark_only_adapters_trainable, parameter_summary)
+from dsee_dist.dsee.inject import (
+    check_num_sparse,
+    check_rank,
+    count_parameters,
+    find_targets,
+    inject_dsee,
+    mark_only_adapters_trainable,
+    parameter_summary,
+)
 from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
 from dsee_dist.engine import checkpoint, distributed
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
-from dsee_dist.errors import DSEEError
+from dsee_dist.errors import ConfigError, DSEEError
 from dsee_dist.eval.during_training import GenerationEval
 from dsee_dist.models import loading as models
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
 from dsee_dist.pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
 from dsee_dist.recipes import methods
+from dsee_dist.recipes.loss import token_loss_sum as lm_loss_sum
+from dsee_dist.utils import throughput
 from dsee_dist.utils.log import setup_logging
 from dsee_dist.utils.metrics_log import MetricsLogger
 
@@ -52,10 +60,11 @@ logger = logging.getLogger(__name__)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dsee_dist.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help=argparse.SUPPRESS)  # appended by the deepspeed launcher
-    parser.add_argument("overrides", nargs="*",
-                        help="dotted overrides: train.max_steps=20 ds.zero_optimization.stage=2")
+    # appended by the deepspeed launcher
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides: train.max_steps=20 ds.zero_optimization.stage=2"
+    )
     return parser.parse_args(argv)
 
 
@@ -128,15 +137,24 @@ def prepare_base_model(cfg: Config, out_dir: Path) -> str:
         texts = data.read_training_texts(cfg, train_source)
         tokenizer = train_bpe_tokenizer(texts, cfg.model.tokenizer_vocab_size)
         path = models.materialize_builtin_model(cfg.model.builtin, tokenizer, cfg.train.seed, out_dir / "base_model")
-        logger.info(f"model: built-in {cfg.model.builtin} (random init, seed {cfg.train.seed}), "
-            f"tokenizer of {len(tokenizer)} tokens -> {path}")
+        logger.info(
+            f"model: built-in {cfg.model.builtin} (random init, seed {cfg.train.seed}), "
+            f"tokenizer of {len(tokenizer)} tokens -> {path}"
+        )
         return str(path)
 
     return distributed.on_rank_zero(build)
 
 
-def train(cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_adapter: tuple[dict, dict] | None = None,
-          masks_dir: Path | None = None) -> tuple[int, bool]:
+def train(
+    cfg: Config,
+    out_dir: Path,
+    base_model: str,
+    ctx: RunContext,
+    *,
+    init_adapter: tuple[dict, dict] | None = None,
+    masks_dir: Path | None = None,
+) -> tuple[int, bool]:
     """One DSEE training stage into `out_dir` (checkpoints, metrics, adapter): setup -> fit -> evaluate -> save.
     Returns (exit status, whether it reached its last step). Stage 2 of the two-stage recipe passes the
     stage-1 adapter (restricted to what pruning kept) and, after unstructured pruning, the masks."""
@@ -172,10 +190,15 @@ class Stage:
     device: torch.device
     pad_id: int
     metrics: MetricsLogger | None = None
+    # Since the last logged step (for tokens/s and MFU): labelled tokens and processed positions of all ranks.
+    tokens_trained: float = 0.0
+    tokens_processed: int = 0
+    sequences: int = 0
 
 
-def setup(cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_adapter=None,
-          masks_dir: Path | None = None) -> Stage:
+def setup(
+    cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_adapter=None, masks_dir: Path | None = None
+) -> Stage:
     """Resume decision -> DeepSpeed config -> model -> DSEE -> optimizer and engine -> restored state."""
     dist_info = ctx.dist_info
     if dist_info.is_rank_zero:
@@ -188,24 +211,44 @@ def setup(cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_
 
     # Model: partitioned at creation under ZeRO-3.
     ds_config = distributed.build_deepspeed_config(
-        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)), cfg.deepspeed.overrides,
-        micro_batch_size=cfg.train.micro_batch_size, grad_accum_steps=cfg.train.grad_accum_steps,
-        grad_clip=cfg.train.grad_clip, world_size=dist_info.world_size)
+        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
+        cfg.deepspeed.overrides,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_clip=cfg.train.grad_clip,
+        world_size=dist_info.world_size,
+    )
+    if cfg.train.loss_chunk_tokens > 0 and distributed.zero_stage(ds_config) == 3:
+        # Each chunk would gather the partitioned LM head: a collective per chunk, and ranks hold different chunks.
+        raise ConfigError(
+            "train.loss_chunk_tokens is not supported under ZeRO-3 (every chunk would gather the "
+            "partitioned LM head); use ZeRO-2 or set train.loss_chunk_tokens=0"
+        )
     model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
-    logger.info(f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})")
+    logger.info(
+        f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})"
+    )
     if cfg.method == "dsee":
         trainable = inject_adapters(model, cfg, out_dir, ds_config, dist_info, init_adapter, masks_dir)
     else:  # PEFT LoRA or full fine-tuning: the same loop on another trainable model (recipes/methods.py)
         model, trainable = methods.prepare_trainable(cfg, model)
     logger.info(parameter_summary(model))
+    if cfg.train.activation_checkpointing:  # non-reentrant: works with a frozen base and ZeRO-3's hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # Engine: only the adapter parameters reach the optimizer.
-    schedule = data.GlobalBatchSchedule(len(ctx.train_split), cfg.train.micro_batch_size,
-                                        cfg.train.grad_accum_steps, dist_info.rank, dist_info.world_size,
-                                        cfg.train.seed)
+    schedule = data.GlobalBatchSchedule(
+        len(ctx.train_split),
+        cfg.train.micro_batch_size,
+        cfg.train.grad_accum_steps,
+        dist_info.rank,
+        dist_info.world_size,
+        cfg.train.seed,
+    )
     max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
-    optimizer = distributed.build_optimizer([{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas,
-                                            cfg.train.weight_decay)
+    optimizer = distributed.build_optimizer(
+        [{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas, cfg.train.weight_decay
+    )
     lr_schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
     engine, optimizer, scheduler = distributed.build_engine(model, optimizer, scheduler, ds_config)
@@ -215,11 +258,28 @@ def setup(cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_
         start_step = resume.step
         if dist_info.is_rank_zero:
             checkpoint.truncate_metrics(out_dir, start_step)
-        logger.info(f"resume: continuing from step {start_step} of {resume.path}"
-            + (f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
-               if resharded else ""))
-    return Stage(cfg, out_dir, base_model, ctx, model, engine, optimizer, schedule, max_steps, start_step,
-                 distributed.device(), ctx.tokenizer.pad_token_id)
+        logger.info(
+            f"resume: continuing from step {start_step} of {resume.path}"
+            + (
+                f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
+                if resharded
+                else ""
+            )
+        )
+    return Stage(
+        cfg,
+        out_dir,
+        base_model,
+        ctx,
+        model,
+        engine,
+        optimizer,
+        schedule,
+        max_steps,
+        start_step,
+        distributed.device(),
+        ctx.tokenizer.pad_token_id,
+    )
 
 
 def find_resume(cfg: Config, out_dir: Path) -> checkpoint.ResumeInfo | None:
@@ -237,8 +297,9 @@ def find_resume(cfg: Config, out_dir: Path) -> checkpoint.ResumeInfo | None:
     return info
 
 
-def inject_adapters(model, cfg: Config, out_dir: Path, ds_config: dict, dist_info, init_adapter=None,
-                    masks_dir: Path | None = None) -> list[torch.nn.Parameter]:
+def inject_adapters(
+    model, cfg: Config, out_dir: Path, ds_config: dict, dist_info, init_adapter=None, masks_dir: Path | None = None
+) -> list[torch.nn.Parameter]:
     """Pick the support of S from the frozen weights (or take the stage-1 adapter's), wrap the targets in
     DSEE layers, freeze the rest; returns the trainable parameters."""
     d = cfg.dsee
@@ -249,15 +310,18 @@ def inject_adapters(model, cfg: Config, out_dir: Path, ds_config: dict, dist_inf
     else:
         check_num_sparse(specs, d.num_sparse)
     support = load_or_compute_support(model, specs, d, cfg.train.seed, out_dir, dist_info)
-    inject_dsee(model, specs, support, rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout,
-                seed=cfg.train.seed)
+    inject_dsee(
+        model, specs, support, rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout, seed=cfg.train.seed
+    )
     if init_adapter is not None:
         copy_adapter_values(model, init_adapter[1])
     trainable = mark_only_adapters_trainable(model)
     if masks_dir is not None:
         n_masked, n_partitioned = attach_keep_masks(model, masks_dir, ds_config)
-        logger.info(f"prune: masks on the update of {n_masked} adapted modules (pruned entries stay zero), "
-            f"{n_partitioned} of them partitioned across ranks")
+        logger.info(
+            f"prune: masks on the update of {n_masked} adapted modules (pruned entries stay zero), "
+            f"{n_partitioned} of them partitioned across ranks"
+        )
     return trainable
 
 
@@ -271,6 +335,7 @@ def lr_lambda(schedule: str, warmup_steps: int, max_steps: int):
         if schedule == "linear":
             return max(0.0, 1.0 - progress)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return factor
 
 
@@ -281,8 +346,10 @@ def fit(stage: Stage) -> int | None:
     """The training loop from `stage.start_step`. Returns None after the last step, or the exit status when
     the stage stopped early with a checkpoint (preemption, train.stop_after_steps)."""
     cfg, dist_info = stage.cfg, stage.ctx.dist_info
-    logger.info(f"training {stage.max_steps} steps of {stage.schedule.global_batch} examples "
-        f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)")
+    logger.info(
+        f"training {stage.max_steps} steps of {stage.schedule.global_batch} examples "
+        f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)"
+    )
     stage.metrics = MetricsLogger(stage.out_dir, dist_info.is_rank_zero, stage.max_steps, stage.start_step)
     preemption = PreemptionHandler()
     generation = GenerationEval(stage)  # eval.generate_every_n_steps, checkpoint.keep_best, final_generate
@@ -322,11 +389,15 @@ def train_step(stage: Stage, step: int) -> float:
     micro_batches = [data.collate(split, idx, stage.pad_id) for idx in stage.schedule.micro_batches(step)]
     local_tokens = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro_batches)
     (global_tokens,) = distributed.all_reduce_sum([local_tokens])
+    world_size = stage.ctx.dist_info.world_size  # padded lengths differ per rank: this rank's share x ranks
+    stage.tokens_trained += global_tokens
+    stage.tokens_processed += world_size * sum(b["input_ids"].numel() for b in micro_batches)
+    stage.sequences += world_size * sum(len(b["input_ids"]) for b in micro_batches)
     # DeepSpeed divides each backward by grad_accum and averages gradients over ranks: undo both.
     scale = stage.ctx.dist_info.world_size * len(micro_batches) / max(global_tokens, 1.0)
     loss_total = 0.0
     for batch in micro_batches:
-        loss_sum, _ = token_loss_sum(engine, batch, stage.device)
+        loss_sum, _ = token_loss_sum(engine, batch, stage.device, stage.cfg.train.loss_chunk_tokens)
         engine.backward(loss_sum * scale)
         engine.step()
         loss_total += loss_sum.item()
@@ -334,29 +405,49 @@ def train_step(stage: Stage, step: int) -> float:
     return loss_total / max(global_tokens, 1.0)
 
 
-def token_loss_sum(engine, batch: dict, dev) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over the labelled tokens of one micro-batch, and their count."""
-    logits = engine(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)).logits
-    labels = batch["labels"][:, 1:].to(dev)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE_INDEX,
-                           reduction="sum")
-    return loss, int((labels != data.IGNORE_INDEX).sum())
+def token_loss_sum(engine, batch: dict, dev, chunk_tokens: int = 0) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over the labelled tokens of one micro-batch (recipes/loss.py; chunked
+    with train.loss_chunk_tokens), and their count (from the host copy of the labels: no device sync)."""
+    loss_sum, _ = lm_loss_sum(engine, batch, dev, chunk_tokens=max(chunk_tokens, 0))
+    return loss_sum, int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
 
 
 def log_optimizer_state(stage: Stage, done: int) -> None:
     """Once per job: what the optimizer really holds, summed over ranks."""
     world_size = stage.ctx.dist_info.world_size
     (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(stage.engine)])
-    logger.info(f"optimizer state: {int(state_total):,} Adam moment values over {world_size} ranks "
-        f"for {count_parameters(stage.model)[0]:,} trainable parameters")
+    logger.info(
+        f"optimizer state: {int(state_total):,} Adam moment values over {world_size} ranks "
+        f"for {count_parameters(stage.model)[0]:,} trainable parameters"
+    )
     stage.metrics.log(done, {"optimizer_state_numel": int(state_total)})
 
 
 def log_progress(stage: Stage, done: int, loss: float, lr: float, t_last: float) -> float:
     grad_norm = stage.engine.get_global_grad_norm()
     now = time.time()
-    stage.metrics.log(done, {"loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                             "step_time_s": round((now - t_last) / stage.cfg.train.log_every_n_steps, 4)})
+    speed = throughput.interval_metrics(
+        stage.engine.module.config,
+        stage.cfg.method,
+        tokens_trained=stage.tokens_trained,
+        tokens_processed=stage.tokens_processed,
+        sequences=stage.sequences,
+        elapsed_s=now - t_last,
+        world_size=stage.ctx.dist_info.world_size,
+    )
+    stage.metrics.log(
+        done,
+        {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "step_time_s": round((now - t_last) / stage.cfg.train.log_every_n_steps, 4),
+            **speed,
+        },
+    )
+    mfu = "n/a" if speed["mfu"] is None else f"{speed['mfu']:.1%}"
+    stage.metrics.show(tok_s=f"{speed['tokens_per_s']:.0f}", mfu=mfu)
+    stage.tokens_trained, stage.tokens_processed, stage.sequences = 0.0, 0, 0
     return now
 
 
@@ -370,21 +461,31 @@ def periodic_evaluate(stage: Stage, done: int) -> None:
 def save_checkpoint(stage: Stage, done: int) -> None:
     """A sharded checkpoint of step `done` (all ranks), with the support of S beside it."""
     support = stage.out_dir / SUPPORT_FILE
-    checkpoint.save_checkpoint(stage.engine, stage.out_dir, done, config=stage.cfg.to_dict(),
-                               dist_info=stage.ctx.dist_info, keep_last=stage.cfg.checkpoint.keep_last,
-                               base_model=stage.base_model,
-                               extra_files={SUPPORT_FILE: support} if support.is_file() else {})
+    checkpoint.save_checkpoint(
+        stage.engine,
+        stage.out_dir,
+        done,
+        config=stage.cfg.to_dict(),
+        dist_info=stage.ctx.dist_info,
+        keep_last=stage.cfg.checkpoint.keep_last,
+        base_model=stage.base_model,
+        extra_files={SUPPORT_FILE: support} if support.is_file() else {},
+    )
 
 
 def stop_early(stage: Stage, done: int, preemption: PreemptionHandler | None) -> int:
     """After the checkpoint of an early stop: say how the run continues; returns the exit status."""
     if preemption is not None:
         preemption.ignore_further_signals()
-        logger.info(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {done} "
-            f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto")
+        logger.info(
+            f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {done} "
+            f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto"
+        )
     else:
-        logger.info(f"stopping after {stage.cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
-            f"resume=auto continues from step {done}")
+        logger.info(
+            f"stopping after {stage.cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
+            f"resume=auto continues from step {done}"
+        )
     stage.metrics.close()
     return PREEMPTED_EXIT_CODE if preemption is not None else 0
 
@@ -398,8 +499,9 @@ def evaluate(stage: Stage) -> dict:
     cfg, dist_info, engine, split = stage.cfg, stage.ctx.dist_info, stage.engine, stage.ctx.eval_split
     engine.eval()
     loss_sum = tokens = 0.0
-    for indices in data.eval_batches(split, cfg.eval.micro_batch_size, dist_info.rank, dist_info.world_size,
-                                     cfg.eval.max_batches):
+    for indices in data.eval_batches(
+        split, cfg.eval.micro_batch_size, dist_info.rank, dist_info.world_size, cfg.eval.max_batches
+    ):
         batch = data.collate(split, indices or [0], stage.pad_id)  # an empty share still joins ZeRO-3's collectives
         loss, n = token_loss_sum(engine, batch, stage.device)
         if indices:
@@ -440,10 +542,13 @@ def run(argv: list[str] | None = None) -> int:
             raise
         # A node or rank went away mid-collective: one line per surviving rank, no teardown (it would wait
         # for the lost peer again); the launcher stops the other ranks.
-        print(f"dsee_dist: error: rank {os.environ.get('RANK', '?')} lost contact with the other ranks "
-              f"({str(exc).splitlines()[0][:160]}): a node failed or the network between nodes is down; "
-              f"resubmit the same job (resume=auto) to continue from the last complete checkpoint",
-              file=sys.stderr, flush=True)
+        print(
+            f"dsee_dist: error: rank {os.environ.get('RANK', '?')} lost contact with the other ranks "
+            f"({str(exc).splitlines()[0][:160]}): a node failed or the network between nodes is down; "
+            f"resubmit the same job (resume=auto) to continue from the last complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
         return distributed.LOST_PEER_EXIT_CODE
 
 

@@ -23,8 +23,15 @@ class MetricsLogger:
             self._tb = None
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", file=sys.stderr,
-                         dynamic_ncols=True, mininterval=1.0)
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         self._t0 = time.time()
 
     def log(self, step: int, values: dict) -> None:
@@ -41,7 +48,13 @@ class MetricsLogger:
     def advance(self, loss: float) -> None:
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self._bar.set_postfix(loss=f"{loss:.4f}", **getattr(self, "_extra", {}), refresh=False)
+
+    def show(self, **values: str) -> None:
+        """Extra figures beside the loss on the progress bar (e.g. tokens/s, MFU), kept until replaced."""
+        if self._bar is not None:
+            self._extra = values
+            self._bar.set_postfix(**values, refresh=False)  # the loss comes back with the next step
 
     def close(self) -> None:
         if self._bar is not None:

@@ -2,10 +2,9 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-from dsee_dist.engine.distributed import free_port
+from dsee_dist.engine.launcher import free_port, training_command  # noqa: F401 - free_port for the tests
 from tests.conftest import REPO
 
 TINY_RUN = [
@@ -18,11 +17,7 @@ TINY_RUN = [
 
 
 def train_command(world_size: int, out_dir: Path, *overrides: str, config: str = "configs/quickstart.yaml") -> list[str]:
-    args = ["--config", config, f"output.dir={out_dir}", *overrides]
-    if world_size == 1:
-        return [sys.executable, "-m", "dsee_dist.train", *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
-            "--master_port", str(free_port()), "--module", "dsee_dist.train", *args]
+    return training_command(world_size, ["--config", config, f"output.dir={out_dir}", *overrides])
 
 
 def run_training(world_size: int, out_dir: Path, *overrides: str, timeout: int = 600,

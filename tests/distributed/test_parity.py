@@ -65,7 +65,7 @@ def _first_step_base_loss(out_dir):
     """The loss of step 1 computed with plain transformers on the base model (no DeepSpeed, no DSEE)."""
     cfg = load_config(out_dir / "config.resolved.yaml")
     tokenizer = models.load_tokenizer(out_dir / "base_model")
-    train_split, _ = data.load_splits(cfg, tokenizer, out_dir, log=lambda m: None)
+    train_split, _ = data.load_splits(cfg, tokenizer, out_dir)
     schedule = data.GlobalBatchSchedule(len(train_split), 8, 1, 0, 1, cfg.train.seed)
     base = models.load_model(out_dir / "base_model").eval()
     (indices,) = schedule.micro_batches(0)
@@ -98,7 +98,7 @@ def test_zero3_adapter_holds_real_tensors_and_reproduces_eval_loss(runs):
     model = load_adapted_model(out_dir / "adapter")
     cfg = load_config(out_dir / "config.resolved.yaml")
     tokenizer = models.load_tokenizer(out_dir / "base_model")
-    _, eval_split = data.load_splits(cfg, tokenizer, out_dir, log=lambda m: None)
+    _, eval_split = data.load_splits(cfg, tokenizer, out_dir)
     loss_sum = tokens = 0.0
     with torch.no_grad():
         for indices in data.eval_batches(eval_split, 4, 0, 1):

@@ -32,24 +32,29 @@ def test_every_shipped_config_loads(path, tmp_path):
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(REPO / "configs/quickstart.yaml",
-                      ["train.max_steps=7", "dsee.target_modules=c_attn,c_proj", "ds.zero_optimization.stage=2", "train.lr=1e-3"])
+    cfg = load_config(
+        REPO / "configs/quickstart.yaml",
+        ["train.max_steps=7", "dsee.target_modules=c_attn,c_proj", "ds.zero_optimization.stage=2", "train.lr=1e-3"],
+    )
     assert cfg.train.max_steps == 7 and cfg.train.lr == 1e-3
     assert cfg.dsee.target_modules == ["c_attn", "c_proj"]
     assert cfg.deepspeed.overrides == {"zero_optimization": {"stage": 2}}
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
-    ("dsee.lora_rank=0", "dsee.lora_rank must be >= 1"),
-    ("dsee.num_sparse=-1", "dsee.num_sparse must be >= 0"),
-    ("dsee.support=svd", "dsee.support 'svd'"),
-    ("dsee.fused_slices=[q,x]", "dsee.fused_slices"),
-    ("train.lr=fast", "train.lr' must be a number"),
-    ("model.path=/nonexistent/model", "model.path '/nonexistent/model' does not exist"),
-    ("deepspeed.config=configs/ds/zero9.json", "deepspeed.config 'configs/ds/zero9.json' does not exist"),
-    ("train.epochs=2", "exactly one of train.max_steps or train.epochs"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.max_stepz=3", "unknown config key 'train.max_stepz'"),
+        ("dsee.lora_rank=0", "dsee.lora_rank must be >= 1"),
+        ("dsee.num_sparse=-1", "dsee.num_sparse must be >= 0"),
+        ("dsee.support=svd", "dsee.support 'svd'"),
+        ("dsee.fused_slices=[q,x]", "dsee.fused_slices"),
+        ("train.lr=fast", "train.lr' must be a number"),
+        ("model.path=/nonexistent/model", "model.path '/nonexistent/model' does not exist"),
+        ("deepspeed.config=configs/ds/zero9.json", "deepspeed.config 'configs/ds/zero9.json' does not exist"),
+        ("train.epochs=2", "exactly one of train.max_steps or train.epochs"),
+    ],
+)
 def test_bad_values_raise_a_config_error_naming_the_key(override, message):
     extra = ["model.builtin=null"] if override.startswith("model.path") else []
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(".", r"\.")):
@@ -57,19 +62,32 @@ def test_bad_values_raise_a_config_error_naming_the_key(override, message):
 
 
 def _run_train(tmp_path, *overrides, config=None):
-    cmd = [sys.executable, "-m", "dsee_dist.train", "--config", str(config or REPO / "configs/quickstart.yaml"),
-           f"output.dir={tmp_path / 'out'}", "model.builtin=gpt2-tiny", "data.synthetic_train_examples=64",
-           "data.synthetic_eval_examples=8", "train.max_steps=1", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsee_dist.train",
+        "--config",
+        str(config or REPO / "configs/quickstart.yaml"),
+        f"output.dir={tmp_path / 'out'}",
+        "model.builtin=gpt2-tiny",
+        "data.synthetic_train_examples=64",
+        "data.synthetic_eval_examples=8",
+        "train.max_steps=1",
+        *overrides,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["nonsense.key=1"], "unknown config key 'nonsense'"),
-    (["data.format=e2e", "data.train_path=/no/such.csv"], "data.train_path '/no/such.csv' does not exist"),
-    (["dsee.target_modules=[q_proj]"], "match no adaptable module"),
-    (["dsee.lora_rank=65"], "dsee.lora_rank=65 exceeds"),
-    (["dsee.num_sparse=5000"], "dsee.num_sparse=5000 is larger than the 64 x 64 matrix"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["nonsense.key=1"], "unknown config key 'nonsense'"),
+        (["data.format=e2e", "data.train_path=/no/such.csv"], "data.train_path '/no/such.csv' does not exist"),
+        (["dsee.target_modules=[q_proj]"], "match no adaptable module"),
+        (["dsee.lora_rank=65"], "dsee.lora_rank=65 exceeds"),
+        (["dsee.num_sparse=5000"], "dsee.num_sparse=5000 is larger than the 64 x 64 matrix"),
+    ],
+)
 def test_cli_bad_config_fails_with_one_clear_line(tmp_path, overrides, message):
     proc = _run_train(tmp_path, *overrides)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -91,14 +109,29 @@ def test_cli_malformed_yaml(tmp_path):
     assert proc.returncode == 2 and "is not valid YAML" in proc.stderr
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["prune.method=unstructured", "prune.ratio=1.0", "prune.retrain_steps=1"], "prune.ratio must be a fraction in [0, 1)"),
-    (["prune.method=unstructured", "prune.ratio=-0.1", "prune.retrain_steps=1"], "prune.ratio must be a fraction in [0, 1)"),
-    (["prune.method=unstructured", "prune.modules=[attn_q,ffn]", "prune.retrain_steps=1"], "prune.modules: 'ffn' is not supported"),
-    (["prune.method=structured", "prune.heads_removed=4", "prune.retrain_steps=1"], "removing 4 heads per layer leaves none"),
-    (["prune.method=structured", "prune.retrain_steps=1"], "prune.method=structured removes nothing"),
-    (["prune.method=unstructured"], "exactly one of prune.retrain_steps or prune.retrain_epochs"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["prune.method=unstructured", "prune.ratio=1.0", "prune.retrain_steps=1"],
+            "prune.ratio must be a fraction in [0, 1)",
+        ),
+        (
+            ["prune.method=unstructured", "prune.ratio=-0.1", "prune.retrain_steps=1"],
+            "prune.ratio must be a fraction in [0, 1)",
+        ),
+        (
+            ["prune.method=unstructured", "prune.modules=[attn_q,ffn]", "prune.retrain_steps=1"],
+            "prune.modules: 'ffn' is not supported",
+        ),
+        (
+            ["prune.method=structured", "prune.heads_removed=4", "prune.retrain_steps=1"],
+            "removing 4 heads per layer leaves none",
+        ),
+        (["prune.method=structured", "prune.retrain_steps=1"], "prune.method=structured removes nothing"),
+        (["prune.method=unstructured"], "exactly one of prune.retrain_steps or prune.retrain_epochs"),
+    ],
+)
 def test_cli_bad_pruning_requests_fail_before_training(tmp_path, overrides, message):
     proc = _run_train(tmp_path, *overrides)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -3,15 +3,18 @@
 import pytest
 
 from dsee_dist.data import dataset as data
-from dsee_dist.errors import DSEEError
 from dsee_dist.data.synthetic_e2e import generate_examples, write_csv
+from dsee_dist.errors import DSEEError
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
 from tests.conftest import SHARED_DATA
 
 
 def test_global_batch_is_the_same_at_any_world_size():
     single = data.GlobalBatchSchedule(100, micro_batch_size=4, grad_accum_steps=2, rank=0, world_size=1, seed=3)
-    pair = [data.GlobalBatchSchedule(100, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2, seed=3) for r in range(2)]
+    pair = [
+        data.GlobalBatchSchedule(100, micro_batch_size=2, grad_accum_steps=2, rank=r, world_size=2, seed=3)
+        for r in range(2)
+    ]
     for step in range(30):  # crosses epoch boundaries (12 steps per epoch)
         one = sorted(i for mb in single.micro_batches(step) for i in mb)
         two = sorted(i for s in pair for mb in s.micro_batches(step) for i in mb)
@@ -82,7 +85,9 @@ def test_e2e_csv_without_mr_ref_columns_is_an_error(tmp_path):
 
 def test_collate_pads_and_masks(tokenizer):
     split = data.TokenizedSplit(*zip(*[(t, t) for t in data.pack_text("abc def " * 40, tokenizer, 8).input_ids[:1]]))
-    split = data.TokenizedSplit(list(split.input_ids) + [split.input_ids[0][:3]], list(split.labels) + [split.labels[0][:3]])
+    split = data.TokenizedSplit(
+        list(split.input_ids) + [split.input_ids[0][:3]], list(split.labels) + [split.labels[0][:3]]
+    )
     batch = data.collate(split, [0, 1], pad_id=0)
     assert batch["input_ids"].shape == (2, 8)
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
@@ -96,17 +101,24 @@ def test_jsonl_and_text_formats_load_through_the_cache(tokenizer, tmp_path):
     from tests.conftest import REPO
 
     jsonl = tmp_path / "train.jsonl"
-    jsonl.write_text("".join(json.dumps({"prompt": f"Q{i}: name[The Eagle]?", "completion": f" answer {i}"}) + "\n"
-                             for i in range(40)))
+    jsonl.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i}: name[The Eagle]?", "completion": f" answer {i}"}) + "\n" for i in range(40)
+        )
+    )
     cfg = load_config(REPO / "configs/quickstart.yaml", ["data.format=jsonl", f"data.train_path={jsonl}"])
     train, evals = data.load_splits(cfg, tokenizer, tmp_path / "out")
     assert len(train) == 38 and len(evals) == 2  # 5 % held out
     n_prompt = len(tokenizer("Q0: name[The Eagle]?", add_special_tokens=False)["input_ids"])
-    assert (train.labels[0][:n_prompt] == data.IGNORE_INDEX).all() and (train.labels[0][n_prompt:] != data.IGNORE_INDEX).all()
+    assert (train.labels[0][:n_prompt] == data.IGNORE_INDEX).all() and (
+        train.labels[0][n_prompt:] != data.IGNORE_INDEX
+    ).all()
 
     text = tmp_path / "train.txt"
     text.write_text("There is a pub called The Eagle near the river. " * 200)
-    cfg = load_config(REPO / "configs/quickstart.yaml", ["data.format=text", f"data.train_path={text}", "data.block_size=32"])
+    cfg = load_config(
+        REPO / "configs/quickstart.yaml", ["data.format=text", f"data.train_path={text}", "data.block_size=32"]
+    )
     train, evals = data.load_splits(cfg, tokenizer, tmp_path / "out")
     assert all(len(x) == 32 for x in train.input_ids) and len(evals) >= 1
     assert len(list((tmp_path / "out" / "cache").glob("tokenized-*.pt"))) == 2
