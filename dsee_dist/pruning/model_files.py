@@ -35,8 +35,10 @@ class ModelFiles:
             with safe_open(str(self.dir / "model.safetensors"), framework="pt") as f:
                 weight_map = {key: "model.safetensors" for key in f.keys()}
         else:
-            raise DSEEError(f"pruning reads the base model's safetensors files, and '{self.dir}' has none; "
-                            f"save the model with save_pretrained(safe_serialization=True) into a local directory")
+            raise DSEEError(
+                f"pruning reads the base model's safetensors files, and '{self.dir}' has none; "
+                f"save the model with save_pretrained(safe_serialization=True) into a local directory"
+            )
         self.weight_map: dict[str, str] = weight_map
 
     def key(self, module: str, tensor: str = "weight") -> str:
@@ -66,13 +68,24 @@ class ModelFiles:
 def copy_side_files(source: Path, target: Path) -> None:
     """Tokenizer, generation config and the like: every file but weights, index and config.json."""
     for path in source.iterdir():
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and path.name not in (INDEX_FILE, "config.json") \
-                and not path.name.startswith("dsee_"):
+        if (
+            path.is_file()
+            and not path.name.endswith(WEIGHT_SUFFIXES)
+            and path.name not in (INDEX_FILE, "config.json")
+            and not path.name.startswith("dsee_")
+        ):
             shutil.copyfile(path, target / path.name)
 
 
-def write_pruned_model(target: Path, files: ModelFiles, my_tensors: dict[str, torch.Tensor], replaced: set[str],
-                       write_rank_zero_files, dist_info, extra_shards: dict[str, dict[str, torch.Tensor]] = ()) -> None:
+def write_pruned_model(
+    target: Path,
+    files: ModelFiles,
+    my_tensors: dict[str, torch.Tensor],
+    replaced: set[str],
+    write_rank_zero_files,
+    dist_info,
+    extra_shards: dict[str, dict[str, torch.Tensor]] = (),
+) -> None:
     """Collective. `my_tensors`: this rank's pruned tensors by file key; `replaced`: every key any rank
     replaces (or drops); `write_rank_zero_files(tmp_dir)`: config, report and the like (rank 0);
     `extra_shards`: more safetensors files this rank writes (name -> tensors), e.g. pruning masks."""
@@ -101,8 +114,9 @@ def write_pruned_model(target: Path, files: ModelFiles, my_tensors: dict[str, to
         for part_written, part_sizes in parts:
             weight_map.update(part_written)
             total += part_sizes
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                  "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+        (tmp / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1)
+        )
         copy_side_files(files.dir, tmp)
         write_rank_zero_files(tmp)
     distributed.barrier()

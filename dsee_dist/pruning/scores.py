@@ -39,6 +39,7 @@ def head_scores(q_w0, v_w0, q_delta, v_delta, head_dim: int, score: str, group: 
     """Per query head: sum over its rows of |ΔW_q| + |ΔW_v| (|W0| where a slice is not adapted), plus |W0_q| +
     |W0_v| for `delta+base`. Inputs are head-major (width x in) row blocks of q and v; under grouped-query
     attention v has one head per `group` query heads, and each query head counts the value head it reads."""
+
     def rows_abs(w0, delta):
         total = (delta if delta is not None else w0).float().abs().sum(dim=1)
         if score == "delta+base" and delta is not None:

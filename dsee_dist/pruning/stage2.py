@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsee_dist.engine import distributed
 from dsee_dist.dsee.inject import TargetSpec, dsee_layers
 from dsee_dist.dsee.layer import row_slots
 from dsee_dist.dsee.placement import SUPPORT_FILE, support_settings
+from dsee_dist.engine import distributed
 from dsee_dist.errors import DSEEError
 from dsee_dist.pruning.unstructured import MASKS_GLOB
 
@@ -40,14 +40,19 @@ def support_from_adapter(adapter: tuple[dict, dict], specs: list[TargetSpec]) ->
     return support
 
 
-def write_support_from_adapter(adapter: tuple[dict, dict], specs: list[TargetSpec], dsee_cfg, seed: int, out_dir: Path) -> None:
+def write_support_from_adapter(
+    adapter: tuple[dict, dict], specs: list[TargetSpec], dsee_cfg, seed: int, out_dir: Path
+) -> None:
     path = Path(out_dir) / SUPPORT_FILE
     if path.is_file():
         return
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(support_from_adapter(adapter, specs), str(tmp),
-              metadata={"dsee_support": json.dumps(support_settings(dsee_cfg, seed, specs))})
+    save_file(
+        support_from_adapter(adapter, specs),
+        str(tmp),
+        metadata={"dsee_support": json.dumps(support_settings(dsee_cfg, seed, specs))},
+    )
     os.replace(tmp, path)
 
 
@@ -56,8 +61,10 @@ def copy_adapter_values(model, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, layer in dsee_layers(model).items():
             if not torch.equal(layer.sparse_index, tensors[f"{name}.sparse_index"].to(layer.sparse_index.dtype)):
-                raise DSEEError(f"stage 2: the support of '{name}' does not match the stage-1 adapter; "
-                                f"delete the stage-2 output directory to start stage 2 again")
+                raise DSEEError(
+                    f"stage 2: the support of '{name}' does not match the stage-1 adapter; "
+                    f"delete the stage-2 output directory to start stage 2 again"
+                )
             for key, param in layer.adapter_params().items():
                 param.copy_(tensors[f"{name}.{key}"].to(param.dtype))
 
@@ -85,8 +92,11 @@ def attach_keep_masks(model, model_dir: Path, ds_config: dict | None) -> tuple[i
     for name, layer in dsee_layers(model).items():
         if name not in files:
             continue
-        layer.attach_prune_mask(read_keep_mask(files[name], name), create_context=create() if create else None,
-                                gathered=distributed.gathered)
+        layer.attach_prune_mask(
+            read_keep_mask(files[name], name),
+            create_context=create() if create else None,
+            gathered=distributed.gathered,
+        )
         count += 1
         partitioned += distributed.is_partitioned(layer.prune_mask.mask)
     return count, partitioned

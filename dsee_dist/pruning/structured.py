@@ -64,15 +64,19 @@ def heads_to_remove(prune_cfg, n_heads: int, n_kv_heads: int | None = None) -> i
     elif prune_cfg.heads_removed:
         k = prune_cfg.heads_removed
         if k % n_kv:
-            raise ConfigError(f"prune.heads_removed={k}: this model shares each of its {n_kv} key/value heads between "
-                              f"{group} query heads, and heads are removed in equal numbers from every KV group; "
-                              f"use a multiple of {n_kv}")
+            raise ConfigError(
+                f"prune.heads_removed={k}: this model shares each of its {n_kv} key/value heads between "
+                f"{group} query heads, and heads are removed in equal numbers from every KV group; "
+                f"use a multiple of {n_kv}"
+            )
     else:
         k = round(prune_cfg.head_ratio * group) * n_kv
     if k >= n_heads or (group > 1 and k // n_kv >= group):
-        raise ConfigError(f"prune: removing {k} heads per layer leaves none of the model's {n_heads}; "
-                          f"remove at most {n_heads - max(n_kv if group > 1 else 1, 1)} (prune.heads_removed / "
-                          f"prune.head_ratio)")
+        raise ConfigError(
+            f"prune: removing {k} heads per layer leaves none of the model's {n_heads}; "
+            f"remove at most {n_heads - max(n_kv if group > 1 else 1, 1)} (prune.heads_removed / "
+            f"prune.head_ratio)"
+        )
     return k
 
 
@@ -86,21 +90,27 @@ def check_structured_request(prune_cfg, model_config) -> ModelShape:
     family = shape.family
     removes_heads = any(heads_to_remove(prune_cfg, shape.heads[i], shape.kv_heads[i]) for i in range(shape.n_layer))
     if removes_heads and family.structured_config is None:
-        raise ConfigError(f"structured pruning of attention heads is not available for {family.name} models: their "
-                          f"config fixes head_dim = hidden_size / num_heads; prune MLP neurons only (prune.mlp_ratio, "
-                          f"prune.head_ratio=0) or use unstructured pruning")
+        raise ConfigError(
+            f"structured pruning of attention heads is not available for {family.name} models: their "
+            f"config fixes head_dim = hidden_size / num_heads; prune MLP neurons only (prune.mlp_ratio, "
+            f"prune.head_ratio=0) or use unstructured pruning"
+        )
     if not uniform_per_layer(prune_cfg) and family.structured_config != "gpt2":
-        raise ConfigError(f"prune.uniform_per_layer=false gives every layer its own head count and MLP width, which "
-                          f"a stock {family.name} config cannot express; set prune.uniform_per_layer=true")
+        raise ConfigError(
+            f"prune.uniform_per_layer=false gives every layer its own head count and MLP width, which "
+            f"a stock {family.name} config cannot express; set prune.uniform_per_layer=true"
+        )
     if not uniform_per_layer(prune_cfg) and any(group_size(shape, i) > 1 for i in range(shape.n_layer)):
         raise ConfigError("prune.uniform_per_layer=false is not available with grouped-query attention")
     if uniform_per_layer(prune_cfg) and family.structured_config == "llama":  # the export's config must validate
         k = heads_to_remove(prune_cfg, shape.heads[0], shape.kv_heads[0])
         m = neurons_to_remove(prune_cfg, shape.inner[0])
         kv = shape.kv_heads[0] if group_size(shape, 0) > 1 else shape.heads[0] - k
-        counts = {"heads_kept": [list(range(shape.heads[0] - k))] * shape.n_layer,
-                  "kv_heads_kept": [list(range(kv))] * shape.n_layer,
-                  "neurons_kept": [list(range(shape.inner[0] - m))] * shape.n_layer}
+        counts = {
+            "heads_kept": [list(range(shape.heads[0] - k))] * shape.n_layer,
+            "kv_heads_kept": [list(range(kv))] * shape.n_layer,
+            "neurons_kept": [list(range(shape.inner[0] - m))] * shape.n_layer,
+        }
         pruned_config(model_config, counts)
     return shape
 
@@ -128,16 +138,29 @@ def _layer_scores(prune_cfg, files: ModelFiles, shape: ModelShape, adapter, laye
         q_w, v_w = _weight(files, q_module, family.conv1d), _weight(files, v_module, family.conv1d)
         (q_delta,) = _delta_rows(adapter, q_module, rows["attn_q"])
         (v_delta,) = _delta_rows(adapter, v_module, rows["attn_v"])
-        result["heads"] = head_scores(q_w[slice_rows(rows["attn_q"])], v_w[slice_rows(rows["attn_v"])], q_delta, v_delta,
-                                      shape.head_dim, prune_cfg.head_score, group=group_size(shape, layer))
+        result["heads"] = head_scores(
+            q_w[slice_rows(rows["attn_q"])],
+            v_w[slice_rows(rows["attn_v"])],
+            q_delta,
+            v_delta,
+            shape.head_dim,
+            prune_cfg.head_score,
+            group=group_size(shape, layer),
+        )
     inner = shape.inner[layer]
     if neurons_to_remove(prune_cfg, inner):
         ins = [module_name(shape, layer, m) for m in (family.mlp_in, family.mlp_gate) if m]
         out = module_name(shape, layer, family.mlp_out)
         rows_in = [(_weight(files, m, family.conv1d), *_delta_rows(adapter, m, (0, inner))) for m in ins]
         (out_delta,) = _delta_rows(adapter, out, (0, shape.hidden))
-        result["neurons"] = neuron_scores(rows_in[0][0], _weight(files, out, family.conv1d), rows_in[0][1], out_delta,
-                                          prune_cfg.head_score, extra_rows=rows_in[1:])
+        result["neurons"] = neuron_scores(
+            rows_in[0][0],
+            _weight(files, out, family.conv1d),
+            rows_in[0][1],
+            out_delta,
+            prune_cfg.head_score,
+            extra_rows=rows_in[1:],
+        )
     return result
 
 
@@ -147,7 +170,7 @@ def _removed_heads(scores: torch.Tensor, k: int, group: int) -> list[int]:
         return lowest(scores, k)
     n_kv = scores.numel() // group
     per_group = k // n_kv
-    return sorted(g * group + h for g in range(n_kv) for h in lowest(scores[g * group:(g + 1) * group], per_group))
+    return sorted(g * group + h for g in range(n_kv) for h in lowest(scores[g * group : (g + 1) * group], per_group))
 
 
 def _global_lowest(per_layer: list[torch.Tensor], k: int) -> list[list[int]]:
@@ -166,26 +189,41 @@ def _global_lowest(per_layer: list[torch.Tensor], k: int) -> list[list[int]]:
 def plan_structured(prune_cfg, files: ModelFiles, model_config, adapter: tuple[dict, dict], dist_info) -> dict:
     """Collective: {"heads_kept": [[...] per layer], "neurons_kept": [[...] per layer], ...} on every rank."""
     shape = model_shape(model_config)
-    mine = {layer: _layer_scores(prune_cfg, files, shape, adapter, layer)
-            for layer in range(dist_info.rank, shape.n_layer, dist_info.world_size)}
+    mine = {
+        layer: _layer_scores(prune_cfg, files, shape, adapter, layer)
+        for layer in range(dist_info.rank, shape.n_layer, dist_info.world_size)
+    }
     scores = {}
     for part in distributed.all_gather_object(mine):
         scores.update(part)
     layers = range(shape.n_layer)
     if uniform_per_layer(prune_cfg):
-        removed_h = [_removed_heads(scores[i]["heads"], heads_to_remove(prune_cfg, shape.heads[i], shape.kv_heads[i]),
-                                    group_size(shape, i)) if "heads" in scores[i] else [] for i in layers]
-        removed_n = [lowest(scores[i]["neurons"], neurons_to_remove(prune_cfg, shape.inner[i]))
-                     if "neurons" in scores[i] else [] for i in layers]
+        removed_h = [
+            _removed_heads(
+                scores[i]["heads"], heads_to_remove(prune_cfg, shape.heads[i], shape.kv_heads[i]), group_size(shape, i)
+            )
+            if "heads" in scores[i]
+            else []
+            for i in layers
+        ]
+        removed_n = [
+            lowest(scores[i]["neurons"], neurons_to_remove(prune_cfg, shape.inner[i])) if "neurons" in scores[i] else []
+            for i in layers
+        ]
     else:  # one ranking over all layers (GPT-2 without GQA only; see check_structured_request)
         k_heads = prune_cfg.heads_removed * shape.n_layer or round(prune_cfg.head_ratio * sum(shape.heads))
         removed_h = _global_lowest([scores[i]["heads"] for i in layers], k_heads)
-        removed_n = (_global_lowest([scores[i]["neurons"] for i in layers],
-                                    round(prune_cfg.mlp_ratio * sum(shape.inner)))
-                     if all("neurons" in scores[i] for i in layers) else [[] for _ in layers])
-    plan = {"heads_removed": removed_h, "neurons_removed": removed_n,
-            "heads_kept": [[h for h in range(shape.heads[i]) if h not in set(removed_h[i])] for i in layers],
-            "neurons_kept": [[n for n in range(shape.inner[i]) if n not in set(removed_n[i])] for i in layers]}
+        removed_n = (
+            _global_lowest([scores[i]["neurons"] for i in layers], round(prune_cfg.mlp_ratio * sum(shape.inner)))
+            if all("neurons" in scores[i] for i in layers)
+            else [[] for _ in layers]
+        )
+    plan = {
+        "heads_removed": removed_h,
+        "neurons_removed": removed_n,
+        "heads_kept": [[h for h in range(shape.heads[i]) if h not in set(removed_h[i])] for i in layers],
+        "neurons_kept": [[n for n in range(shape.inner[i]) if n not in set(removed_n[i])] for i in layers],
+    }
     plan["kv_heads_kept"] = [kept_kv_heads(shape, plan, i) for i in layers]
     plan["head_scores"] = [scores[i]["heads"].tolist() if "heads" in scores[i] else None for i in layers]
     plan["neuron_scores"] = [scores[i]["neurons"].tolist() if "neurons" in scores[i] else None for i in layers]
@@ -204,7 +242,9 @@ def head_rows(heads_kept: list[int], head_dim: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads_kept])
 
 
-def layer_index_maps(plan: dict, shape: ModelShape, layer: int) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+def layer_index_maps(
+    plan: dict, shape: ModelShape, layer: int
+) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
     """module name relative to the block -> (kept output rows, kept input columns) in (out x in) layout;
     None = all kept."""
     family, hd = shape.family, shape.head_dim
@@ -244,18 +284,26 @@ def pruned_config(model_config, plan: dict):
     kv_heads = [len(h) for h in plan["kv_heads_kept"]]
     inner = [len(n) for n in plan["neurons_kept"]]
     config = model_config.__class__.from_dict(model_config.to_dict())
-    if family.structured_config == "gpt2" and (heads != list(shape.heads) or len(set(inner)) > 1
-                                               or model_config.model_type != "gpt2"):
-        values = {k: v for k, v in model_config.to_dict().items()
-                  if k not in ("model_type", "heads_per_layer", "inner_per_layer", "head_dim", "auto_map", "architectures")}
+    if family.structured_config == "gpt2" and (
+        heads != list(shape.heads) or len(set(inner)) > 1 or model_config.model_type != "gpt2"
+    ):
+        values = {
+            k: v
+            for k, v in model_config.to_dict().items()
+            if k not in ("model_type", "heads_per_layer", "inner_per_layer", "head_dim", "auto_map", "architectures")
+        }
         config = PrunedGPT2Config(heads_per_layer=heads, inner_per_layer=inner, head_dim=shape.head_dim, **values)
         config.architectures = ["PrunedGPT2LMHeadModel"]
-        config.auto_map = {"AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.PrunedGPT2Config",
-                           "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.PrunedGPT2LMHeadModel"}
+        config.auto_map = {
+            "AutoConfig": f"{REMOTE_CODE_FILE[:-3]}.PrunedGPT2Config",
+            "AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.PrunedGPT2LMHeadModel",
+        }
         return config
     if len(set(heads)) > 1 or len(set(inner)) > 1 or len(set(kv_heads)) > 1:
-        raise ConfigError(f"the pruned {family.name} model has different counts per layer, which its config cannot "
-                          f"express; set prune.uniform_per_layer=true")
+        raise ConfigError(
+            f"the pruned {family.name} model has different counts per layer, which its config cannot "
+            f"express; set prune.uniform_per_layer=true"
+        )
     setattr(config, family.inner_key or "n_inner", inner[0])
     if heads[0] != shape.heads[0]:
         setattr(config, family.heads_key, heads[0])
@@ -267,9 +315,11 @@ def pruned_config(model_config, plan: dict):
             config.validate()
     except Exception as exc:  # noqa: BLE001 - transformers' own config checks, e.g. LlamaConfig's
         reason = str(getattr(exc, "__cause__", None) or exc).strip().splitlines()[-1]
-        raise ConfigError(f"the pruned model ({heads[0]} heads, MLP width {inner[0]}) is not a valid "
-                          f"{type(config).__name__}: {reason}; choose prune.head_ratio / prune.heads_removed so that "
-                          f"the heads left divide hidden_size ({shape.hidden})") from None
+        raise ConfigError(
+            f"the pruned model ({heads[0]} heads, MLP width {inner[0]}) is not a valid "
+            f"{type(config).__name__}: {reason}; choose prune.head_ratio / prune.heads_removed so that "
+            f"the heads left divide hidden_size ({shape.hidden})"
+        ) from None
     return config
 
 
@@ -279,7 +329,9 @@ def write_remote_code(target_dir: Path) -> None:
     shutil.copyfile(pruned_gpt2.__file__, Path(target_dir) / REMOTE_CODE_FILE)
 
 
-def prune_structured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, log=logger.info) -> dict:
+def prune_structured(
+    prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, log=logger.info
+) -> dict:
     """Collective. Writes the physically smaller model to `target`; returns the report (with the plan)."""
     from transformers import AutoConfig
 
@@ -293,8 +345,10 @@ def prune_structured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], targe
     plan = plan_structured(prune_cfg, files, model_config, adapter, dist_info)
     n_heads = sum(len(h) for h in plan["heads_removed"])
     n_neurons = sum(len(n) for n in plan["neurons_removed"])
-    log(f"prune: removing {n_heads} of {sum(shape.heads)} attention heads and {n_neurons:,} of "
-        f"{sum(shape.inner):,} MLP neurons (score '{prune_cfg.head_score}')")
+    log(
+        f"prune: removing {n_heads} of {sum(shape.heads)} attention heads and {n_neurons:,} of "
+        f"{sum(shape.inner):,} MLP neurons (score '{prune_cfg.head_score}')"
+    )
 
     my_tensors, replaced = {}, set()
     for layer in range(shape.n_layer):
@@ -316,11 +370,17 @@ def prune_structured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], targe
                 bias = files.get(bias_key)
                 my_tensors[bias_key] = bias[rows] if rows is not None else bias
     config = pruned_config(model_config, plan)
-    report = {"method": "structured", "score": prune_cfg.head_score, "plan": plan, "uniform_per_layer": uniform_per_layer(prune_cfg),
-              "heads_removed": n_heads, "neurons_removed": n_neurons,
-              "heads_per_layer": [len(h) for h in plan["heads_kept"]],
-              "kv_heads_per_layer": [len(h) for h in plan["kv_heads_kept"]],
-              "inner_per_layer": [len(n) for n in plan["neurons_kept"]]}
+    report = {
+        "method": "structured",
+        "score": prune_cfg.head_score,
+        "plan": plan,
+        "uniform_per_layer": uniform_per_layer(prune_cfg),
+        "heads_removed": n_heads,
+        "neurons_removed": n_neurons,
+        "heads_per_layer": [len(h) for h in plan["heads_kept"]],
+        "kv_heads_per_layer": [len(h) for h in plan["kv_heads_kept"]],
+        "inner_per_layer": [len(n) for n in plan["neurons_kept"]],
+    }
 
     def rank_zero_files(tmp: Path) -> None:
         config.save_pretrained(tmp)
@@ -358,7 +418,7 @@ def slice_adapter(adapter: tuple[dict, dict], plan: dict, model_config) -> tuple
     for name, meta in config["layers"].items():
         if not name.startswith(prefix):
             continue
-        layer_str, _, relative = name[len(prefix):].partition(".")
+        layer_str, _, relative = name[len(prefix) :].partition(".")
         rows, cols = layer_index_maps(plan, shape, int(layer_str)).get(relative, (None, None))
         if rows is None and cols is None:
             continue

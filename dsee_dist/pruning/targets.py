@@ -40,7 +40,7 @@ class PrunableMatrix:
     def rows_of(self, weight_out_in: torch.Tensor) -> torch.Tensor:
         """This matrix's rows of its module's (out x in) weight (a copy for non-contiguous rows)."""
         if len(self.rows) == 2:
-            return weight_out_in[self.rows[0]:self.rows[0] + self.rows[1]]
+            return weight_out_in[self.rows[0] : self.rows[0] + self.rows[1]]
         return weight_out_in[self.row_index()]
 
 
@@ -53,7 +53,9 @@ def prunable_matrices(config, kinds: list[str]) -> list[PrunableMatrix]:
     a SwiGLU family, `mlp_in` also yields the gate projection (kind mlp_in, the same shape)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
-        raise ConfigError(f"prune.modules: '{unknown[0]}' is not a prunable module kind; choose from: " + ", ".join(KINDS))
+        raise ConfigError(
+            f"prune.modules: '{unknown[0]}' is not a prunable module kind; choose from: " + ", ".join(KINDS)
+        )
     shape = model_shape(config)
     family: Family = shape.family
     out = []

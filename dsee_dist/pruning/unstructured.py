@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dsee_dist.engine import distributed
 from dsee_dist.dsee.adapter import layer_delta
 from dsee_dist.dsee.layer import row_slots, slice_rows
+from dsee_dist.engine import distributed
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
 from dsee_dist.pruning.scores import element_scores
 from dsee_dist.pruning.selection import lowest_k_masks
@@ -66,8 +66,9 @@ def slice_positions(adapter_config: dict, matrix: PrunableMatrix, slice_index: i
     return slots[matrix.row_index()]
 
 
-def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, *,
-                       seed: int, log=print) -> dict:
+def prune_unstructured(
+    prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, *, seed: int, log=print
+) -> dict:
     """Collective. Writes the pruned model to `target`; returns the report (on every rank)."""
     from transformers import AutoConfig
 
@@ -88,8 +89,9 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
         delta = layer_delta(adapter_config, adapter_tensors, module) if module in adapter_config["layers"] else None
         for m in (m for m in matrices if m.module == module):
             d = m.rows_of(delta) if delta is not None and adapted_rows(adapter_config, m) is not None else None
-            scores.setdefault(groups[m.name], {})[m.name] = element_scores(prune_cfg.score, m.rows_of(w0), d,
-                                                                           seed=seed, name=m.name)
+            scores.setdefault(groups[m.name], {})[m.name] = element_scores(
+                prune_cfg.score, m.rows_of(w0), d, seed=seed, name=m.name
+            )
 
     # 2. One global threshold per group.
     pruned: dict[str, torch.Tensor] = {}
@@ -101,8 +103,10 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
         k = round(ratio * total)
         pruned.update(lowest_k_masks(scores.get(group, {}), order, k))
         group_stats[group] = {"ratio": ratio, "pruned": k, "numel": total, "matrices": len(order)}
-        log(f"prune: group '{group}': {k:,} of {total:,} entries ({100.0 * k / max(total, 1):.2f}%) "
-            f"over {len(order)} matrices, score '{prune_cfg.score}'")
+        log(
+            f"prune: group '{group}': {k:,} of {total:,} entries ({100.0 * k / max(total, 1):.2f}%) "
+            f"over {len(order)} matrices, score '{prune_cfg.score}'"
+        )
     del scores
 
     # 3. The pruned weights and the masks of the adapted rows, for the modules this rank owns.
@@ -114,7 +118,12 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
         for m in module_matrices:
             rows = m.row_index()
             w[rows] = w[rows].masked_fill(pruned[m.name], 0)
-            my_stats[m.name] = {"kind": m.kind, "group": groups[m.name], "pruned": int(pruned[m.name].sum()), "numel": m.numel}
+            my_stats[m.name] = {
+                "kind": m.kind,
+                "group": groups[m.name],
+                "pruned": int(pruned[m.name].sum()),
+                "numel": m.numel,
+            }
         my_tensors[key] = out_in_to_file(w, conv1d[module])
         meta = adapter_config["layers"].get(module)
         if meta is not None:
@@ -128,7 +137,10 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
     for part in distributed.all_gather_object(my_stats):
         stats.update(part)
     report = {
-        "method": "unstructured", "score": prune_cfg.score, "grouping": prune_cfg.grouping, "groups": group_stats,
+        "method": "unstructured",
+        "score": prune_cfg.score,
+        "grouping": prune_cfg.grouping,
+        "groups": group_stats,
         "matrices": {m.name: stats[m.name] for m in matrices},
         "total": {"pruned": sum(s["pruned"] for s in stats.values()), "numel": sum(s["numel"] for s in stats.values())},
         "masks": MASKS_GLOB if adapter_config["layers"] else None,
@@ -138,8 +150,15 @@ def prune_unstructured(prune_cfg, base_dir: str, adapter: tuple[dict, dict], tar
         model_config.save_pretrained(tmp)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=1))
 
-    write_pruned_model(target, files, my_tensors, {files.key(m) for m in modules}, rank_zero_files, dist_info,
-                       extra_shards={MASKS_PATTERN.format(rank=dist_info.rank): my_masks} if my_masks else {})
+    write_pruned_model(
+        target,
+        files,
+        my_tensors,
+        {files.key(m) for m in modules},
+        rank_zero_files,
+        dist_info,
+        extra_shards={MASKS_PATTERN.format(rank=dist_info.rank): my_masks} if my_masks else {},
+    )
     return report
 
 

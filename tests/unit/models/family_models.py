@@ -22,28 +22,84 @@ def _config(kind: str):
 
     common = dict(vocab_size=VOCAB, attn_implementation="eager")
     if kind == "gpt2":
-        return t.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-                            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **common)
+        return t.GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
+        )
     if kind == "llama_gqa":  # an odd head count, 3 KV heads (SmolLM2's layout, smaller)
-        return t.LlamaConfig(hidden_size=72, intermediate_size=96, num_hidden_layers=2, num_attention_heads=9,
-                             num_key_value_heads=3, max_position_embeddings=64, **common)
+        return t.LlamaConfig(
+            hidden_size=72,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=64,
+            **common,
+        )
     if kind == "llama":  # LlamaConfig wants hidden_size divisible by the heads left after pruning (3)
-        return t.LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=4, max_position_embeddings=64, **common)
+        return t.LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            **common,
+        )
     if kind == "mistral":
-        return t.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=None,
-                               **common)
+        return t.MistralConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            sliding_window=None,
+            **common,
+        )
     if kind == "qwen2":
-        return t.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=64, **common)
+        return t.Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            **common,
+        )
     if kind == "opt":
-        return t.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                           word_embed_proj_dim=32, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
-                           pad_token_id=1, **common)
+        return t.OPTConfig(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            dropout=0.0,
+            attention_dropout=0.0,
+            pad_token_id=1,
+            **common,
+        )
     if kind == "gpt_neox":
-        return t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                               max_position_embeddings=64, attention_dropout=0.0, hidden_dropout=0.0, **common)
+        return t.GPTNeoXConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            **common,
+        )
     raise ValueError(kind)
 
 
@@ -58,7 +114,7 @@ def tiny_model(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(_config(kind))
     with torch.no_grad():  # non-trivial biases and norms, so slicing mistakes show in the logits
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
@@ -73,8 +129,9 @@ def magnitude_support(model, specs, num_sparse: int) -> dict[str, torch.Tensor]:
     for spec in specs:
         w = weight_out_in(model.get_submodule(spec.name)).detach()
         for rows, name in zip(spec.slices, spec.matrix_names()):
-            support[name] = select_support(w[slice_rows(rows)], num_sparse, "magnitude",
-                                           generator=torch.Generator().manual_seed(0))
+            support[name] = select_support(
+                w[slice_rows(rows)], num_sparse, "magnitude", generator=torch.Generator().manual_seed(0)
+            )
     return support
 
 
@@ -91,8 +148,12 @@ def stage1(tmp: Path, kind: str, targets="auto", fused="auto", num_sparse=6, see
         for name, p in model.named_parameters():
             if name.endswith(("lora_b", "sparse_values")):
                 p.normal_(0, 0.2)
-    cfg = DSEEConfig(lora_rank=4, lora_alpha=8, num_sparse=num_sparse,
-                     target_modules=[targets] if isinstance(targets, str) else list(targets),
-                     fused_slices=[] if fused == "auto" else list(fused))
+    cfg = DSEEConfig(
+        lora_rank=4,
+        lora_alpha=8,
+        num_sparse=num_sparse,
+        target_modules=[targets] if isinstance(targets, str) else list(targets),
+        fused_slices=[] if fused == "auto" else list(fused),
+    )
     save_adapter(model, tmp / "adapter", base_model=str(base_dir), dsee_cfg=cfg, is_rank_zero=True)
     return base_dir, tmp / "adapter", base, model.eval()

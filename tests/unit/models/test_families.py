@@ -99,8 +99,13 @@ def test_flops_per_token_matches_torch_flop_counter_dense_and_pruned(kind):
 def test_gqa_and_swiglu_terms():
     config = _config("llama_gqa")  # d 72, 9 heads of 8, 3 KV heads, SwiGLU 96
     block = flops_per_token(config, context=5)["blocks"][0]
-    assert block == {"qkv": 2 * 72 * (72 + 2 * 24), "attention": 4 * 72 * 5, "attn_out": 2 * 72 * 72,
-                     "mlp": 3 * 2 * 72 * 96, "total": sum(v for k, v in block.items() if k != "total")}
+    assert block == {
+        "qkv": 2 * 72 * (72 + 2 * 24),
+        "attention": 4 * 72 * 5,
+        "attn_out": 2 * 72 * 72,
+        "mlp": 3 * 2 * 72 * 96,
+        "total": sum(v for k, v in block.items() if k != "total"),
+    }
 
 
 def test_neox_q_k_v_slices_are_the_rows_the_attention_reads():

@@ -23,7 +23,8 @@ from dsee_dist.recipes.export import merge_into_base
 from tests.unit.models.family_models import FAMILY_MODELS, HEAD_PRUNABLE, SINGLE, batch, stage1
 
 ALL_TARGETS = {  # q and v plus the MLP, so slicing of adapted MLP matrices is exercised too
-    "gpt2": ["c_attn", "c_fc", "mlp.c_proj"], "opt": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn", "c_fc", "mlp.c_proj"],
+    "opt": ["q_proj", "v_proj", "fc1", "fc2"],
     "gpt_neox": ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"],
 }
 LLAMA_TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
@@ -43,8 +44,9 @@ def _reload(model, tmp_path, name):
 def test_unstructured_export_is_sparse_and_reloads_with_the_masked_logits(tmp_path, kind):
     base_dir, adapter_dir, base, _ = stage1(tmp_path, kind, targets=_targets(kind), fused=["q", "v"])
     cfg = PruneConfig(method="unstructured", ratio=0.3, group_ratios={"adapted": 0.5})
-    report = prune_unstructured(cfg, str(base_dir), read_adapter(adapter_dir), tmp_path / "pruned", SINGLE, seed=0,
-                                log=lambda m: None)
+    report = prune_unstructured(
+        cfg, str(base_dir), read_adapter(adapter_dir), tmp_path / "pruned", SINGLE, seed=0, log=lambda m: None
+    )
     matrices = prunable_matrices(base.config, list(KINDS))
     assert set(report["matrices"]) == {m.name for m in matrices}
     for group, ratio in (("adapted", 0.5), ("frozen", 0.3)):
@@ -74,7 +76,7 @@ def _masked_unpruned(adapted, plan, shape):
         o, down = (m.base if isinstance(m, DSEELayer) else m for m in (o, down))
         with torch.no_grad():
             for h in plan["heads_removed"][i]:
-                weight_out_in(o)[:, h * hd:(h + 1) * hd] = 0
+                weight_out_in(o)[:, h * hd : (h + 1) * hd] = 0
             for n in plan["neurons_removed"][i]:
                 weight_out_in(down)[:, n] = 0
     return adapted
@@ -95,7 +97,9 @@ def test_structured_export_is_a_stock_model_with_the_masked_logits(tmp_path, kin
     pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=kind == "gpt2").eval()
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in base.parameters())
     if kind != "gpt2":  # a stock class and config of the family (GPT-2 cannot express fewer heads)
-        assert type(pruned) is type(base) and "auto_map" not in json.loads((tmp_path / "pruned" / "config.json").read_text())
+        assert type(pruned) is type(base) and "auto_map" not in json.loads(
+            (tmp_path / "pruned" / "config.json").read_text()
+        )
     sliced_config, sliced_tensors = slice_adapter(adapter, plan, base.config)
     sliced_dir = tmp_path / "sliced"
     sliced_dir.mkdir()
@@ -115,28 +119,45 @@ def test_structured_export_is_a_stock_model_with_the_masked_logits(tmp_path, kin
 def test_gqa_removes_query_heads_evenly_from_every_kv_group_and_keeps_kv(tmp_path):
     base_dir, adapter_dir, base, _ = stage1(tmp_path, "llama_gqa")
     cfg = PruneConfig(method="structured", head_ratio=0.25, mlp_ratio=0.25)  # 9 heads, 3 groups of 3
-    report = prune_structured(cfg, str(base_dir), read_adapter(adapter_dir), tmp_path / "pruned", SINGLE,
-                              log=lambda m: None)
+    report = prune_structured(
+        cfg, str(base_dir), read_adapter(adapter_dir), tmp_path / "pruned", SINGLE, log=lambda m: None
+    )
     for removed in report["plan"]["heads_removed"]:
         assert sorted(h // 3 for h in removed) == [0, 1, 2]  # one from each group
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
-            config["intermediate_size"]) == (6, 3, 8, 72)
+    assert (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+        config["intermediate_size"],
+    ) == (6, 3, 8, 72)
 
 
 def test_gqa_heads_removed_must_be_a_multiple_of_the_kv_heads(tmp_path):
     base_dir, adapter_dir, _, _ = stage1(tmp_path, "llama_gqa")
     with pytest.raises(ConfigError, match="use a multiple of 3"):
-        prune_structured(PruneConfig(method="structured", heads_removed=2), str(base_dir), read_adapter(adapter_dir),
-                         tmp_path / "pruned", SINGLE, log=lambda m: None)
+        prune_structured(
+            PruneConfig(method="structured", heads_removed=2),
+            str(base_dir),
+            read_adapter(adapter_dir),
+            tmp_path / "pruned",
+            SINGLE,
+            log=lambda m: None,
+        )
 
 
 @pytest.mark.parametrize("kind", ["opt", "gpt_neox"])
 def test_head_pruning_is_refused_where_the_config_cannot_express_it(tmp_path, kind):
     base_dir, adapter_dir, _, _ = stage1(tmp_path, kind)
     with pytest.raises(ConfigError, match="prune MLP neurons only"):
-        prune_structured(PruneConfig(method="structured", heads_removed=1), str(base_dir), read_adapter(adapter_dir),
-                         tmp_path / "pruned", SINGLE, log=lambda m: None)
+        prune_structured(
+            PruneConfig(method="structured", heads_removed=1),
+            str(base_dir),
+            read_adapter(adapter_dir),
+            tmp_path / "pruned",
+            SINGLE,
+            log=lambda m: None,
+        )
 
 
 def test_non_uniform_layers_are_refused_for_llama(tmp_path):
@@ -153,7 +174,9 @@ def test_a_head_count_llama_config_refuses_is_a_clear_error():
     from dsee_dist.pruning.structured import check_structured_request
 
     # transformers' LlamaConfig wants hidden_size divisible by num_attention_heads, also with head_dim set
-    config = LlamaConfig(hidden_size=40, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=97)
+    config = LlamaConfig(
+        hidden_size=40, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=97
+    )
     with pytest.raises(ConfigError, match=r"3 heads.*not a valid LlamaConfig.*divide hidden_size \(40\)"):
         check_structured_request(PruneConfig(method="structured", heads_removed=1), config)
     check_structured_request(PruneConfig(method="structured", heads_removed=2), config)  # 2 heads of 10: fine
