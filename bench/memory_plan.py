@@ -92,6 +92,15 @@ CPU_CASES = {
     "llama 4x256 gqa zero2 fp32 b4x128": dict(
         hf=CPU_LLAMA, ds="zero2_fp32", micro_batch=4, seq=128, targets=["q_proj", "v_proj"]
     ),
+    "llama 4x256 gqa zero2 fp32 b4x128 checkpointed, chunked loss": dict(
+        hf=CPU_LLAMA,
+        ds="zero2_fp32",
+        micro_batch=4,
+        seq=128,
+        targets=["q_proj", "v_proj"],
+        checkpointing=True,
+        chunk_tokens=128,
+    ),
 }
 
 

@@ -273,6 +273,7 @@ class MemoryPlan:
     activations_checkpointed: int
     logits_plain: int
     logits_chunked: int
+    logits_per_position: int  # bytes the loss holds per position of a chunk (12 x vocabulary, + the logits)
     host_bytes: int
     trainable_params: int
     frozen_params: int
@@ -433,4 +434,5 @@ def compute_plan(
     )
     if engine.offload_param:
         host += -(-frozen // n) * b
-    return MemoryPlan(rows, act_plain, act_ckpt, log_plain, log_chunked, host, trainable, frozen, notes)
+    per_position = log_plain // max(workload.micro_batch_size * workload.seq_len, 1)
+    return MemoryPlan(rows, act_plain, act_ckpt, log_plain, log_chunked, per_position, host, trainable, frozen, notes)

@@ -164,6 +164,9 @@ def plan_config(cfg: Config, world_size: int) -> tuple[memory.MemoryPlan, memory
     return plan, shape, ds_config
 
 
+EXAMPLE_CHUNK = 4096  # positions per loss chunk suggested in the table
+
+
 def _size(n: int) -> str:
     return f"{n / memory.GIB:9.2f} GiB" if n >= memory.GIB else f"{n / memory.MIB:9.1f} MiB"
 
@@ -176,10 +179,17 @@ def render_table(plan: memory.MemoryPlan, shape: memory.ModelShape, header: str,
         f"  activations without / with checkpointing: {_size(plan.activations_plain).strip()} / "
         f"{_size(plan.activations_checkpointed).strip()}"
     )
-    lines.append(
-        f"  logits + loss, plain / chunked (train.loss_chunk_tokens): {_size(plan.logits_plain).strip()} / "
-        f"{_size(plan.logits_chunked).strip()}"
-    )
+    if plan.logits_chunked < plan.logits_plain:
+        lines.append(
+            f"  logits + loss, plain / chunked: {_size(plan.logits_plain).strip()} / "
+            f"{_size(plan.logits_chunked).strip()}"
+        )
+    else:
+        example = min(EXAMPLE_CHUNK, plan.logits_plain // max(plan.logits_per_position, 1))
+        lines.append(
+            f"  logits + loss: {_size(plan.logits_plain).strip()}; train.loss_chunk_tokens={example} would hold "
+            f"{_size(example * plan.logits_per_position).strip()}"
+        )
     if plan.host_bytes:
         lines.append(f"  offloaded to host memory: {_size(plan.host_bytes).strip()}")
     lines += [f"  note: {note}" for note in plan.notes]
