@@ -134,6 +134,12 @@ class TrainConfig:
     stop_after_steps: int = field(default=0, metadata={
         "help": "stop with a checkpoint after this many steps of this job (0 = run to the end); for time-boxed "
                 "allocations: the next job continues with resume=auto"})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder block in backward instead of keeping its activations (transformers' "
+                "gradient checkpointing, non-reentrant); same losses, less memory, about a third more compute"})
+    loss_chunk_tokens: int = field(default=0, metadata={
+        "help": "apply the LM head and cross-entropy to this many positions at a time, recomputed in backward, so "
+                "fp32 logits of the whole micro-batch never exist (0 = all positions at once)"})
 
     def global_batch_size(self, world_size: int) -> int:
         return global_batch_size(self.micro_batch_size, self.grad_accum_steps, world_size)

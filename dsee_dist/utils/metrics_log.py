@@ -48,13 +48,14 @@ class MetricsLogger:
     def advance(self, loss: float) -> None:
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.4f}", **getattr(self, "_extra", {}), refresh=False)
+            self._loss_text = f"{loss:.4f}"
+            self._bar.set_postfix(loss=self._loss_text, **getattr(self, "_extra", {}), refresh=False)
 
     def show(self, **values: str) -> None:
         """Extra figures beside the loss on the progress bar (e.g. tokens/s, MFU), kept until replaced."""
         if self._bar is not None:
             self._extra = values
-            self._bar.set_postfix(**values, refresh=False)  # the loss comes back with the next step
+            self._bar.set_postfix(loss=getattr(self, "_loss_text", ""), **values, refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:
