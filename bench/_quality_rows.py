@@ -55,16 +55,10 @@ ROWS: dict[str, Row] = {
         ),
         Row(
             "dsee-u50",
-            "dsee, then 50 % unstructured pruning of the adapted matrices, re-tuned, sparse export",
+            "dsee, then 50 % unstructured pruning of every block matrix (attention and MLP; adapted q/v by |dW|, "
+            "the others by |W0|, as configs/smollm2_e2e_unstructured50.yaml), re-tuned, sparse export",
             "dsee",
-            {
-                "prune": {
-                    "method": "unstructured",
-                    "ratio": 0.5,
-                    "grouping": "adaptation",
-                    "group_ratios": {"adapted": 0.5, "frozen": 0.0},
-                }
-            },
+            {"prune": {"method": "unstructured", "score": "delta", "ratio": 0.5, "grouping": "adaptation"}},
             lr_from="dsee",
         ),
         Row(
@@ -72,7 +66,15 @@ ROWS: dict[str, Row] = {
             "dsee, then 25 % of attention heads (GQA-aware) and 25 % of MLP neurons removed, re-tuned, "
             "physically smaller export",
             "dsee",
-            {"prune": {"method": "structured", "head_ratio": 0.25, "mlp_ratio": 0.25, "head_score": "delta"}},
+            {
+                "prune": {
+                    "method": "structured",
+                    "uniform_per_layer": True,
+                    "head_ratio": 0.25,
+                    "mlp_ratio": 0.25,
+                    "head_score": "delta",
+                }
+            },
             lr_from="dsee",
         ),
     ]
