@@ -155,6 +155,9 @@ def run(argv: list[str] | None = None) -> int:
     if args.tiny:
         return run_tiny(args)
     start = time.perf_counter()
+    ranks = local_ranks(args.ranks)  # checked before anything is written
+    if args.model and not (Path(args.model) / "config.json").is_file():
+        raise DSEEError(f"--model '{args.model}' is not a Hugging Face model directory (no config.json)")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
@@ -162,7 +165,6 @@ def run(argv: list[str] | None = None) -> int:
     from dsee_dist.eval.metrics import E2EScorer
     from dsee_dist.eval.references import read_references
 
-    ranks = local_ranks(args.ranks)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_dir = Path(args.model) if args.model else fetch_model(out_dir)
     refs = read_references(package_file("data", "e2e_sample", "test.csv"))
