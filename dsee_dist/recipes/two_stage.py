@@ -31,6 +31,7 @@ from dsee_dist.pruning.flops import compare, flops_per_token, format_report
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
 from dsee_dist.pruning.unstructured import prune_unstructured
 from dsee_dist.recipes import finetune
+from dsee_dist.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 log = logger.info  # passed to helpers that take a `log` callable
@@ -136,7 +137,9 @@ def log_flops(base_model: str, pruned_dir: Path, context: int, dist_info) -> Non
     dense = flops_per_token(AutoConfig.from_pretrained(base_model), context)
     pruned = flops_per_token(AutoConfig.from_pretrained(str(pruned_dir)), context)
     saved = compare(dense, pruned)
-    log(f"FLOPs per token (context {context}): dense {dense['total'] / 1e6:.2f} M, pruned {pruned['total'] / 1e6:.2f} M; "
-        f"saved {100 * saved['blocks_saved']:.1f}% of the blocks' FLOPs, {100 * saved['total_saved']:.1f}% overall")
+    log(f"FLOPs per token (context {context}): dense {dense['total'] / 1e6:.2f} M, "
+        f"pruned {pruned['total'] / 1e6:.2f} M; saved {100 * saved['blocks_saved']:.1f}% of the blocks' FLOPs, "
+        f"{100 * saved['total_saved']:.1f}% overall")
     if dist_info.is_rank_zero:
-        (pruned_dir.parent / "flops.txt").write_text(format_report("dense", dense) + "\n" + format_report("pruned", pruned) + "\n")
+        report = format_report("dense", dense) + "\n" + format_report("pruned", pruned) + "\n"
+        write_text_atomic(pruned_dir.parent / "flops.txt", report)
