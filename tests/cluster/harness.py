@@ -14,11 +14,13 @@ every failing cluster test, so a failure explains itself.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +31,10 @@ NODES = {"node1": f"{SUBNET}.11", "node2": f"{SUBNET}.21"}
 HOSTS_MARK = "# dsee-dist test cluster"
 REQUIRED = ("slurmctld", "slurmd", "sbatch", "munged", "nsenter", "unshare", "ip")
 COMMAND_TIMEOUT = 60  # seconds for any one Slurm or ip command; slurmctld answers in milliseconds when healthy
+# One test cluster per machine at a time: the bridge, the namespaces and /etc/hosts entries have fixed names,
+# and setting up starts by removing leftovers of those names. A second test session waits for the first.
+LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else tempfile.gettempdir()) / "dsee-test-cluster.lock"
+LOCK_WAIT = 1800  # seconds; the whole cluster tier takes about 17 min on 2 busy cores
 FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "PREEMPTED")
 
@@ -39,6 +45,14 @@ def missing_tools() -> list[str]:
 
 def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), check=check, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+
+
+def _quiet(*args: str) -> str:
+    """stdout of a teardown command; a failure or a timeout must not stop the rest of the teardown."""
+    try:
+        return _sh(*args, check=False).stdout
+    except subprocess.TimeoutExpired:
+        return ""
 
 
 def netns(node: str) -> str:
@@ -93,11 +107,13 @@ class Cluster:
         self.daemons: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "slurm.conf"
         self._hosts_backup: str | None = None
+        self._lock = None
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
     # ------------------------------------------------------------------ setup
 
     def start(self) -> "Cluster":
+        self._take_lock()  # before the try: without the lock, stop() would tear down another session's cluster
         try:
             self._network()
             self._hosts()
@@ -112,6 +128,27 @@ class Cluster:
             self.stop()
             raise
         return self
+
+    def _take_lock(self) -> None:
+        lock = open(LOCK, "a+")
+        deadline = time.time() + LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() > deadline:
+                    lock.seek(0)
+                    holder = lock.read().strip() or "?"
+                    lock.close()
+                    raise TimeoutError(f"another test cluster (pid {holder}) has held {LOCK} for over {LOCK_WAIT}s; "
+                                       f"wait for that test session to end") from None
+                time.sleep(2)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
 
     def _network(self) -> None:
         self._cleanup_network()
@@ -323,9 +360,12 @@ class Cluster:
 
     def stop(self) -> None:
         if self.conf.is_file():  # jobs first, so that no step outlives its slurmd
-            self.slurm("scancel", "--full", "--partition=debug", check=False)
+            try:
+                self.slurm("scancel", "--full", "--partition=debug", check=False, timeout=20)
+            except TimeoutError:
+                pass  # slurmctld is gone; its jobs' processes are killed below
         for node in NODES:  # whatever still runs inside a node, by PID
-            pids = _sh("ip", "netns", "pids", netns(node), check=False).stdout.split()
+            pids = _quiet("ip", "netns", "pids", netns(node)).split()
             for pid in pids:
                 try:
                     os.kill(int(pid), signal.SIGKILL)
@@ -355,9 +395,13 @@ class Cluster:
         if self._hosts_backup is not None:
             Path("/etc/hosts").write_text(self._hosts_backup)
             self._hosts_backup = None
+        if self._lock is not None:  # last: the next cluster may now set up the same names
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     @staticmethod
     def _cleanup_network() -> None:
         for node in NODES:
-            _sh("ip", "netns", "del", netns(node), check=False)
-        _sh("ip", "link", "del", BRIDGE, check=False)
+            _quiet("ip", "netns", "del", netns(node))
+        _quiet("ip", "link", "del", BRIDGE)
