@@ -76,6 +76,9 @@ class DataConfig:
     max_eval_examples: int = field(default=0, metadata={"help": "use at most this many evaluation examples (0 = all)"})
     synthetic_train_examples: int = field(default=2000, metadata={"help": "generated training examples (synthetic_e2e)"})
     synthetic_eval_examples: int = field(default=200, metadata={"help": "generated evaluation examples (synthetic_e2e)"})
+    group_by_length: bool = field(default=False, metadata={
+        "help": "batch training examples of similar length together (random batch order, same on every rank and "
+                "after resume), so variable-length data (E2E) is padded less; metrics.jsonl reports padding_fraction"})
 
 
 @dataclass

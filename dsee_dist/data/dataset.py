@@ -97,6 +97,10 @@ class TokenizedSplit:
     def num_label_tokens(self) -> int:
         return sum(int((lab != IGNORE_INDEX).sum()) for lab in self.labels)
 
+    def shifted_label_counts(self) -> list[int]:
+        """Per example: labelled tokens after the next-token shift (what the loss counts; position 0 never is)."""
+        return [int((lab[1:] != IGNORE_INDEX).sum()) for lab in self.labels]
+
 
 def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, block_size: int) -> TokenizedSplit:
     ids_out, labels_out = [], []
@@ -243,9 +247,25 @@ def load_splits(cfg: Config, tokenizer, out_dir: Path) -> tuple[TokenizedSplit, 
 class GlobalBatchSchedule:
     """Which examples each rank sees at each optimizer step (see the module docstring)."""
 
+    # Length grouping: examples are sorted by length within windows of this many global batches.
+    GROUP_WINDOW_BATCHES = 32
+
     def __init__(
-        self, num_examples: int, micro_batch_size: int, grad_accum_steps: int, rank: int, world_size: int, seed: int
+        self,
+        num_examples: int,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        lengths: list[int] | None = None,
     ):
+        """`lengths` (one per example) turns on length-grouped batching (data.group_by_length): each global batch,
+        and so each micro-batch, holds examples of similar length, so padding stays low; the batches' order is
+        still random, and the whole schedule is still a function of (seed, epoch, step) on every rank."""
+        if lengths is not None and len(lengths) != num_examples:
+            raise ValueError(f"{len(lengths)} lengths for {num_examples} examples")
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
         self.num_examples = num_examples
         self.micro, self.accum = micro_batch_size, grad_accum_steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -262,8 +282,29 @@ class GlobalBatchSchedule:
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._perm, self._epoch = torch.randperm(self.num_examples, generator=g), epoch
+            perm = torch.randperm(self.num_examples, generator=g)
+            if self.lengths is not None:
+                perm = self._grouped_by_length(perm, g)
+            self._perm, self._epoch = perm, epoch
         return self._perm
+
+    def _grouped_by_length(self, perm: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """`perm` sorted by length (longest first) within windows, cut into global batches, batches shuffled."""
+        used = self.steps_per_epoch * self.global_batch
+        window = self.GROUP_WINDOW_BATCHES * self.global_batch
+        parts = []
+        for start in range(0, used, window):
+            part = perm[start : min(start + window, used)]
+            parts.append(part[torch.argsort(self.lengths[part], descending=True, stable=True)])
+        batches = torch.cat(parts).view(self.steps_per_epoch, self.global_batch)
+        order = torch.randperm(self.steps_per_epoch, generator=g)
+        return torch.cat([batches[order].flatten(), perm[used:]])
+
+    def global_indices(self, step: int) -> list[int]:
+        """Every example of global batch `step`, all ranks and micro-batches together (any rank can compute it)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch
+        return self._permutation(epoch)[start : start + self.global_batch].tolist()
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's `accum` micro-batches (lists of example indices) for optimizer step `step`."""

@@ -194,6 +194,8 @@ class Stage:
     tokens_trained: float = 0.0
     tokens_processed: int = 0
     sequences: int = 0
+    tokens_real: int = 0  # processed positions that are not padding
+    label_counts: list[int] | None = None  # per training example, for the global token count of a step
 
 
 def setup(
@@ -244,6 +246,7 @@ def setup(
         dist_info.rank,
         dist_info.world_size,
         cfg.train.seed,
+        lengths=[len(ids) for ids in ctx.train_split.input_ids] if cfg.data.group_by_length else None,
     )
     max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
     optimizer = distributed.build_optimizer(
@@ -357,12 +360,15 @@ def fit(stage: Stage) -> int | None:
     t_last = time.time()
     for step in range(stage.start_step, stage.max_steps):
         lr = stage.optimizer.param_groups[0]["lr"]
-        loss = train_step(stage, step)
-        stage.metrics.advance(loss)
+        loss_share = train_step(stage, step)
         done = step + 1
+        logged = done % cfg.train.log_every_n_steps == 0 or done == stage.max_steps
+        # Reduced (a collective and a host sync) only on logged steps; the progress bar keeps the last value.
+        loss = float(distributed.all_reduce_tensor(loss_share)) if logged else None
+        stage.metrics.advance(loss)
         if step == stage.start_step:
             log_optimizer_state(stage, done)
-        if done % cfg.train.log_every_n_steps == 0 or done == stage.max_steps:
+        if logged:
             t_last = log_progress(stage, done, loss, lr, t_last)
         if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < stage.max_steps:
             periodic_evaluate(stage, done)
@@ -380,29 +386,31 @@ def fit(stage: Stage) -> int | None:
 
 
 def train_step(stage: Stage, step: int) -> float:
-    """One optimizer step on this rank's share of global batch `step`; returns the mean token loss over the
-    whole global batch.
+    """One optimizer step on this rank's share of global batch `step`; returns this rank's share of the mean
+    token loss over the whole global batch, as a device tensor (summed over ranks it is the mean; no host sync).
 
     The loss is normalised by the global number of labelled tokens (all ranks, all micro-batches), so
     the gradient, and the logged loss, do not depend on how the global batch is split across ranks."""
     engine, split = stage.engine, stage.ctx.train_split
     micro_batches = [data.collate(split, idx, stage.pad_id) for idx in stage.schedule.micro_batches(step)]
-    local_tokens = sum(int((b["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for b in micro_batches)
-    (global_tokens,) = distributed.all_reduce_sum([local_tokens])
+    # Labelled tokens of the whole global batch, from the host copy of the data: no collective, no device sync.
+    if stage.label_counts is None:
+        stage.label_counts = split.shifted_label_counts()
+    global_tokens = float(sum(stage.label_counts[i] for i in stage.schedule.global_indices(step)))
     world_size = stage.ctx.dist_info.world_size  # padded lengths differ per rank: this rank's share x ranks
     stage.tokens_trained += global_tokens
     stage.tokens_processed += world_size * sum(b["input_ids"].numel() for b in micro_batches)
     stage.sequences += world_size * sum(len(b["input_ids"]) for b in micro_batches)
+    stage.tokens_real += world_size * sum(int(b["attention_mask"].sum()) for b in micro_batches)
     # DeepSpeed divides each backward by grad_accum and averages gradients over ranks: undo both.
     scale = stage.ctx.dist_info.world_size * len(micro_batches) / max(global_tokens, 1.0)
-    loss_total = 0.0
+    loss_total = torch.zeros((), dtype=torch.float64, device=stage.device)
     for batch in micro_batches:
         loss_sum, _ = token_loss_sum(engine, batch, stage.device, stage.cfg.train.loss_chunk_tokens)
         engine.backward(loss_sum * scale)
         engine.step()
-        loss_total += loss_sum.item()
-    (loss_total,) = distributed.all_reduce_sum([loss_total])
-    return loss_total / max(global_tokens, 1.0)
+        loss_total += loss_sum.detach().double()
+    return loss_total / max(global_tokens, 1.0)  # this rank's share of the mean loss, left on the device
 
 
 def token_loss_sum(engine, batch: dict, dev, chunk_tokens: int = 0) -> tuple[torch.Tensor, int]:
@@ -443,11 +451,12 @@ def log_progress(stage: Stage, done: int, loss: float, lr: float, t_last: float)
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "step_time_s": round((now - t_last) / stage.cfg.train.log_every_n_steps, 4),
             **speed,
+            "padding_fraction": round(1.0 - stage.tokens_real / max(stage.tokens_processed, 1), 4),
         },
     )
     mfu = "n/a" if speed["mfu"] is None else f"{speed['mfu']:.1%}"
     stage.metrics.show(tok_s=f"{speed['tokens_per_s']:.0f}", mfu=mfu)
-    stage.tokens_trained, stage.tokens_processed, stage.sequences = 0.0, 0, 0
+    stage.tokens_trained, stage.tokens_processed, stage.sequences, stage.tokens_real = 0.0, 0, 0, 0
     return now
 
 

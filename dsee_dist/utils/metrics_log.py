@@ -45,11 +45,13 @@ class MetricsLogger:
                 if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
 
-    def advance(self, loss: float) -> None:
+    def advance(self, loss: float | None) -> None:
+        """One step done; `loss` None (a step that is not logged) keeps the last value shown."""
         if self._bar is not None:
             self._bar.update(1)
-            self._loss_text = f"{loss:.4f}"
-            self._bar.set_postfix(loss=self._loss_text, **getattr(self, "_extra", {}), refresh=False)
+            if loss is not None:
+                self._loss_text = f"{loss:.4f}"
+            self._bar.set_postfix(loss=getattr(self, "_loss_text", ""), **getattr(self, "_extra", {}), refresh=False)
 
     def show(self, **values: str) -> None:
         """Extra figures beside the loss on the progress bar (e.g. tokens/s, MFU), kept until replaced."""
