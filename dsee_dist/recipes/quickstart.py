@@ -135,6 +135,12 @@ def decode(model_dir: Path, mrs: list[str], device: str) -> list[str]:
     return [o or "-" for o in outputs]
 
 
+def write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
 def run_tiny(args: argparse.Namespace) -> int:
     """The small synthetic-data GPT-2 job of a clone's configs/quickstart.yaml (2 ranks, ZeRO-3)."""
     from dsee_dist.engine.launcher import launch_env, training_command
@@ -169,7 +175,11 @@ def run(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model) if args.model else fetch_model(out_dir)
     refs = read_references(package_file("data", "e2e_sample", "test.csv"))
     t0 = time.perf_counter()
-    base_outputs = decode(model_dir, refs.mrs, device)
+    base_file = out_dir / "outputs_base.txt"
+    base_outputs = base_file.read_text().splitlines() if base_file.is_file() else []
+    if len(base_outputs) != len(refs.mrs):  # not decoded yet (a rerun reuses them)
+        base_outputs = decode(model_dir, refs.mrs, device)
+        write_lines(base_file, base_outputs)
     base_decode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_dir = train(out_dir, model_dir, ranks, args.master_port, args.overrides)
@@ -177,8 +187,7 @@ def run(argv: list[str] | None = None) -> int:
     tuned_outputs = decode(tuned_model(run_dir), refs.mrs, device)
     with E2EScorer(metrics=("BLEU", "ROUGE_L")) as scorer:
         before, after = scorer.score(base_outputs, refs.groups), scorer.score(tuned_outputs, refs.groups)
-    for name, outputs in (("outputs_base.txt", base_outputs), ("outputs_tuned.txt", tuned_outputs)):
-        (out_dir / name).write_text("\n".join(outputs) + "\n")
+    write_lines(out_dir / "outputs_tuned.txt", tuned_outputs)
     total_s = time.perf_counter() - start
     summary = {
         "before": before,
