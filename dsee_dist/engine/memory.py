@@ -278,10 +278,13 @@ class MemoryPlan:
     trainable_params: int
     frozen_params: int
     notes: list[str] = field(default_factory=list)
+    # Bytes of `rows` never alive together: the reduce buckets are allocated at the first gradient of backward,
+    # after the loss's buffers are freed, so the peak counts the larger of the two.
+    not_coexisting: int = 0
 
     @property
     def peak(self) -> int:
-        return sum(self.rows.values())
+        return sum(self.rows.values()) - self.not_coexisting
 
     def fits(self, device_bytes: int) -> bool:
         return self.peak <= device_bytes
@@ -435,4 +438,22 @@ def compute_plan(
     if engine.offload_param:
         host += -(-frozen // n) * b
     per_position = log_plain // max(workload.micro_batch_size * workload.seq_len, 1)
-    return MemoryPlan(rows, act_plain, act_ckpt, log_plain, log_chunked, per_position, host, trainable, frozen, notes)
+    logits = log_chunked if workload.loss_chunk_tokens else log_plain
+    if buckets:
+        notes.append(
+            f"the reduce bucket ({buckets / MIB:.0f} MiB) and the loss's buffers are not alive together; "
+            f"DeepSpeed may briefly hold a second bucket (+{buckets / MIB:.0f} MiB) when it starts a backward"
+        )
+    return MemoryPlan(
+        rows,
+        act_plain,
+        act_ckpt,
+        log_plain,
+        log_chunked,
+        per_position,
+        host,
+        trainable,
+        frozen,
+        notes,
+        not_coexisting=min(buckets, logits),
+    )
