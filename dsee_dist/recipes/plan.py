@@ -148,6 +148,11 @@ def plan_config(cfg: Config, world_size: int) -> tuple[memory.MemoryPlan, memory
         world_size=world_size,
     )
     train = cfg.train
+    if getattr(train, "loss_chunk_tokens", 0) > 0 and distributed.zero_stage(ds_config) == 3:
+        raise ConfigError(
+            "train.loss_chunk_tokens is not supported under ZeRO-3 (training refuses it too); "
+            "use ZeRO-2 or set train.loss_chunk_tokens=0"
+        )
     plan, shape = plan_run(
         hf_config_of(cfg),
         method=method_of(cfg),
