@@ -186,7 +186,34 @@ def _check_prune(cfg: Config, problems: list[str]) -> None:
         )
 
 
-SECTION_CHECKS = (_check_model, _check_data, _check_dsee, _check_train, _check_run, _check_prune)
+def _check_generation(cfg: Config, problems: list[str]) -> None:
+    """Decoding settings and the combinations generation during training needs (before any model is loaded)."""
+    g, e = cfg.generate, cfg.eval
+    for key in ("num_beams", "max_new_tokens", "batch_size"):
+        if getattr(g, key) < 1:
+            problems.append(f"generate.{key} must be at least 1, got {getattr(g, key)}")
+    if g.no_repeat_ngram_size < 0:
+        problems.append(f"generate.no_repeat_ngram_size must be 0 (off) or more, got {g.no_repeat_ngram_size}")
+    if e.generate_every_n_steps < 0 or e.generate_max_examples < 1:
+        problems.append("eval.generate_every_n_steps must be >= 0 and eval.generate_max_examples >= 1")
+    wants = e.generate_every_n_steps > 0 or e.final_generate
+    if wants and cfg.data.format not in ("e2e", "synthetic_e2e"):
+        problems.append(
+            "eval.generate_every_n_steps / eval.final_generate need E2E data (data.format e2e or "
+            f"synthetic_e2e), not {cfg.data.format}"
+        )
+    if wants and cfg.data.format == "e2e" and not cfg.data.eval_path:
+        problems.append(
+            "eval.generate_every_n_steps / eval.final_generate need data.eval_path: a local E2E CSV "
+            "with references (mr,ref)"
+        )
+    if cfg.checkpoint.keep_best and e.generate_every_n_steps <= 0:
+        problems.append(f"checkpoint.keep_best={cfg.checkpoint.keep_best} needs eval.generate_every_n_steps > 0")
+    if cfg.train.loss_chunk_tokens < 0:
+        problems.append(f"train.loss_chunk_tokens must be >= 0 (0 = plain loss), got {cfg.train.loss_chunk_tokens}")
+
+
+SECTION_CHECKS = (_check_model, _check_data, _check_dsee, _check_train, _check_run, _check_prune, _check_generation)
 
 
 def collect_problems(cfg: Config) -> list[str]:

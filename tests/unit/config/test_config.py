@@ -53,6 +53,9 @@ def test_overrides_are_typed_and_nested():
         ("model.path=/nonexistent/model", "model.path '/nonexistent/model' does not exist"),
         ("deepspeed.config=configs/ds/zero9.json", "deepspeed.config 'configs/ds/zero9.json' does not exist"),
         ("train.epochs=2", "exactly one of train.max_steps or train.epochs"),
+        ("checkpoint.keep_best=bleu", "checkpoint.keep_best=bleu needs eval.generate_every_n_steps > 0"),
+        ("generate.num_beams=0", "generate.num_beams must be at least 1"),
+        ("train.loss_chunk_tokens=-4", "train.loss_chunk_tokens must be >= 0"),
     ],
 )
 def test_bad_values_raise_a_config_error_naming_the_key(override, message):
