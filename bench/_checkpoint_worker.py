@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from dsee_dist.engine import checkpoint, distributed  # noqa: E402
 from _dsee_model import inject_random_dsee  # noqa: E402
+
+from dsee_dist.engine import checkpoint, distributed  # noqa: E402
 
 
 def main() -> None:
@@ -31,13 +32,20 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args()
     info = distributed.init_distributed()
-    ds = distributed.build_deepspeed_config(json.loads(Path(args.ds_config).read_text()), {}, micro_batch_size=1,
-                                            grad_accum_steps=1, grad_clip=1.0, world_size=info.world_size)
+    ds = distributed.build_deepspeed_config(
+        json.loads(Path(args.ds_config).read_text()),
+        {},
+        micro_batch_size=1,
+        grad_accum_steps=1,
+        grad_clip=1.0,
+        world_size=info.world_size,
+    )
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-                                       vocab_size=args.vocab, n_positions=64))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab, n_positions=64)
+    )
     index_bytes = 0
     if args.method == "full":
         params = list(model.parameters())
@@ -56,8 +64,9 @@ def main() -> None:
     out = Path(args.out)
     distributed.barrier()
     t0 = time.perf_counter()
-    path = checkpoint.save_checkpoint(engine, out, 1, config={"bench": True}, dist_info=info, keep_last=1,
-                                      base_model="bench")
+    path = checkpoint.save_checkpoint(
+        engine, out, 1, config={"bench": True}, dist_info=info, keep_last=1, base_model="bench"
+    )
     save_s = time.perf_counter() - t0
     distributed.barrier()
     t0 = time.perf_counter()
@@ -66,9 +75,18 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     if info.is_rank_zero:
         ckpt_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        Path(args.out, "result.json").write_text(json.dumps({
-            "trainable_params": n_trainable, "trainable_state_bytes": state_bytes, "index_bytes": index_bytes,
-            "checkpoint_bytes": ckpt_bytes, "save_s": save_s, "load_s": load_s}))
+        Path(args.out, "result.json").write_text(
+            json.dumps(
+                {
+                    "trainable_params": n_trainable,
+                    "trainable_state_bytes": state_bytes,
+                    "index_bytes": index_bytes,
+                    "checkpoint_bytes": ckpt_bytes,
+                    "save_s": save_s,
+                    "load_s": load_s,
+                }
+            )
+        )
     distributed.shutdown()
 
 

@@ -16,8 +16,12 @@ from dsee_dist.dsee.support import matrix_generator, select_support  # noqa: E40
 def inject_random_dsee(model, rank: int, num_sparse: int, seed: int = 0) -> tuple[list, dict[str, torch.Tensor]]:
     """Wrap the q and v slices with DSEE (alpha = 2r); returns (the trainable parameters, the support)."""
     specs = find_targets(model, ["c_attn"], ["q", "v"])
-    support = {name: select_support(torch.zeros(size, spec.in_features), num_sparse, "random",
-                                    generator=matrix_generator(seed, name))
-               for spec in specs for (_, size), name in zip(spec.slices, spec.matrix_names())}
+    support = {
+        name: select_support(
+            torch.zeros(size, spec.in_features), num_sparse, "random", generator=matrix_generator(seed, name)
+        )
+        for spec in specs
+        for (_, size), name in zip(spec.slices, spec.matrix_names())
+    }
     inject_dsee(model, specs, support, rank=rank, alpha=2 * rank, dropout=0.0, seed=seed)
     return mark_only_adapters_trainable(model), support

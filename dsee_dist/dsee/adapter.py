@@ -36,14 +36,22 @@ def save_adapter(model, target: Path, *, base_model: str, dsee_cfg, is_rank_zero
                 for key, param in params:
                     tensors[f"{name}.{key}"] = param.detach().to("cpu", torch.float32, copy=True).contiguous()
         tensors[f"{name}.sparse_index"] = layer.sparse_index.detach().cpu().contiguous()
-        layers_meta[name] = {"out_features": layer.out_features, "in_features": layer.in_features,
-                             "slices": [list(s) for s in layer.slices]}
+        layers_meta[name] = {
+            "out_features": layer.out_features,
+            "in_features": layer.in_features,
+            "slices": [list(s) for s in layer.slices],
+        }
     if not is_rank_zero:
         return
     config = {
-        "format_version": FORMAT_VERSION, "base_model": base_model, "lora_rank": dsee_cfg.lora_rank,
-        "lora_alpha": dsee_cfg.lora_alpha, "lora_dropout": dsee_cfg.lora_dropout, "num_sparse": dsee_cfg.num_sparse,
-        "support": dsee_cfg.support, "layers": layers_meta,
+        "format_version": FORMAT_VERSION,
+        "base_model": base_model,
+        "lora_rank": dsee_cfg.lora_rank,
+        "lora_alpha": dsee_cfg.lora_alpha,
+        "lora_dropout": dsee_cfg.lora_dropout,
+        "num_sparse": dsee_cfg.num_sparse,
+        "support": dsee_cfg.support,
+        "layers": layers_meta,
     }
     with atomic_directory(target) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS))
@@ -56,7 +64,10 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise DSEEError(f"'{adapter_dir}' is not an adapter directory (no {ADAPTER_CONFIG})")
     config = json.loads(path.read_text())
     if config.get("format_version") != FORMAT_VERSION:
-        raise DSEEError(f"adapter '{adapter_dir}' has format_version {config.get('format_version')}; this dsee_dist reads {FORMAT_VERSION}")
+        raise DSEEError(
+            f"adapter '{adapter_dir}' has format_version {config.get('format_version')}; "
+            f"this dsee_dist reads {FORMAT_VERSION}"
+        )
     return config
 
 
@@ -68,10 +79,15 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def layer_delta(config: dict, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """(alpha / r)(B A + S) of one adapted module as a dense fp32 (out x in) matrix."""
     meta = config["layers"][name]
-    return delta_from_factors(tensors[f"{name}.lora_a"].float(), tensors[f"{name}.lora_b"].float(),
-                              tensors[f"{name}.sparse_values"].float() if f"{name}.sparse_values" in tensors else None,
-                              tensors[f"{name}.sparse_index"], [tuple(s) for s in meta["slices"]],
-                              meta["out_features"], config["lora_alpha"] / config["lora_rank"])
+    return delta_from_factors(
+        tensors[f"{name}.lora_a"].float(),
+        tensors[f"{name}.lora_b"].float(),
+        tensors[f"{name}.sparse_values"].float() if f"{name}.sparse_values" in tensors else None,
+        tensors[f"{name}.sparse_index"],
+        [tuple(s) for s in meta["slices"]],
+        meta["out_features"],
+        config["lora_alpha"] / config["lora_rank"],
+    )
 
 
 def apply_adapter(model, adapter_dir: Path) -> dict[str, DSEELayer]:
@@ -83,8 +99,14 @@ def apply_adapter(model, adapter_dir: Path) -> dict[str, DSEELayer]:
     layers = {}
     for name, meta in config["layers"].items():
         base = model.get_submodule(name)
-        layer = DSEELayer(base, rank=config["lora_rank"], alpha=config["lora_alpha"], dropout=config["lora_dropout"],
-                          slices=[tuple(s) for s in meta["slices"]], sparse_index=tensors[f"{name}.sparse_index"])
+        layer = DSEELayer(
+            base,
+            rank=config["lora_rank"],
+            alpha=config["lora_alpha"],
+            dropout=config["lora_dropout"],
+            slices=[tuple(s) for s in meta["slices"]],
+            sparse_index=tensors[f"{name}.sparse_index"],
+        )
         with torch.no_grad():
             for key, param in layer.adapter_params().items():
                 param.copy_(tensors[f"{name}.{key}"].to(param.dtype))

@@ -48,11 +48,15 @@ def _read_support(path: Path, settings: dict) -> dict[str, torch.Tensor]:
             stored = json.loads((f.metadata() or {}).get("dsee_support", "null"))
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise DSEEError(f"support file '{path}' is unreadable ({type(exc).__name__}); delete it to recompute the support") from None
+        raise DSEEError(
+            f"support file '{path}' is unreadable ({type(exc).__name__}); delete it to recompute the support"
+        ) from None
     if stored != settings:
         differing = sorted(k for k in settings if (stored or {}).get(k) != settings[k])
-        raise DSEEError(f"support file '{path}' was computed with different settings ({', '.join(differing)}); "
-                        f"use a new output.dir or restore the original dsee settings")
+        raise DSEEError(
+            f"support file '{path}' was computed with different settings ({', '.join(differing)}); "
+            f"use a new output.dir or restore the original dsee settings"
+        )
     return tensors
 
 
@@ -60,8 +64,9 @@ def _matrix_of(model, spec: TargetSpec, slice_idx: int) -> tuple[torch.nn.Parame
     return model.get_submodule(spec.name).weight, slice_rows(spec.slices[slice_idx])
 
 
-def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: int,
-                     world_size: int) -> dict[str, torch.Tensor]:
+def compute_supports(
+    model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: int, world_size: int
+) -> dict[str, torch.Tensor]:
     """Every rank calls this; returns the full {matrix name: (2 x N) slice-local index} on every rank."""
     jobs = [(spec, i, name) for spec in specs for i, name in enumerate(spec.matrix_names())]
     dc = dsee_cfg.decomposition
@@ -69,7 +74,7 @@ def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: 
     t0 = time.time()
     for round_start in range(0, len(jobs), world_size):
         my_matrix = None
-        for owner, (spec, slice_idx, name) in enumerate(jobs[round_start:round_start + world_size]):
+        for owner, (spec, slice_idx, name) in enumerate(jobs[round_start : round_start + world_size]):
             weight, rows = _matrix_of(model, spec, slice_idx)
             with distributed.gathered([weight]):
                 if owner == rank:
@@ -78,9 +83,15 @@ def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: 
         if my_matrix is not None:
             name, matrix = my_matrix
             mine[name] = select_support(
-                matrix, dsee_cfg.num_sparse, dsee_cfg.support, generator=matrix_generator(seed, name),
-                rank_step=dc.rank_step, outer_iters=dc.outer_iters, inner_iters=dc.inner_iters,
-                threshold=dc.threshold, algorithm=dc.algorithm,
+                matrix,
+                dsee_cfg.num_sparse,
+                dsee_cfg.support,
+                generator=matrix_generator(seed, name),
+                rank_step=dc.rank_step,
+                outer_iters=dc.outer_iters,
+                inner_iters=dc.inner_iters,
+                threshold=dc.threshold,
+                algorithm=dc.algorithm,
             )
         done = min(round_start + world_size, len(jobs))
         logger.info(f"support ({dsee_cfg.support}): {done}/{len(jobs)} matrices, {time.time() - t0:.1f}s")
@@ -90,8 +101,9 @@ def compute_supports(model, specs: list[TargetSpec], dsee_cfg, seed: int, rank: 
     return supports
 
 
-def load_or_compute_support(model, specs: list[TargetSpec], dsee_cfg, seed: int, out_dir: Path,
-                            dist_info) -> dict[str, torch.Tensor]:
+def load_or_compute_support(
+    model, specs: list[TargetSpec], dsee_cfg, seed: int, out_dir: Path, dist_info
+) -> dict[str, torch.Tensor]:
     path = Path(out_dir) / SUPPORT_FILE
     settings = support_settings(dsee_cfg, seed, specs)
     if dsee_cfg.num_sparse == 0:
@@ -102,7 +114,10 @@ def load_or_compute_support(model, specs: list[TargetSpec], dsee_cfg, seed: int,
     supports = compute_supports(model, specs, dsee_cfg, seed, dist_info.rank, dist_info.world_size)
     if dist_info.is_rank_zero:
         with atomic_path(path) as tmp:
-            save_file({k: v.contiguous() for k, v in supports.items()}, str(tmp),
-                      metadata={"dsee_support": json.dumps(settings)})
+            save_file(
+                {k: v.contiguous() for k, v in supports.items()},
+                str(tmp),
+                metadata={"dsee_support": json.dumps(settings)},
+            )
     distributed.barrier()
     return supports

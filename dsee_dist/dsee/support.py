@@ -20,8 +20,8 @@ cheaper in two ways:
    columns, so a thin QR of an (n x k) block replaces the full (n x m) QR every outer step
    (exact, up to the signs of those rows, which do not change the subspace).
 2. The rank grows in steps about `speedup` times larger over `speedup` times fewer outer
-   iterations (at least two), reaching the rank the reference uses in its last iteration. bench/support.py measures the time saved and the overlap of
-   the supports picked by both.
+   iterations (at least two), reaching the rank the reference uses in its last iteration.
+   bench/support.py measures the time saved and the overlap of the supports picked by both.
 The rank is capped at 2/3 of the smaller dimension (501 of 768 for GPT-2 small, as in the
 reference), so small matrices do not collapse to a zero residual.
 """
@@ -51,8 +51,13 @@ def _hard_threshold(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def decompose_reference(
-    weight: torch.Tensor, *, rank_step: int = 5, outer_iters: int = 100, inner_iters: int = 2,
-    threshold: float = 0.01, generator: torch.Generator | None = None,
+    weight: torch.Tensor,
+    *,
+    rank_step: int = 5,
+    outer_iters: int = 100,
+    inner_iters: int = 2,
+    threshold: float = 0.01,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The reference loop, straightforwardly (full QR of the residual every outer step). Returns S0."""
     w = weight.detach().to(torch.float32)
@@ -74,8 +79,14 @@ def decompose_reference(
 
 
 def decompose_fast(
-    weight: torch.Tensor, *, rank_step: int = 5, outer_iters: int = 100, inner_iters: int = 2,
-    threshold: float = 0.01, generator: torch.Generator | None = None, speedup: int = FAST_SCHEDULE_SPEEDUP,
+    weight: torch.Tensor,
+    *,
+    rank_step: int = 5,
+    outer_iters: int = 100,
+    inner_iters: int = 2,
+    threshold: float = 0.01,
+    generator: torch.Generator | None = None,
+    speedup: int = FAST_SCHEDULE_SPEEDUP,
 ) -> torch.Tensor:
     """Same algorithm, thin QR for the new rows and a `speedup`-times coarser rank schedule. Returns S0."""
     w = weight.detach().to(torch.float32)
@@ -116,8 +127,15 @@ def top_n_positions(scores: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def select_support(
-    weight: torch.Tensor, num_sparse: int, method: str, *, generator: torch.Generator,
-    rank_step: int = 5, outer_iters: int = 100, inner_iters: int = 2, threshold: float = 0.01,
+    weight: torch.Tensor,
+    num_sparse: int,
+    method: str,
+    *,
+    generator: torch.Generator,
+    rank_step: int = 5,
+    outer_iters: int = 100,
+    inner_iters: int = 2,
+    threshold: float = 0.01,
     algorithm: str = "fast",
 ) -> torch.Tensor:
     """Positions (2 x N, row-major, rows/cols of the (out x in) `weight`) for the sparse update."""
@@ -134,7 +152,13 @@ def select_support(
         return torch.stack([flat // cols, flat % cols])
     if method == "decomposition":
         decompose = decompose_fast if algorithm == "fast" else decompose_reference
-        s0 = decompose(weight, rank_step=rank_step, outer_iters=outer_iters, inner_iters=inner_iters,
-                       threshold=threshold, generator=generator)
+        s0 = decompose(
+            weight,
+            rank_step=rank_step,
+            outer_iters=outer_iters,
+            inner_iters=inner_iters,
+            threshold=threshold,
+            generator=generator,
+        )
         return top_n_positions(s0.abs().cpu(), num_sparse)
     raise ValueError(f"unknown support method '{method}'")

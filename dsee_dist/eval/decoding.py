@@ -45,9 +45,14 @@ class DecodingSettings:
 
     def greedy(self) -> DecodingSettings:
         """Plain greedy decoding with the same length limit, batch size and stopping rule."""
-        return DecodingSettings(num_beams=1, length_penalty=1.0, no_repeat_ngram_size=0,
-                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                                stop_at_newline=self.stop_at_newline)
+        return DecodingSettings(
+            num_beams=1,
+            length_penalty=1.0,
+            no_repeat_ngram_size=0,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            stop_at_newline=self.stop_at_newline,
+        )
 
     def checked(self) -> DecodingSettings:
         problems = []
@@ -63,8 +68,10 @@ class DecodingSettings:
     def describe(self) -> str:
         if self.num_beams == 1 and self.no_repeat_ngram_size == 0:
             return f"greedy, at most {self.max_new_tokens} new tokens"
-        return (f"beam {self.num_beams}, length penalty {self.length_penalty}, no-repeat {self.no_repeat_ngram_size}"
-                f"-grams, at most {self.max_new_tokens} new tokens")
+        return (
+            f"beam {self.num_beams}, length penalty {self.length_penalty}, no-repeat {self.no_repeat_ngram_size}"
+            f"-grams, at most {self.max_new_tokens} new tokens"
+        )
 
 
 def stop_token_ids(tokenizer, stop_at_newline: bool) -> list[int]:
@@ -74,8 +81,10 @@ def stop_token_ids(tokenizer, stop_at_newline: bool) -> list[int]:
         vocab = range(len(tokenizer))
         ids += [i for i, text in zip(vocab, tokenizer.batch_decode([[i] for i in vocab])) if "\n" in text]
     if not ids:
-        raise ConfigError("the tokenizer has no EOS token and generate.stop_at_newline is false: nothing would "
-                          "end an output before generate.max_new_tokens")
+        raise ConfigError(
+            "the tokenizer has no EOS token and generate.stop_at_newline is false: nothing would "
+            "end an output before generate.max_new_tokens"
+        )
     return sorted(set(ids))
 
 
@@ -90,7 +99,7 @@ def prepare_tokenizer(tokenizer):
 def plan_batches(prompt_lengths: list[int], batch_size: int) -> list[list[int]]:
     """Input indices, longest prompts first (stable), in batches of `batch_size`."""
     order = sorted(range(len(prompt_lengths)), key=lambda i: -prompt_lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def clean_output(text: str) -> str:
@@ -108,18 +117,30 @@ class DecodeStats:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _decode_batch(model, tokenizer, prompts: list[str], settings: DecodingSettings, stop_ids: list[int], device,
-                  synced_gpus: bool) -> tuple[list[str], int]:
+def _decode_batch(
+    model, tokenizer, prompts: list[str], settings: DecodingSettings, stop_ids: list[int], device, synced_gpus: bool
+) -> tuple[list[str], int]:
     from transformers import GenerationConfig
 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     beam = {"length_penalty": settings.length_penalty, "early_stopping": True} if settings.num_beams > 1 else {}
-    generation = GenerationConfig(do_sample=False, num_beams=settings.num_beams, max_new_tokens=settings.max_new_tokens,
-                                  no_repeat_ngram_size=settings.no_repeat_ngram_size, eos_token_id=stop_ids,
-                                  pad_token_id=tokenizer.pad_token_id, use_cache=True, **beam)
-    out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                         generation_config=generation, synced_gpus=synced_gpus)
-    new = out[:, enc["input_ids"].shape[1]:].cpu()
+    generation = GenerationConfig(
+        do_sample=False,
+        num_beams=settings.num_beams,
+        max_new_tokens=settings.max_new_tokens,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        eos_token_id=stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **beam,
+    )
+    out = model.generate(
+        input_ids=enc["input_ids"].to(device),
+        attention_mask=enc["attention_mask"].to(device),
+        generation_config=generation,
+        synced_gpus=synced_gpus,
+    )
+    new = out[:, enc["input_ids"].shape[1] :].cpu()
     texts, count = [], 0
     stop = torch.tensor(stop_ids)
     for row in new:
@@ -131,9 +152,19 @@ def _decode_batch(model, tokenizer, prompts: list[str], settings: DecodingSettin
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], settings: DecodingSettings, *, rank: int = 0,
-                   world_size: int = 1, synced_gpus: bool = False, device=None, progress: bool = False,
-                   desc: str = "generate") -> tuple[list[str], DecodeStats]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[str],
+    settings: DecodingSettings,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    synced_gpus: bool = False,
+    device=None,
+    progress: bool = False,
+    desc: str = "generate",
+) -> tuple[list[str], DecodeStats]:
     """Outputs for `prompts`, in input order, on every rank (this rank decodes its share of the batches).
 
     `model` is a plain causal LM (DSEE layers unmerged or merged) or, under ZeRO-3, the engine's module with
@@ -155,13 +186,13 @@ def generate_texts(model, tokenizer, prompts: list[str], settings: DecodingSetti
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(prompts), desc=desc, unit="input", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=1.0)
+        bar = tqdm(total=len(prompts), desc=desc, unit="input", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     t0, new_tokens, results = time.time(), 0, {}
     for i in range(rounds):
         indices = mine[i] if i < len(mine) else (mine[-1] if mine else batches[-1])  # padding round: dropped
-        texts, count = _decode_batch(model, tokenizer, [prompts[j] for j in indices], settings, stop_ids, device,
-                                     synced_gpus)
+        texts, count = _decode_batch(
+            model, tokenizer, [prompts[j] for j in indices], settings, stop_ids, device, synced_gpus
+        )
         if i < len(mine):
             results.update(zip(indices, texts))
             new_tokens += count

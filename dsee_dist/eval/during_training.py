@@ -59,8 +59,10 @@ class GenerationEval:
         check_generation_config(cfg)
         _, eval_source = data.data_sources(cfg, stage.ctx.out_dir)
         if not eval_source or not Path(eval_source).is_file():
-            raise ConfigError(f"generation during training needs a local E2E CSV with references as the "
-                              f"evaluation set; '{eval_source}' is not one (set data.eval_path)")
+            raise ConfigError(
+                f"generation during training needs a local E2E CSV with references as the "
+                f"evaluation set; '{eval_source}' is not one (set data.eval_path)"
+            )
         self.refs = read_references(eval_source)
         self.prompts = [data.e2e_prompt(mr) for mr in self.refs.mrs]
         self.settings = DecodingSettings.from_config(cfg.generate)
@@ -75,10 +77,18 @@ class GenerationEval:
         from dsee_dist.engine import distributed
 
         dist_info = stage.ctx.dist_info
-        outputs, stats = generate_texts(stage.engine.module, stage.ctx.tokenizer, prompts, settings,
-                                        rank=dist_info.rank, world_size=dist_info.world_size,
-                                        synced_gpus=stage.engine.zero_optimization_stage() == 3,
-                                        device=stage.device, progress=False, desc=desc)
+        outputs, stats = generate_texts(
+            stage.engine.module,
+            stage.ctx.tokenizer,
+            prompts,
+            settings,
+            rank=dist_info.rank,
+            world_size=dist_info.world_size,
+            synced_gpus=stage.engine.zero_optimization_stage() == 3,
+            device=stage.device,
+            progress=False,
+            desc=desc,
+        )
         stage.engine.train()
         distributed.barrier()
         logger.info(f"{desc}: {len(prompts)} MRs, {settings.describe()}, {stats.tokens_per_s:.1f} tokens/s")
@@ -102,8 +112,10 @@ class GenerationEval:
 
         result = distributed.on_rank_zero(score)
         stage.metrics.log(done, result)
-        logger.info(f"step {done}: BLEU {result['eval_bleu']:.4f}, ROUGE-L {result['eval_rouge_l']:.4f} "
-                    f"on {len(subset.groups)} MRs (greedy)")
+        logger.info(
+            f"step {done}: BLEU {result['eval_bleu']:.4f}, ROUGE-L {result['eval_rouge_l']:.4f} "
+            f"on {len(subset.groups)} MRs (greedy)"
+        )
         if not self.keep_best:
             return False
         value = result[f"eval_{self.keep_best}"]

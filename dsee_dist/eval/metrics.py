@@ -126,8 +126,13 @@ def _ptb_tokenize_java(java: str, sentences: list[str]) -> list[str]:
 
     jar = os.path.join(os.path.dirname(ptb.__file__), ptb.STANFORD_CORENLP_3_4_1_JAR)
     text = "\n".join(s.replace("\n", " ") for s in sentences)
-    proc = subprocess.run([java, "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"],
-                          input=text, capture_output=True, text=True, encoding="utf-8")
+    proc = subprocess.run(
+        [java, "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"],
+        input=text,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+    )
     if proc.returncode != 0:
         raise DSEEError(f"the PTB tokenizer (java) failed: {proc.stderr.strip().splitlines()[-1:]}")
     lines = proc.stdout.split("\n")
@@ -219,7 +224,7 @@ class E2EScorer:
                 tokens = _ptb_tokenize_python(flat_refs + hyps)
             gts, res, pos = {}, {}, 0
             for i, g in enumerate(refs):
-                gts[i], pos = tokens[pos:pos + len(g)], pos + len(g)
+                gts[i], pos = tokens[pos : pos + len(g)], pos + len(g)
             for i in range(len(hyps)):
                 res[i] = [tokens[len(flat_refs) + i]]
             if "ROUGE_L" in coco:

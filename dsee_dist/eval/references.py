@@ -118,10 +118,14 @@ def read_hypotheses(path: str | Path, num_mrs: int | None = None, refs_path: Pat
         raise DSEEError(f"outputs file '{path}' is empty")
     if num_mrs is not None and len(lines) != num_mrs:
         where = f" in '{refs_path}'" if refs_path else ""
-        raise DSEEError(f"outputs file '{path}' has {len(lines)} lines but there are {num_mrs} MRs{where}: "
-                        f"give one output line per MR, in the MRs' order of first appearance")
+        raise DSEEError(
+            f"outputs file '{path}' has {len(lines)} lines but there are {num_mrs} MRs{where}: "
+            f"give one output line per MR, in the MRs' order of first appearance"
+        )
     for lineno, line in enumerate(lines, 1):
         if not line:
-            raise DSEEError(f"{path}:{lineno}: empty output line; every MR needs a non-empty output "
-                            f"(an empty generation has nothing to score; check the model or decoding settings)")
+            raise DSEEError(
+                f"{path}:{lineno}: empty output line; every MR needs a non-empty output "
+                f"(an empty generation has nothing to score; check the model or decoding settings)"
+            )
     return lines

@@ -23,8 +23,13 @@ class PrunedGPT2Config(GPT2Config):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, heads_per_layer: list[int] | None = None, inner_per_layer: list[int] | None = None,
-                 head_dim: int | None = None, **kwargs):
+    def __init__(
+        self,
+        heads_per_layer: list[int] | None = None,
+        inner_per_layer: list[int] | None = None,
+        head_dim: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         n_inner = self.n_inner if self.n_inner is not None else 4 * self.n_embd
         self.head_dim = head_dim if head_dim is not None else self.n_embd // self.n_head

@@ -43,9 +43,15 @@ def score_outputs(hyps: list[str], refs, hyp_path: Path, metrics=METRICS, scorer
     finally:
         if own:
             scorer.close()
-    return {"scores": scores, "num_mrs": len(refs.groups), "num_references": refs.num_references,
-            "refs": str(refs.path), "hyp": str(hyp_path), "tokenizer": scorer.tokenizer,
-            "unavailable": dict(scorer.unavailable)}
+    return {
+        "scores": scores,
+        "num_mrs": len(refs.groups),
+        "num_references": refs.num_references,
+        "refs": str(refs.path),
+        "hyp": str(hyp_path),
+        "tokenizer": scorer.tokenizer,
+        "unavailable": dict(scorer.unavailable),
+    }
 
 
 def evaluate_files(refs_path: Path, hyp_path: Path, metrics=METRICS, scorer: E2EScorer | None = None) -> dict:

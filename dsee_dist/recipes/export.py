@@ -10,8 +10,8 @@ holds W0 + (alpha/r)(B A + S) in every adapted matrix and loads with plain
 `transformers.AutoModelForCausalLM.from_pretrained`. After pruning (a stage-2 checkpoint), the base is
 the pruned one and the mask is applied to the merged weight, so the stated sparsity is the real one
 (`dsee_export.json` reports it per matrix); a structurally pruned export carries its modeling file and
-loads with `trust_remote_code=True` or `dsee_dist.pruned_gpt2.load_pruned_model`. Outputs are written to a temporary name and
-renamed when complete.
+loads with `trust_remote_code=True` or `dsee_dist.models.pruned_gpt2.load_pruned_model`. Outputs are written to
+a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dsee_dist.dsee.adapter import save_adapter
-from dsee_dist.engine.checkpoint import find_resume_checkpoint, read_trainer_state
 from dsee_dist.config import config_from_dict
+from dsee_dist.dsee.adapter import save_adapter
 from dsee_dist.dsee.inject import dsee_layers, find_targets, inject_dsee, set_submodule
 from dsee_dist.dsee.layer import weight_out_in
 from dsee_dist.dsee.placement import SUPPORT_FILE
+from dsee_dist.engine.checkpoint import find_resume_checkpoint, read_trainer_state
+from dsee_dist.engine.reshard import consolidate_trainable_state
 from dsee_dist.errors import DSEEError
 from dsee_dist.models.loading import end_zero3_init
 from dsee_dist.models.pruned_gpt2 import register
 from dsee_dist.pruning.stage2 import attach_keep_masks
 from dsee_dist.pruning.structured import write_remote_code
-from dsee_dist.engine.reshard import consolidate_trainable_state
 
 EXPORT_REPORT = "dsee_export.json"
 
@@ -66,7 +66,9 @@ def build_model_from_checkpoint(checkpoint_dir: Path, base_model: str | None = N
     d = cfg.dsee
     specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
     support = load_file(str(checkpoint_dir / SUPPORT_FILE)) if (checkpoint_dir / SUPPORT_FILE).is_file() else {}
-    inject_dsee(model, specs, support, rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout, seed=cfg.train.seed)
+    inject_dsee(
+        model, specs, support, rank=d.lora_rank, alpha=d.lora_alpha, dropout=d.lora_dropout, seed=cfg.train.seed
+    )
     tensors = load_trainable_tensors(checkpoint_dir)
     with torch.no_grad():
         for name, layer in dsee_layers(model).items():
@@ -115,8 +117,11 @@ def sparsity_report(model, pruning: dict | None) -> dict:
         w = m.rows_of(weight_out_in(model.get_submodule(m.module)))
         matrices[m.name] = {"kind": m.kind, "zeros": int((w == 0).sum()), "numel": m.numel}
     zeros, numel = sum(v["zeros"] for v in matrices.values()), sum(v["numel"] for v in matrices.values())
-    return {"pruning": {k: v for k, v in (pruning or {}).items() if k != "matrices"}, "matrices": matrices,
-            "total": {"zeros": zeros, "numel": numel, "sparsity": zeros / max(numel, 1)}}
+    return {
+        "pruning": {k: v for k, v in (pruning or {}).items() if k != "matrices"},
+        "matrices": matrices,
+        "total": {"zeros": zeros, "numel": numel, "sparsity": zeros / max(numel, 1)},
+    }
 
 
 def export_merged(model, cfg, base: str, target: Path, log=print) -> dict:
@@ -130,8 +135,10 @@ def export_merged(model, cfg, base: str, target: Path, log=print) -> dict:
     report["flops_per_token"] = flops_per_token(model.config, cfg.prune.flops_context)
     save_merged(model, base, Path(target), report)
     total = report["total"]
-    log(f"merged model written to {target}: {total['zeros']:,} of {total['numel']:,} prunable weights are zero "
-        f"({100 * total['sparsity']:.2f}%), {report['flops_per_token']['total'] / 1e6:.2f} MFLOPs per token")
+    log(
+        f"merged model written to {target}: {total['zeros']:,} of {total['numel']:,} prunable weights are zero "
+        f"({100 * total['sparsity']:.2f}%), {report['flops_per_token']['total'] / 1e6:.2f} MFLOPs per token"
+    )
     return report
 
 

@@ -525,8 +525,14 @@ def save(stage: Stage) -> None:
     """The training result into out_dir (rank 0 writes, every rank gathers): the DSEE adapter in adapter/, or
     for method lora a PEFT adapter in adapter/, for full the whole model in merged/ (recipes/methods.py)."""
     dist_info = stage.ctx.dist_info
-    target = methods.save_trained(stage.cfg.method, stage.engine.module, stage.out_dir, base_model=stage.base_model,
-                                  dsee_cfg=stage.cfg.dsee, is_rank_zero=dist_info.is_rank_zero)
+    target = methods.save_trained(
+        stage.cfg.method,
+        stage.engine.module,
+        stage.out_dir,
+        base_model=stage.base_model,
+        dsee_cfg=stage.cfg.dsee,
+        is_rank_zero=dist_info.is_rank_zero,
+    )
     distributed.barrier()
     logger.info(f"{'adapter' if stage.cfg.method != 'full' else 'model'} written to {target}")
 

@@ -107,8 +107,9 @@ def load_generation_model(source: str, base_model: str | None = None, dtype: str
     try:
         tokenizer = load_tokenizer(tokenizer_dir)
     except (OSError, ValueError):
-        raise DSEEError(f"no tokenizer in '{tokenizer_dir}'; give --base-model with the base model's "
-                        f"directory") from None
+        raise DSEEError(
+            f"no tokenizer in '{tokenizer_dir}'; give --base-model with the base model's directory"
+        ) from None
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), tokenizer, kind
@@ -130,12 +131,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--batch-size", type=int, help="inputs per generate call, per rank")
     parser.add_argument("--no-stop-at-newline", action="store_true", help="stop at EOS only")
-    parser.add_argument("--prompt-format", choices=("e2e", "raw"),
-                        help="e2e: 'MR ||' as in training (default for a CSV); raw: the line as is (default for text)")
+    parser.add_argument(
+        "--prompt-format",
+        choices=("e2e", "raw"),
+        help="e2e: 'MR ||' as in training (default for a CSV); raw: the line as is (default for text)",
+    )
     parser.add_argument("--max-inputs", type=int, default=0, help="only the first N inputs (0 = all)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--score", action="store_true",
-                        help="then score the outputs against the input CSV's references (dsee-dist evaluate)")
+    parser.add_argument(
+        "--score",
+        action="store_true",
+        help="then score the outputs against the input CSV's references (dsee-dist evaluate)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -149,9 +156,14 @@ def decoding_settings(args: argparse.Namespace):
 
         section = load_config(args.config).generate
     settings = DecodingSettings.from_config(
-        section, num_beams=args.num_beams, length_penalty=args.length_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, stop_at_newline=False if args.no_stop_at_newline else None)
+        section,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        stop_at_newline=False if args.no_stop_at_newline else None,
+    )
     if args.greedy:
         settings = settings.greedy()
     return settings
@@ -171,7 +183,7 @@ def score_against_input(input_path: Path, output_path: Path, outputs: list[str])
     from dsee_dist.recipes import evaluate
 
     refs = read_references(input_path)
-    refs = References(refs.groups[:len(outputs)], refs.mrs[:len(outputs)], refs.path)
+    refs = References(refs.groups[: len(outputs)], refs.mrs[: len(outputs)], refs.path)
     result = evaluate.score_outputs(outputs, refs, output_path)
     for why in result["unavailable"].values():
         logger.warning(why)
@@ -187,25 +199,40 @@ def generate(args: argparse.Namespace) -> None:
     settings = decoding_settings(args)
     inputs, prompts = read_prompts(Path(args.input), args.prompt_format)
     if args.max_inputs > 0:
-        inputs, prompts = inputs[:args.max_inputs], prompts[:args.max_inputs]
+        inputs, prompts = inputs[: args.max_inputs], prompts[: args.max_inputs]
     if args.score and not is_table(Path(args.input)):
         raise DSEEError("--score needs an E2E CSV input with references (mr,ref)")
     if not Path(args.model).exists():
-        raise DSEEError(f"model '{args.model}' does not exist; give a checkpoint, an adapter export or a model "
-                        f"directory")
+        raise DSEEError(
+            f"model '{args.model}' does not exist; give a checkpoint, an adapter export or a model directory"
+        )
     if Path(args.output).is_dir():
         raise DSEEError(f"--output '{args.output}' is a directory; give a file name")
     dist_info = distributed.init_distributed()
-    logging.basicConfig(level=logging.INFO if dist_info.is_rank_zero else logging.WARNING,
-                        format=f"[dsee rank{dist_info.rank}] %(message)s", stream=sys.stdout)
+    logging.basicConfig(
+        level=logging.INFO if dist_info.is_rank_zero else logging.WARNING,
+        format=f"[dsee rank{dist_info.rank}] %(message)s",
+        stream=sys.stdout,
+    )
     model, tokenizer, kind = load_generation_model(args.model, args.base_model, args.dtype)
     model.to(distributed.device())
-    logger.info(f"generate: {len(prompts)} inputs from {args.input} with {kind} on {dist_info.world_size} rank(s); "
-                f"{settings.describe()}, batches of {settings.batch_size}")
-    outputs, stats = generate_texts(model, tokenizer, prompts, settings, rank=dist_info.rank,
-                                    world_size=dist_info.world_size, progress=dist_info.is_rank_zero)
-    logger.info(f"generate: {stats.new_tokens} new tokens in {stats.seconds:.1f} s: {stats.tokens_per_s:.1f} tokens/s "
-                f"(all ranks)")
+    logger.info(
+        f"generate: {len(prompts)} inputs from {args.input} with {kind} on {dist_info.world_size} rank(s); "
+        f"{settings.describe()}, batches of {settings.batch_size}"
+    )
+    outputs, stats = generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        settings,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        progress=dist_info.is_rank_zero,
+    )
+    logger.info(
+        f"generate: {stats.new_tokens} new tokens in {stats.seconds:.1f} s: {stats.tokens_per_s:.1f} tokens/s "
+        f"(all ranks)"
+    )
     empty = sum(1 for text in outputs if not text)
     if empty:
         logger.warning(f"generate: {empty} of {len(outputs)} outputs are empty")

@@ -45,8 +45,9 @@ def stage_configs(cfg: Config, out_dir: Path) -> tuple[Config, Config]:
     stage2 = dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, path=str((out_dir / PRUNED).resolve()), builtin=None, gguf_file=None),
-        train=dataclasses.replace(cfg.train, max_steps=p.retrain_steps, epochs=p.retrain_epochs,
-                                  lr=p.retrain_lr or cfg.train.lr),
+        train=dataclasses.replace(
+            cfg.train, max_steps=p.retrain_steps, epochs=p.retrain_epochs, lr=p.retrain_lr or cfg.train.lr
+        ),
         output=dataclasses.replace(cfg.output, dir=str(out_dir / STAGE2)),
         resume="auto",
     )
@@ -63,8 +64,10 @@ def check_request(prune_cfg, base_model: str) -> None:
 
     register()
     if not Path(base_model).is_dir():
-        raise DSEEError(f"pruning reads the base model's files, and '{base_model}' is not a local directory; "
-                        f"download it (e.g. huggingface-cli download) and set model.path to the directory")
+        raise DSEEError(
+            f"pruning reads the base model's files, and '{base_model}' is not a local directory; "
+            f"download it (e.g. huggingface-cli download) and set model.path to the directory"
+        )
     model_config = AutoConfig.from_pretrained(base_model)
     if prune_cfg.method == "structured":
         check_structured_request(prune_cfg, model_config)
@@ -102,8 +105,9 @@ def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
         adapter = slice_adapter(adapter, read_report(pruned_dir)["plan"], AutoConfig.from_pretrained(base_model))
     log(f"stage 2 of 2: re-tuning A, B, S on the pruned base -> {out_dir / STAGE2}")
     masks_dir = pruned_dir if cfg.prune.method == "unstructured" else None
-    code, finished = finetune.train(cfg2, out_dir / STAGE2, str(pruned_dir.resolve()), ctx, init_adapter=adapter,
-                                    masks_dir=masks_dir)
+    code, finished = finetune.train(
+        cfg2, out_dir / STAGE2, str(pruned_dir.resolve()), ctx, init_adapter=adapter, masks_dir=masks_dir
+    )
     if not finished:
         return code, False
     distributed.on_rank_zero(lambda: export_final(out_dir))
@@ -137,9 +141,11 @@ def log_flops(base_model: str, pruned_dir: Path, context: int, dist_info) -> Non
     dense = flops_per_token(AutoConfig.from_pretrained(base_model), context)
     pruned = flops_per_token(AutoConfig.from_pretrained(str(pruned_dir)), context)
     saved = compare(dense, pruned)
-    log(f"FLOPs per token (context {context}): dense {dense['total'] / 1e6:.2f} M, "
+    log(
+        f"FLOPs per token (context {context}): dense {dense['total'] / 1e6:.2f} M, "
         f"pruned {pruned['total'] / 1e6:.2f} M; saved {100 * saved['blocks_saved']:.1f}% of the blocks' FLOPs, "
-        f"{100 * saved['total_saved']:.1f}% overall")
+        f"{100 * saved['total_saved']:.1f}% overall"
+    )
     if dist_info.is_rank_zero:
         report = format_report("dense", dense) + "\n" + format_report("pruned", pruned) + "\n"
         write_text_atomic(pruned_dir.parent / "flops.txt", report)

@@ -19,8 +19,14 @@ from tests.hooks import hook_env
 pytestmark = pytest.mark.distributed
 
 STEPS = 8
-BASE = [*TINY_RUN, f"train.max_steps={STEPS}", "train.warmup_steps=2", "checkpoint.every=4", "checkpoint.keep_last=2",
-        "eval.every_n_steps=0"]
+BASE = [
+    *TINY_RUN,
+    f"train.max_steps={STEPS}",
+    "train.warmup_steps=2",
+    "checkpoint.every=4",
+    "checkpoint.keep_last=2",
+    "eval.every_n_steps=0",
+]
 
 
 def _stage(stage):
@@ -67,7 +73,9 @@ def test_resume_under_another_zero_stage_continues_the_loss_curve(uninterrupted,
 def test_resume_at_another_world_size_continues_the_loss_curve(stage, before, after, uninterrupted, tmp_path):
     out = tmp_path / "run"
     micro = {1: 8, 2: 4, 4: 2}  # the same global batch of 8
-    run_training(before, out, *BASE, _stage(stage), f"train.micro_batch_size={micro[before]}", "train.stop_after_steps=4")
+    run_training(
+        before, out, *BASE, _stage(stage), f"train.micro_batch_size={micro[before]}", "train.stop_after_steps=4"
+    )
     proc = run_training(after, out, *BASE, _stage(stage), f"train.micro_batch_size={micro[after]}", "resume=auto")
     if before != after:
         assert f"written at world size {before}, ZeRO stage {stage}; resharded" in proc.stdout
@@ -77,7 +85,9 @@ def test_resume_at_another_world_size_continues_the_loss_curve(stage, before, af
 def test_kill_9_of_one_rank_mid_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, **hook_env(kill_in_save=(1, 8)))  # rank 1 dies after writing its shards of step 8
-    proc = subprocess.run(train_command(2, out, *BASE, _stage(2)), cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        train_command(2, out, *BASE, _stage(2)), cwd=REPO, capture_output=True, text=True, timeout=600, env=env
+    )
     assert proc.returncode != 0
     root = out / "checkpoints"
     assert (root / "latest").read_text() == "step_00000004"
@@ -91,15 +101,24 @@ def test_kill_9_of_one_rank_mid_save_keeps_the_previous_checkpoint(uninterrupted
 def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_losses(uninterrupted, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, **hook_env(step_delay_s=0.5))
-    launcher = subprocess.Popen(train_command(2, out, *BASE, _stage(2), "checkpoint.every=0"), cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    launcher = subprocess.Popen(
+        train_command(2, out, *BASE, _stage(2), "checkpoint.every=0"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         if (out / "metrics.jsonl").is_file() and len(train_losses(out)) >= 2:
             break
         time.sleep(0.2)
-    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-             if "dsee_dist.train" in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()]
+    ranks = [
+        p
+        for p in psutil.Process(launcher.pid).children(recursive=True)
+        if "dsee_dist.train" in p.cmdline() and "deepspeed.launcher.launch" not in p.cmdline()
+    ]
     assert len(ranks) == 2
     for rank in ranks:  # what Slurm's --signal does: every task gets it
         rank.send_signal(signal.SIGUSR1)
@@ -119,9 +138,21 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_to_the_same_losses(uninterrupt
 
 def test_zero3_checkpoint_holds_real_tensors_and_zero_to_fp32_reads_it(uninterrupted, tmp_path):
     root = uninterrupted[3] / "checkpoints"
-    proc = subprocess.run([sys.executable, str(root / "zero_to_fp32.py"), str(root), str(tmp_path / "fp32"),
-                           "--tag", "step_00000008", "--exclude_frozen_parameters", "--safe_serialization"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "zero_to_fp32.py"),
+            str(root),
+            str(tmp_path / "fp32"),
+            "--tag",
+            "step_00000008",
+            "--exclude_frozen_parameters",
+            "--safe_serialization",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (weights,) = list((tmp_path / "fp32").glob("*.safetensors"))
     consolidated = load_file(str(weights))
@@ -134,16 +165,36 @@ def test_zero3_checkpoint_holds_real_tensors_and_zero_to_fp32_reads_it(uninterru
 
 def test_merged_export_reloads_with_plain_transformers_and_matches(uninterrupted, tmp_path):
     out = uninterrupted[3]
-    proc = subprocess.run([sys.executable, "-m", "dsee_dist", "export", str(out), "--merged", str(tmp_path / "merged"),
-                           "--adapter", str(tmp_path / "adapter")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsee_dist",
+            "export",
+            str(out),
+            "--merged",
+            str(tmp_path / "merged"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     x = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.save(x, tmp_path / "x.pt")
-    script = ("import sys, torch; from transformers import AutoModelForCausalLM; "
-              "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
-              "torch.save(m(input_ids=torch.load(sys.argv[2])).logits.detach(), sys.argv[3])")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "merged"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, timeout=300)
+    script = (
+        "import sys, torch; from transformers import AutoModelForCausalLM; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
+        "torch.save(m(input_ids=torch.load(sys.argv[2])).logits.detach(), sys.argv[3])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "merged"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        timeout=300,
+    )
     from dsee_dist.dsee.adapter import load_adapted_model
 
     with torch.no_grad():
@@ -159,8 +210,15 @@ def test_incompatible_config_is_refused_naming_the_keys(uninterrupted, tmp_path)
 
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted[2], out)
-    proc = subprocess.run(train_command(2, out, *BASE, _stage(2), "resume=auto", "dsee.lora_rank=2", "dsee.num_sparse=8",
-                                        "train.max_steps=12"), cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_command(
+            2, out, *BASE, _stage(2), "resume=auto", "dsee.lora_rank=2", "dsee.num_sparse=8", "train.max_steps=12"
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsee_dist: error:")]
     assert "dsee.lora_rank: 4 -> 2" in line and "dsee.num_sparse: 16 -> 8" in line
@@ -173,11 +231,20 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_pa
     shutil.copytree(uninterrupted[2], out)
     victim = out / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
-    explicit = subprocess.run(train_command(1, out, *BASE, _stage(2), "train.micro_batch_size=8",
-                                            f"resume={out / 'checkpoints' / 'step_00000008'}"),
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
+    explicit = subprocess.run(
+        train_command(
+            1, out, *BASE, _stage(2), "train.micro_batch_size=8", f"resume={out / 'checkpoints' / 'step_00000008'}"
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert explicit.returncode == 2 and f"checkpoint file '{victim}' is truncated" in explicit.stderr
     proc = run_training(2, out, *BASE, _stage(2), "resume=auto", "train.max_steps=8")
-    assert f"checkpoint file '{victim}' is truncated" in proc.stdout and "falling back to the previous checkpoint" in proc.stdout
+    assert (
+        f"checkpoint file '{victim}' is truncated" in proc.stdout
+        and "falling back to the previous checkpoint" in proc.stdout
+    )
     assert "continuing from step 4" in proc.stdout
     assert train_losses(out) == pytest.approx(train_losses(uninterrupted[2]), rel=1e-6, abs=1e-6)

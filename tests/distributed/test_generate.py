@@ -21,9 +21,17 @@ from tests.distributed.launch import TINY_RUN, read_metrics, run_training
 pytestmark = pytest.mark.distributed
 
 MAX_NEW, NUM_INPUTS = 12, 10
-DURING_TRAINING = ["eval.every_n_steps=0", "eval.generate_every_n_steps=3", f"eval.generate_max_examples={NUM_INPUTS}",
-                   f"generate.max_new_tokens={MAX_NEW}", "generate.num_beams=2", "generate.batch_size=3",
-                   "eval.final_generate=true", "checkpoint.keep_best=bleu", "checkpoint.keep_last=1"]
+DURING_TRAINING = [
+    "eval.every_n_steps=0",
+    "eval.generate_every_n_steps=3",
+    f"eval.generate_max_examples={NUM_INPUTS}",
+    f"generate.max_new_tokens={MAX_NEW}",
+    "generate.num_beams=2",
+    "generate.batch_size=3",
+    "eval.final_generate=true",
+    "checkpoint.keep_best=bleu",
+    "checkpoint.keep_last=1",
+]
 DECODE = ["--greedy", "--max-new-tokens", str(MAX_NEW), "--batch-size", "3", "--max-inputs", str(NUM_INPUTS)]
 
 
@@ -84,16 +92,25 @@ def _command(world_size, run_dir, output, *extra):
     args = [str(run_dir), "--input", str(_inputs(run_dir)), "--output", str(output), *DECODE, *extra]
     if world_size == 1:
         return [sys.executable, "-m", "dsee_dist", "generate", *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
-            str(free_port()), "--module", "dsee_dist.generate", *args]
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(world_size),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "dsee_dist.generate",
+        *args,
+    ]
 
 
 def test_two_ranks_write_the_one_rank_file_in_input_order(run_dir, tmp_path):
     outputs = {}
     for world_size in (1, 2):
         out = tmp_path / f"out{world_size}.txt"
-        proc = subprocess.run(_command(world_size, run_dir, out), cwd=REPO, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(_command(world_size, run_dir, out), cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "tokens/s" in proc.stdout
         outputs[world_size] = out.read_text().splitlines()
@@ -109,8 +126,9 @@ def test_training_logs_the_bleu_of_its_own_greedy_outputs_and_keeps_the_best(run
     # partitioned ZeRO-3 ranks
     model, tokenizer, _ = generate.load_generation_model(str(run_dir))
     refs = read_references(_inputs(run_dir)).groups[:NUM_INPUTS]
-    assert compute_bleu(_generate(model, tokenizer, _prompts(run_dir)), refs) == pytest.approx(rows[-1]["eval_bleu"],
-                                                                                              abs=1e-9)
+    assert compute_bleu(_generate(model, tokenizer, _prompts(run_dir)), refs) == pytest.approx(
+        rows[-1]["eval_bleu"], abs=1e-9
+    )
     best = json.loads((run_dir / "checkpoints" / "best.json").read_text())
     first_max = max(rows, key=lambda r: (r["eval_bleu"], -r["step"]))
     assert best["step"] == first_max["step"] and best["value"] == first_max["eval_bleu"]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dsee_dist.data import dataset as data
-from dsee_dist.models import loading as models
-from dsee_dist.dsee.adapter import ADAPTER_WEIGHTS, load_adapted_model
 from dsee_dist.config import load_config
+from dsee_dist.data import dataset as data
+from dsee_dist.dsee.adapter import ADAPTER_WEIGHTS, load_adapted_model
+from dsee_dist.models import loading as models
 from dsee_dist.recipes.finetune import token_loss_sum
 from tests.distributed.launch import TINY_RUN, read_metrics, run_training, train_losses
 
@@ -39,8 +39,13 @@ def test_losses_agree_across_zero_stages_and_world_sizes(runs):
     reference = train_losses(runs["ws1_zero0"][0])
     assert len(reference) == 6 and reference[-1] < reference[0]  # it learns
     for name, (out_dir, _) in runs.items():
-        torch.testing.assert_close(torch.tensor(train_losses(out_dir)), torch.tensor(reference), rtol=1e-5, atol=1e-6,
-                                   msg=f"{name} diverges from ws1_zero0")
+        torch.testing.assert_close(
+            torch.tensor(train_losses(out_dir)),
+            torch.tensor(reference),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=f"{name} diverges from ws1_zero0",
+        )
         evals = [r["eval_loss"] for r in read_metrics(out_dir) if "eval_loss" in r]
         ref_evals = [r["eval_loss"] for r in read_metrics(runs["ws1_zero0"][0]) if "eval_loss" in r]
         assert evals == pytest.approx(ref_evals, rel=1e-5)
@@ -57,6 +62,7 @@ def test_support_is_computed_once_and_identical_at_any_world_size(runs):
 def test_parameter_summary_is_correct_under_zero3(runs):
     def summary(stdout):
         return next(line for line in stdout.splitlines() if "trainable params:" in line).split("] ", 1)[1]
+
     assert summary(runs["ws2_zero3"][1]) == summary(runs["ws1_zero0"][1])
     assert "trainable params: 0 " not in summary(runs["ws2_zero3"][1])
 
@@ -129,13 +135,27 @@ def test_torchrun_runs_the_same_program_with_the_same_losses(runs, tmp_path):
     from tests.distributed.launch import free_port
 
     out = tmp_path / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "dsee_dist.train", "--config", "configs/quickstart.yaml", f"output.dir={out}", *TINY_RUN,
-           "deepspeed.config=configs/ds/zero2_fp32.json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "dsee_dist.train",
+        "--config",
+        "configs/quickstart.yaml",
+        f"output.dir={out}",
+        *TINY_RUN,
+        "deepspeed.config=configs/ds/zero2_fp32.json",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(train_losses(out)), torch.tensor(train_losses(runs["ws1_zero0"][0])),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(train_losses(out)), torch.tensor(train_losses(runs["ws1_zero0"][0])), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_config_error_under_the_launcher_is_one_line_and_nonzero(tmp_path):
@@ -144,8 +164,13 @@ def test_config_error_under_the_launcher_is_one_line_and_nonzero(tmp_path):
     from tests.conftest import REPO
     from tests.distributed.launch import train_command
 
-    proc = subprocess.run(train_command(2, tmp_path / "bad", *TINY_RUN, "dsee.target_modules=[nothing_here]"),
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_command(2, tmp_path / "bad", *TINY_RUN, "dsee.target_modules=[nothing_here]"),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("dsee_dist: error:")]
     assert len(errors) == 1 and "match no adaptable module" in errors[0]

@@ -9,23 +9,37 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dsee_dist.dsee.adapter import read_adapter
 from dsee_dist.config import config_from_dict
-from dsee_dist.recipes.export import build_model_from_checkpoint
+from dsee_dist.dsee.adapter import read_adapter
 from dsee_dist.pruning.model_files import ModelFiles
 from dsee_dist.pruning.structured import plan_structured
 from dsee_dist.pruning.unstructured import prune_unstructured
+from dsee_dist.recipes.export import build_model_from_checkpoint
 from tests.distributed.launch import TINY_RUN, read_metrics, run_training
 from tests.unit.pruning.helpers import SINGLE
 
 pytestmark = pytest.mark.distributed
 
 ZERO3 = "deepspeed.config=configs/ds/zero3_fp32.json"
-UNSTRUCTURED = [*TINY_RUN, ZERO3, "eval.every_n_steps=0", "ds.zero_optimization.stage3_param_persistence_threshold=4096",
-                "prune.method=unstructured", "prune.ratio=0.3",
-                "prune.group_ratios={adapted: 0.5}", "prune.retrain_steps=5"]
-STRUCTURED = [*TINY_RUN, ZERO3, "eval.every_n_steps=0", "prune.method=structured", "prune.heads_removed=1",
-              "prune.mlp_ratio=0.25", "prune.retrain_steps=4"]
+UNSTRUCTURED = [
+    *TINY_RUN,
+    ZERO3,
+    "eval.every_n_steps=0",
+    "ds.zero_optimization.stage3_param_persistence_threshold=4096",
+    "prune.method=unstructured",
+    "prune.ratio=0.3",
+    "prune.group_ratios={adapted: 0.5}",
+    "prune.retrain_steps=5",
+]
+STRUCTURED = [
+    *TINY_RUN,
+    ZERO3,
+    "eval.every_n_steps=0",
+    "prune.method=structured",
+    "prune.heads_removed=1",
+    "prune.mlp_ratio=0.25",
+    "prune.retrain_steps=4",
+]
 
 
 def _losses(stage_dir: Path) -> list[float]:
@@ -56,10 +70,18 @@ def unstructured_runs(tmp_path_factory):
 
 def test_world_size_2_zero3_masks_equal_a_single_process_prune(unstructured_runs, tmp_path):
     full, _ = unstructured_runs
-    cfg = config_from_dict(json.loads((_stage2_checkpoint(full) / "trainer_state.json").read_text())["config"],
-                           validate=False)
-    prune_unstructured(cfg.prune, str(full / "base_model"), read_adapter(full / "stage1" / "adapter"),
-                       tmp_path / "single", SINGLE, seed=cfg.train.seed, log=lambda m: None)
+    cfg = config_from_dict(
+        json.loads((_stage2_checkpoint(full) / "trainer_state.json").read_text())["config"], validate=False
+    )
+    prune_unstructured(
+        cfg.prune,
+        str(full / "base_model"),
+        read_adapter(full / "stage1" / "adapter"),
+        tmp_path / "single",
+        SINGLE,
+        seed=cfg.train.seed,
+        log=lambda m: None,
+    )
     distributed, single = _weights(full / "pruned_base"), _weights(tmp_path / "single")
     assert distributed.keys() == single.keys()
     for key in single:
@@ -79,7 +101,7 @@ def test_export_has_the_requested_sparsity_and_reproduces_training_logits(unstru
         module, rows = (module, {"q": 0, "k": 1, "v": 2}[part]) if part in "qkv" else (name, None)
         w = exported.get_submodule(module).weight.detach().t()
         if rows is not None:
-            w = w[rows * 64:(rows + 1) * 64]
+            w = w[rows * 64 : (rows + 1) * 64]
         zeros = int((w == 0).sum())
         assert abs(zeros - stats["pruned"]) <= 1, name  # the stated sparsity is the real one
         assert report["matrices"][name]["zeros"] == zeros
@@ -119,10 +141,18 @@ def test_pruned_entries_stay_zero_through_training_and_resume(unstructured_runs)
 def test_structured_scores_match_single_process_and_export_reloads(tmp_path):
     out = tmp_path / "structured"
     run_training(2, out, *STRUCTURED)
-    cfg = config_from_dict(json.loads((_stage2_checkpoint(out) / "trainer_state.json").read_text())["config"], validate=False)
+    cfg = config_from_dict(
+        json.loads((_stage2_checkpoint(out) / "trainer_state.json").read_text())["config"], validate=False
+    )
     files = ModelFiles(out / "base_model")
-    single = plan_structured(cfg.prune, files, AutoConfig.from_pretrained(out / "base_model"),
-                             read_adapter(out / "stage1" / "adapter"), SINGLE, log=lambda m: None)
+    single = plan_structured(
+        cfg.prune,
+        files,
+        AutoConfig.from_pretrained(out / "base_model"),
+        read_adapter(out / "stage1" / "adapter"),
+        SINGLE,
+        log=lambda m: None,
+    )
     distributed = json.loads((out / "pruned_base" / "dsee_pruning.json").read_text())["plan"]
     for key in ("head_scores", "neuron_scores"):
         torch.testing.assert_close(torch.tensor(distributed[key]), torch.tensor(single[key]), atol=1e-6, rtol=1e-6)

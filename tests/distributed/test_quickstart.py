@@ -16,8 +16,18 @@ pytestmark = pytest.mark.distributed
 def test_quickstart_runs_learns_and_writes_its_outputs(tmp_path):
     out = tmp_path / "qs"
     # The shipped config, shortened to 60 steps; everything else (model, data, ZeRO-3, 2 ranks) as users run it.
-    cmd = [sys.executable, "-m", "dsee_dist", "quickstart", "--tiny", "--master_port", str(free_port()),
-           f"output.dir={out}", "train.max_steps=60", "eval.every_n_steps=30"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsee_dist",
+        "quickstart",
+        "--tiny",
+        "--master_port",
+        str(free_port()),
+        f"output.dir={out}",
+        "train.max_steps=60",
+        "eval.every_n_steps=30",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_metrics(out)

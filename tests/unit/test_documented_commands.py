@@ -16,8 +16,13 @@ LAUNCHERS = ("deepspeed ", "torchrun ", "accelerate launch ", "python -m dsee_di
 
 def documented_lines() -> list[tuple[str, str]]:
     """(where, command) for every launcher command line in the docs, configs and launch scripts' comments."""
-    sources = [REPO / "README.md", *sorted((REPO / "configs").rglob("*.yaml")), *sorted((REPO / "configs").rglob("*.md")),
-               *sorted((REPO / "launch").rglob("*.sh")), *sorted((REPO / "launch").rglob("*.sbatch"))]
+    sources = [
+        REPO / "README.md",
+        *sorted((REPO / "configs").rglob("*.yaml")),
+        *sorted((REPO / "configs").rglob("*.md")),
+        *sorted((REPO / "launch").rglob("*.sh")),
+        *sorted((REPO / "launch").rglob("*.sbatch")),
+    ]
     found = []
     for path in sources:
         text = re.sub(r"\\\n\s*", " ", path.read_text())  # join continued lines

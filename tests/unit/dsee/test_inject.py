@@ -3,23 +3,59 @@
 import pytest
 import torch
 
-from dsee_dist.dsee.inject import (check_num_sparse, count_parameters, find_targets, inject_dsee,
-                                   mark_only_adapters_trainable, parameter_summary)
+from dsee_dist.dsee.inject import (
+    check_num_sparse,
+    count_parameters,
+    find_targets,
+    inject_dsee,
+    mark_only_adapters_trainable,
+    parameter_summary,
+)
 from dsee_dist.dsee.layer import DSEELayer
 from dsee_dist.errors import ConfigError
 from tests.conftest import tiny_gpt2, tiny_llama
 
 # (model, target_modules, fused_slices, exclude, expected adapted matrices)
 TEST_CASES = [
-    ("gpt2", ["c_attn"], ["q", "v"], [], ["transformer.h.0.attn.c_attn.q", "transformer.h.0.attn.c_attn.v",
-                                          "transformer.h.1.attn.c_attn.q", "transformer.h.1.attn.c_attn.v"]),
+    (
+        "gpt2",
+        ["c_attn"],
+        ["q", "v"],
+        [],
+        [
+            "transformer.h.0.attn.c_attn.q",
+            "transformer.h.0.attn.c_attn.v",
+            "transformer.h.1.attn.c_attn.q",
+            "transformer.h.1.attn.c_attn.v",
+        ],
+    ),
     ("gpt2", ["c_attn"], [], [], ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]),
     ("gpt2", ["c_attn"], ["k"], ["re:.*h\\.0\\..*"], ["transformer.h.1.attn.c_attn.k"]),
-    ("gpt2", ["attn.c_proj", "c_fc"], ["q"], [], ["transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
-                                                  "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_fc"]),
+    (
+        "gpt2",
+        ["attn.c_proj", "c_fc"],
+        ["q"],
+        [],
+        [
+            "transformer.h.0.attn.c_proj",
+            "transformer.h.0.mlp.c_fc",
+            "transformer.h.1.attn.c_proj",
+            "transformer.h.1.mlp.c_fc",
+        ],
+    ),
     ("gpt2", ["re:transformer\\.h\\.1\\.mlp\\.c_proj"], [], [], ["transformer.h.1.mlp.c_proj"]),
-    ("llama", ["q_proj", "v_proj"], ["q", "v"], [], ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-                                                     "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]),
+    (
+        "llama",
+        ["q_proj", "v_proj"],
+        ["q", "v"],
+        [],
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj",
+        ],
+    ),
 ]
 
 

@@ -31,8 +31,9 @@ def test_num_sparse_zero_matches_peft_lora_outputs_and_gradients(family):
         base, targets, fan = tiny_gpt2(), ["c_attn"], True
     else:
         base, targets, fan = tiny_llama(), ["q_proj", "v_proj"], False
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                               lora_dropout=0.0, fan_in_fan_out=fan))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0, fan_in_fan_out=fan)
+    )
     torch.manual_seed(1)
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; make the update non-trivial
@@ -62,7 +63,7 @@ def _adapted_gpt2(num_sparse=8, slices=("q", "v"), seed=0):
     g = torch.Generator().manual_seed(3)
     support = {}
     for spec in specs:
-        for (start, size), name in zip(spec.slices, spec.matrix_names()):
+        for (_start, size), name in zip(spec.slices, spec.matrix_names()):
             flat = torch.randperm(size * spec.in_features, generator=g)[:num_sparse]
             support[name] = torch.stack([flat // spec.in_features, flat % spec.in_features])
     inject_dsee(model, specs, support, rank=4, alpha=8, dropout=0.0, seed=0)
@@ -105,7 +106,7 @@ def test_trained_update_outside_low_rank_lives_only_on_support():
         w0 = weight_out_in(base.get_submodule(name)).detach().clone()
         low_rank = torch.zeros_like(w0)
         for i, (start, size) in enumerate(layer.slices):
-            low_rank[start:start + size] = layer.lora_b[i] @ layer.lora_a[i * layer.rank:(i + 1) * layer.rank]
+            low_rank[start : start + size] = layer.lora_b[i] @ layer.lora_a[i * layer.rank : (i + 1) * layer.rank]
         layer.merge()
         residual = weight_out_in(layer.base).detach() - w0 - layer.scaling * low_rank
         on_support = torch.zeros_like(residual, dtype=torch.bool)
@@ -114,7 +115,7 @@ def test_trained_update_outside_low_rank_lives_only_on_support():
         assert residual[on_support].abs().min() > 0  # every sparse value moved
         # the k slice (rows n_embd..2 n_embd) is not adapted at all
         d = layer.out_features // 3
-        assert torch.equal(weight_out_in(layer.base)[d:2 * d], w0[d:2 * d])
+        assert torch.equal(weight_out_in(layer.base)[d : 2 * d], w0[d : 2 * d])
 
 
 def test_merge_and_unmerge_preserve_outputs():

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from dsee_dist.dsee.support import decompose_fast, decompose_reference, matrix_generator, select_support, top_n_positions
+from dsee_dist.dsee.support import (
+    decompose_fast,
+    decompose_reference,
+    matrix_generator,
+    select_support,
+    top_n_positions,
+)
 
 
 def _low_rank_plus_spikes(n=96, m=80, rank=4, n_spikes=40, seed=0):
@@ -19,8 +25,16 @@ def _low_rank_plus_spikes(n=96, m=80, rank=4, n_spikes=40, seed=0):
 def test_decomposition_recovers_planted_spikes(algorithm, seed):
     w, planted = _low_rank_plus_spikes(seed=seed)
     # final rank 5 for a rank-4 matrix; enough alternations for S0 to settle
-    idx = select_support(w, len(planted), "decomposition", generator=matrix_generator(0, "w"),
-                         rank_step=2, outer_iters=3, inner_iters=10, algorithm=algorithm)
+    idx = select_support(
+        w,
+        len(planted),
+        "decomposition",
+        generator=matrix_generator(0, "w"),
+        rank_step=2,
+        outer_iters=3,
+        inner_iters=10,
+        algorithm=algorithm,
+    )
     found = set(map(tuple, idx.T.tolist()))
     assert len(found & planted) / len(planted) >= 0.95
 
@@ -51,7 +65,10 @@ def test_random_support_changes_with_seed_and_matrix_name():
 def test_magnitude_picks_largest_entries():
     w = torch.zeros(5, 5)
     w[1, 2], w[4, 0], w[0, 0] = -3.0, 2.0, 0.5
-    assert set(map(tuple, select_support(w, 2, "magnitude", generator=matrix_generator(0, "m")).T.tolist())) == {(1, 2), (4, 0)}
+    assert set(map(tuple, select_support(w, 2, "magnitude", generator=matrix_generator(0, "m")).T.tolist())) == {
+        (1, 2),
+        (4, 0),
+    }
 
 
 def test_zero_sparse_entries_is_plain_lora_and_too_many_is_an_error():

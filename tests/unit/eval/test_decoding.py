@@ -38,14 +38,34 @@ def _dsee_model(kind: str, vocab: int):
 
     torch.manual_seed(0)
     if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=128,
-                                           bos_token_id=0, eos_token_id=0, initializer_range=0.3))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                n_layer=2,
+                n_embd=32,
+                n_head=4,
+                vocab_size=vocab,
+                n_positions=128,
+                bos_token_id=0,
+                eos_token_id=0,
+                initializer_range=0.3,
+            )
+        )
         specs = find_targets(model, ["c_attn"], ["q", "v"])
     else:
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                             max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
-                                             initializer_range=0.3))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=vocab,
+                max_position_embeddings=128,
+                bos_token_id=0,
+                eos_token_id=0,
+                initializer_range=0.3,
+            )
+        )
         specs = find_targets(model, ["q_proj", "v_proj"], [])
     support = {m: torch.stack([torch.arange(8), torch.arange(8) * 3]) for s in specs for m in s.matrix_names()}
     layers = inject_dsee(model, specs, support, rank=4, alpha=8, dropout=0.0, seed=0)
@@ -101,10 +121,19 @@ def test_beam_settings_are_transformers_beam_search(tokenizer, prompts):
     stop_ids = stop_token_ids(tokenizer, True)
     for prompt, output in zip(prompts[:3], outputs):
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=10, length_penalty=0.9,
-                             no_repeat_ngram_size=4, max_new_tokens=MAX_NEW, early_stopping=True, do_sample=False,
-                             eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        assert output == clean_output(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            num_beams=10,
+            length_penalty=0.9,
+            no_repeat_ngram_size=4,
+            max_new_tokens=MAX_NEW,
+            early_stopping=True,
+            do_sample=False,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        assert output == clean_output(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     greedy, _ = generate_texts(model, tokenizer, prompts[:3], settings.greedy())
     assert greedy != outputs
 

@@ -64,12 +64,29 @@ def test_the_e2e_test_set_groups_as_the_official_scorer_groups_it():
 
 
 def test_cli_prints_a_table_and_a_json_line_and_writes_scores_beside_the_outputs(tmp_path):
-    _write_csv(tmp_path / "refs.csv", [("m1", "the cat sat on the mat"), ("m2", "a dog ran in the park"),
-                                       ("m1", "there is a cat on the mat")])
+    _write_csv(
+        tmp_path / "refs.csv",
+        [("m1", "the cat sat on the mat"), ("m2", "a dog ran in the park"), ("m1", "there is a cat on the mat")],
+    )
     (tmp_path / "outputs.txt").write_text("the cat sat on the mat\na dog ran in a park\n")
-    proc = subprocess.run([sys.executable, "-m", "dsee_dist", "evaluate", "--refs", str(tmp_path / "refs.csv"),
-                           "--hyp", str(tmp_path / "outputs.txt"), "--metrics", FAST],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsee_dist",
+            "evaluate",
+            "--refs",
+            str(tmp_path / "refs.csv"),
+            "--hyp",
+            str(tmp_path / "outputs.txt"),
+            "--metrics",
+            FAST,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split() == ["metric", "score"] and lines[2].startswith("BLEU") and lines[3].startswith("NIST")
@@ -97,8 +114,9 @@ def files(tmp_path):
 
 def test_missing_files_are_named(tmp_path, capsys, files):
     refs, hyp = files
-    assert "references file" in _bad(tmp_path, capsys, tmp_path / "nope.csv", hyp) and "does not exist" in \
-        _bad(tmp_path, capsys, tmp_path / "nope.csv", hyp)
+    assert "references file" in _bad(tmp_path, capsys, tmp_path / "nope.csv", hyp) and "does not exist" in _bad(
+        tmp_path, capsys, tmp_path / "nope.csv", hyp
+    )
     assert "outputs file" in _bad(tmp_path, capsys, refs, tmp_path / "nope.txt")
 
 

@@ -47,9 +47,11 @@ def test_an_empty_prompt_line_is_named(files, capsys):
 
 def test_score_needs_references_and_settings_are_checked(files, capsys):
     (files / "p.txt").write_text("one\n")
-    assert "--score needs an E2E CSV" in _bad(capsys, files / "model", "--input", files / "p.txt", "--output",
-                                              files / "o.txt", "--score")
-    assert "generate.num_beams must be at least 1" in _bad(capsys, files / "model", "--input", files / "in.csv",
-                                                           "--output", files / "o.txt", "--num-beams", "0")
+    assert "--score needs an E2E CSV" in _bad(
+        capsys, files / "model", "--input", files / "p.txt", "--output", files / "o.txt", "--score"
+    )
+    assert "generate.num_beams must be at least 1" in _bad(
+        capsys, files / "model", "--input", files / "in.csv", "--output", files / "o.txt", "--num-beams", "0"
+    )
     assert "is a directory" in _bad(capsys, files / "model", "--input", files / "in.csv", "--output", files)
     assert not Path(files / "o.txt").exists()

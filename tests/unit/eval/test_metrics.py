@@ -14,10 +14,13 @@ from tests.conftest import SHARED_DATA
 
 EXAMPLE = SHARED_DATA / "e2e" / "metrics-example"
 TOLERANCE = {"BLEU": 0.002, "NIST": 0.02, "METEOR": 0.002, "ROUGE_L": 0.002, "CIDEr": 0.01}  # the issue's targets
-needs_example = pytest.mark.skipif(not (EXAMPLE / "README.md").is_file(),
-                                   reason="needs ../shared/data/e2e/metrics-example (the official scorer's example)")
-needs_java = pytest.mark.skipif(shutil.which("java") is None,
-                                reason="METEOR and the PTB tokenizer need Java (apt-get install default-jre-headless)")
+needs_example = pytest.mark.skipif(
+    not (EXAMPLE / "README.md").is_file(),
+    reason="needs ../shared/data/e2e/metrics-example (the official scorer's example)",
+)
+needs_java = pytest.mark.skipif(
+    shutil.which("java") is None, reason="METEOR and the PTB tokenizer need Java (apt-get install default-jre-headless)"
+)
 
 
 def official_figures() -> dict[tuple[str, str], dict[str, float]]:
@@ -60,8 +63,10 @@ def test_without_java_meteor_is_unavailable_and_the_other_four_are_computed(monk
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
     for (refs_name, hyp_name), official in official_figures().items():
         out = tmp_path / f"{refs_name}.json"
-        assert evaluate.main(["--refs", str(EXAMPLE / refs_name), "--hyp", str(EXAMPLE / hyp_name),
-                              "--out", str(out)]) == 0
+        assert (
+            evaluate.main(["--refs", str(EXAMPLE / refs_name), "--hyp", str(EXAMPLE / hyp_name), "--out", str(out)])
+            == 0
+        )
         captured = capsys.readouterr()
         assert "METEOR" in captured.err and "apt-get install default-jre-headless" in captured.err
         assert re.search(r"^METEOR\s+n/a$", captured.out, re.M)
@@ -75,7 +80,14 @@ def test_nist_uses_every_reference_of_an_mr():
     """mteval's NIST clips matches by the largest count in any reference: a second reference that holds the
     output's other words raises the score (NLTK's single-best-reference NIST would not change)."""
     hyp = ["the red cat sat on the mat"]
-    one = compute_nist(hyp, [["the red cat", ]])
+    one = compute_nist(
+        hyp,
+        [
+            [
+                "the red cat",
+            ]
+        ],
+    )
     two = compute_nist(hyp, [["the red cat", "sat on the mat"]])
     assert two > one > 0
     assert compute_bleu(["the red cat sat on the mat"], [["The red cat sat on the mat."]]) > 0.6  # lowercased

@@ -43,9 +43,19 @@ def _counted_flops(model, seq: int) -> int:
 
 
 def test_flops_per_token_matches_torch_flop_counter_dense_and_pruned():
-    config = PrunedGPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=64, heads_per_layer=[3, 2],
-                              inner_per_layer=[96, 64], attn_implementation="eager")
-    dense_config = PrunedGPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=64, attn_implementation="eager")
+    config = PrunedGPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=50,
+        n_positions=64,
+        heads_per_layer=[3, 2],
+        inner_per_layer=[96, 64],
+        attn_implementation="eager",
+    )
+    dense_config = PrunedGPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=64, attn_implementation="eager"
+    )
     seq = 16
     for cfg in (config, dense_config):
         model = PrunedGPT2LMHeadModel(cfg).eval()

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from dsee_dist.dsee.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, read_adapter
 from dsee_dist.config import PruneConfig
+from dsee_dist.dsee.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, read_adapter
 from dsee_dist.dsee.inject import dsee_layers
 from dsee_dist.dsee.layer import DSEELayer, weight_out_in
 from dsee_dist.errors import ConfigError

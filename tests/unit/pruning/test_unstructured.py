@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dsee_dist.dsee.adapter import apply_adapter, read_adapter
 from dsee_dist.config import PruneConfig
+from dsee_dist.dsee.adapter import apply_adapter, read_adapter
 from dsee_dist.dsee.inject import dsee_layers, set_submodule
 from dsee_dist.dsee.layer import weight_out_in
 from dsee_dist.errors import ConfigError
@@ -19,8 +19,9 @@ from tests.unit.pruning.helpers import SINGLE, stage1_outputs
 def _prune(tmp_path, **kwargs):
     base_dir, adapter_dir, base, adapted = stage1_outputs(tmp_path)
     cfg = PruneConfig(method="unstructured", **kwargs)
-    report = prune_unstructured(cfg, str(base_dir), read_adapter(adapter_dir), tmp_path / "pruned", SINGLE, seed=0,
-                                log=lambda m: None)
+    report = prune_unstructured(
+        cfg, str(base_dir), read_adapter(adapter_dir), tmp_path / "pruned", SINGLE, seed=0, log=lambda m: None
+    )
     return base, adapted, report
 
 
@@ -38,8 +39,11 @@ def test_each_group_loses_exactly_its_ratio_and_the_lowest_scores(tmp_path, scor
         assert torch.equal(w_after[~removed], w_before[~removed])  # kept entries untouched
         adapted_matrix = m.kind in ("attn_q", "attn_v")
         delta = dsee_layers(adapted)[m.module].delta_weight()[rows].detach() if adapted_matrix else None
-        score_of = {"delta": (delta if delta is not None else w_before).abs(), "base": w_before.abs(),
-                    "merged": (w_before + (delta if delta is not None else 0)).abs()}.get(score)
+        score_of = {
+            "delta": (delta if delta is not None else w_before).abs(),
+            "base": w_before.abs(),
+            "merged": (w_before + (delta if delta is not None else 0)).abs(),
+        }.get(score)
         groups["adapted" if adapted_matrix else "frozen"].append((removed, score_of))
         assert report["matrices"][m.name]["pruned"] == int(removed.sum())
     for group, ratio in (("adapted", 0.5), ("frozen", 0.3)):
@@ -63,7 +67,7 @@ def test_masked_update_keeps_pruned_entries_of_the_effective_weight_zero(tmp_pat
     logits = stage2(x).logits
     # definition: every adapted weight is (W0 * M + ΔW) * M, where M is W0's zero pattern after pruning
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
-    for name, layer in dsee_layers(stage2).items():
+    for name in dsee_layers(stage2):
         w0 = weight_out_in(pruned_base.get_submodule(name)).detach()
         keep = torch.ones_like(w0, dtype=torch.bool)  # q rows 0-31 and v rows 64-95 are adapted
         keep[:32] = w0[:32] != 0

@@ -7,8 +7,9 @@ from tests.conftest import REPO
 
 
 def _export(*args):
-    return subprocess.run([sys.executable, "-m", "dsee_dist", "export", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dsee_dist", "export", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_missing_checkpoint_is_named(tmp_path):

@@ -11,8 +11,18 @@ from tests.distributed.launch import TINY_RUN
 
 
 def _run(out, *extra):
-    cmd = [sys.executable, "-m", "dsee_dist.train", "--config", "configs/quickstart.yaml", f"output.dir={out}",
-           *TINY_RUN, "train.max_steps=2", "train.micro_batch_size=8", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsee_dist.train",
+        "--config",
+        "configs/quickstart.yaml",
+        f"output.dir={out}",
+        *TINY_RUN,
+        "train.max_steps=2",
+        "train.micro_batch_size=8",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -29,7 +39,16 @@ def test_restart_reuses_cache_and_support_and_refuses_changed_support_settings(t
     again = load_file(str(out / "support.safetensors"))
     assert all(torch.equal(support[k], again[k]) for k in support)
     # A different N would need a different support: refused, naming the differing setting.
-    cmd = [sys.executable, "-m", "dsee_dist.train", "--config", "configs/quickstart.yaml", f"output.dir={out}",
-           *TINY_RUN, "train.max_steps=2", "dsee.num_sparse=8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsee_dist.train",
+        "--config",
+        "configs/quickstart.yaml",
+        f"output.dir={out}",
+        *TINY_RUN,
+        "train.max_steps=2",
+        "dsee.num_sparse=8",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "computed with different settings (num_sparse)" in proc.stderr

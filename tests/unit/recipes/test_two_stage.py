@@ -16,7 +16,9 @@ def test_a_base_that_is_not_a_local_directory_is_refused():
 def test_a_model_of_an_unknown_family_is_refused_and_llama_passes(tmp_path):
     from transformers import GPTJConfig, GPTJForCausalLM
 
-    GPTJForCausalLM(GPTJConfig(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, vocab_size=97)).save_pretrained(tmp_path / "j")
+    GPTJForCausalLM(GPTJConfig(n_layer=1, n_embd=32, n_head=4, rotary_dim=4, vocab_size=97)).save_pretrained(
+        tmp_path / "j"
+    )
     with pytest.raises(ConfigError, match="pruning needs a known decoder family, and model_type 'gptj' is not one"):
         check_request(PruneConfig(method="unstructured"), str(tmp_path / "j"))
     tiny_llama().save_pretrained(tmp_path / "llama")
