@@ -35,8 +35,17 @@ COMMAND_TIMEOUT = 60  # seconds for any one Slurm or ip command; slurmctld answe
 # and setting up starts by removing leftovers of those names. A second test session waits for the first.
 LOCK = Path("/run/lock" if Path("/run/lock").is_dir() else tempfile.gettempdir()) / "dsee-test-cluster.lock"
 LOCK_WAIT = 1800  # seconds; the whole cluster tier takes about 17 min on 2 busy cores
-FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-                "PREEMPTED")
+FINAL_STATES = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+)
 
 
 def missing_tools() -> list[str]:
@@ -112,7 +121,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ setup
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         self._take_lock()  # before the try: without the lock, stop() would tear down another session's cluster
         try:
             self._network()
@@ -141,8 +150,10 @@ class Cluster:
                     lock.seek(0)
                     holder = lock.read().strip() or "?"
                     lock.close()
-                    raise TimeoutError(f"another test cluster (pid {holder}) has held {LOCK} for over {LOCK_WAIT}s; "
-                                       f"wait for that test session to end") from None
+                    raise TimeoutError(
+                        f"another test cluster (pid {holder}) has held {LOCK} for over {LOCK_WAIT}s; "
+                        f"wait for that test session to end"
+                    ) from None
                 time.sleep(2)
         lock.seek(0)
         lock.truncate()
@@ -180,9 +191,19 @@ class Cluster:
         key = munge / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self._spawn(["munged", "-F", "--force", f"--socket={munge}/munge.socket", f"--key-file={key}",
-                     f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log", f"--seed-file={munge}/seed"],
-                    "munged")
+        self._spawn(
+            [
+                "munged",
+                "-F",
+                "--force",
+                f"--socket={munge}/munge.socket",
+                f"--key-file={key}",
+                f"--pid-file={munge}/munged.pid",
+                f"--log-file={munge}/munged.log",
+                f"--seed-file={munge}/seed",
+            ],
+            "munged",
+        )
         self._wait(lambda: (munge / "munge.socket").exists(), 20, "munged did not create its socket")
 
     def _slurm(self) -> None:
@@ -191,8 +212,22 @@ class Cluster:
         nodes = "\n".join(f"NodeName={n} NodeAddr={a} NodeHostname={n} CPUs=2 State=UNKNOWN" for n, a in NODES.items())
         self.conf.write_text(SLURM_CONF.format(ctl=CTL_ADDR, root=self.root, nodes=nodes, node_names=",".join(NODES)))
         # the controller runs in the root network namespace, under the hostname `ctl` (its own UTS namespace)
-        self._spawn(["unshare", "--uts", "sh", "-c", 'hostname ctl && exec "$@"', "sh",
-                     "slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
+        self._spawn(
+            [
+                "unshare",
+                "--uts",
+                "sh",
+                "-c",
+                'hostname ctl && exec "$@"',
+                "sh",
+                "slurmctld",
+                "-D",
+                "-i",
+                "-f",
+                str(self.conf),
+            ],
+            "slurmctld",
+        )
         for node in NODES:
             self._spawn(in_node(node, ["slurmd", "-D", "-N", node, "-f", str(self.conf)]), f"slurmd-{node}")
 
@@ -224,10 +259,14 @@ class Cluster:
 
     def slurm(self, *argv: str, check: bool = True, timeout: float = COMMAND_TIMEOUT) -> subprocess.CompletedProcess:
         try:
-            return subprocess.run(list(argv), capture_output=True, text=True, env=self.env, check=check, timeout=timeout)
+            return subprocess.run(
+                list(argv), capture_output=True, text=True, env=self.env, check=check, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
-            raise TimeoutError(f"'{' '.join(argv)}' did not return within {timeout}s; slurmctld is not answering "
-                               f"(see {self.root}/log/slurmctld.log)") from None
+            raise TimeoutError(
+                f"'{' '.join(argv)}' did not return within {timeout}s; slurmctld is not answering "
+                f"(see {self.root}/log/slurmctld.log)"
+            ) from None
 
     def sbatch(self, *argv: str) -> str:
         out = self.slurm("sbatch", "--parsable", *argv).stdout.strip()
@@ -271,7 +310,9 @@ class Cluster:
         deadline = time.time() + timeout
         checks = {
             f"requeued ({restarts}) and PENDING at the controller": lambda: self._requeued_pending(job_id, restarts),
-            "without steps at the controller": lambda: not self.slurm("squeue", "-h", "-s", "-j", job_id).stdout.strip(),
+            "without steps at the controller": lambda: (
+                not self.slurm("squeue", "-h", "-s", "-j", job_id).stdout.strip()
+            ),
             "without a slurmstepd on the nodes": lambda: not self.job_processes(job_id),
             "with 'done with job' in the slurmd logs for every step": lambda: not self.steps_not_done(job_id),
         }
@@ -283,9 +324,11 @@ class Cluster:
             if failing is None:
                 break
             if time.time() > deadline:
-                raise TimeoutError(f"job {job_id} not {failing} after {timeout}s: state {state}, "
-                                   f"Restarts={self.job_field(job_id, 'Restarts')}, slurmstepd {self.job_processes(job_id)}, "
-                                   f"steps without 'done with job' {self.steps_not_done(job_id)}")
+                raise TimeoutError(
+                    f"job {job_id} not {failing} after {timeout}s: state {state}, "
+                    f"Restarts={self.job_field(job_id, 'Restarts')}, slurmstepd {self.job_processes(job_id)}, "
+                    f"steps without 'done with job' {self.steps_not_done(job_id)}"
+                )
             time.sleep(0.3)
         # the credential revocation is as of the kill, which happened before now: one wall-clock second later
         # a new credential is strictly newer
@@ -347,8 +390,9 @@ class Cluster:
 
     def popen_on(self, node: str, command: list[str], env: dict, log: Path) -> subprocess.Popen:
         out = open(log, "w")
-        proc = subprocess.Popen(in_node(node, command), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            in_node(node, command), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         self.procs.append(proc)
         return proc
 

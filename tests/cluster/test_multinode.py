@@ -42,10 +42,15 @@ def test_deepspeed_no_ssh_two_nodes_equals_one_node(cluster, tmp_path, one_node_
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
     out = tmp_path / "run"
     port = str(free_port())
-    procs = [cluster.popen_on(node, ["launch/deepspeed_multinode.sh", "--no-ssh", str(hostfile), CONFIG,
-                                     f"output.dir={out}"],
-                              node_env(NODE_RANK=str(i), MASTER_PORT=port), tmp_path / f"{node}.log")
-             for i, node in enumerate(NODES)]
+    procs = [
+        cluster.popen_on(
+            node,
+            ["launch/deepspeed_multinode.sh", "--no-ssh", str(hostfile), CONFIG, f"output.dir={out}"],
+            node_env(NODE_RANK=str(i), MASTER_PORT=port),
+            tmp_path / f"{node}.log",
+        )
+        for i, node in enumerate(NODES)
+    ]
     codes = [p.wait(timeout=300) for p in procs]
     logs = {node: (tmp_path / f"{node}.log").read_text() for node in NODES}
     assert codes == [0, 0], logs["node1"][-3000:] + logs["node2"][-3000:]
@@ -58,10 +63,25 @@ def test_deepspeed_no_ssh_two_nodes_equals_one_node(cluster, tmp_path, one_node_
 def submit(cluster, tmp_path, out, *overrides, env_extra=None, sbatch_args=()):
     env = node_env(**(env_extra or {}))
     log = tmp_path / "slurm-%j.out"
-    proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", f"--output={log}", f"--chdir={REPO}", *sbatch_args,
-                           "launch/slurm/dsee.sbatch", CONFIG, f"output.dir={out}", *overrides],
-                          env={**env, "SLURM_CONF": str(cluster.conf)}, capture_output=True, text=True, check=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            f"--output={log}",
+            f"--chdir={REPO}",
+            *sbatch_args,
+            "launch/slurm/dsee.sbatch",
+            CONFIG,
+            f"output.dir={out}",
+            *overrides,
+        ],
+        env={**env, "SLURM_CONF": str(cluster.conf)},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     job = proc.stdout.strip().split(";")[0]
     return job, tmp_path / f"slurm-{job}.out"
 
@@ -147,8 +167,9 @@ def test_lost_node_fails_the_job_in_bounded_time_and_a_resubmission_resumes(clus
     settings = ("checkpoint.every=2", "deepspeed.timeout_s=15")
     # --no-requeue: with the script's default --requeue, Slurm would requeue the job itself after a node
     # failure; here the job must fail so that a resubmission is what resumes it
-    job, log = submit(cluster, tmp_path, out, *settings, env_extra=hook_env(step_delay_s=1.5),
-                      sbatch_args=("--no-requeue",))
+    job, log = submit(
+        cluster, tmp_path, out, *settings, env_extra=hook_env(step_delay_s=1.5), sbatch_args=("--no-requeue",)
+    )
     deadline = time.time() + 240
     while not (out / "checkpoints" / "latest").is_file() and time.time() < deadline:
         time.sleep(0.3)
@@ -186,28 +207,62 @@ def test_mpirun_two_ranks_find_each_other_through_mpi4py(tmp_path, one_node_refe
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(REPO), MASTER_PORT=str(free_port()),
-               MPIRUN_ARGS="--allow-run-as-root --oversubscribe")
-    proc = subprocess.run(["launch/mpi/mpirun.sh", str(hostfile), CONFIG, f"output.dir={out}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        PYTHONPATH=str(REPO),
+        MASTER_PORT=str(free_port()),
+        MPIRUN_ARGS="--allow-run-as-root --oversubscribe",
+    )
+    proc = subprocess.run(
+        ["launch/mpi/mpirun.sh", str(hostfile), CONFIG, f"output.dir={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world size 2" in proc.stdout
     assert train_losses(out) == pytest.approx(one_node_reference, abs=1e-5)
 
 
-
 def test_accelerate_launch_two_nodes_equals_one_node(cluster, tmp_path, one_node_reference):
     pytest.importorskip("accelerate")
     shipped = yaml.safe_load((REPO / "launch/accelerate/multinode.yaml").read_text())
-    cpu = {**shipped, "use_cpu": True, "mixed_precision": "no", "num_processes": 2, "num_machines": 2,
-           "main_process_ip": MASTER, "main_process_port": free_port()}  # 2 nodes x 1 CPU rank
+    cpu = {
+        **shipped,
+        "use_cpu": True,
+        "mixed_precision": "no",
+        "num_processes": 2,
+        "num_machines": 2,
+        "main_process_ip": MASTER,
+        "main_process_port": free_port(),
+    }  # 2 nodes x 1 CPU rank
     config = tmp_path / "accelerate.yaml"
     config.write_text(yaml.safe_dump(cpu))
     out = tmp_path / "run"
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    procs = [cluster.popen_on(node, [*accelerate, "--config_file", str(config), "--machine_rank", str(i),
-                                     "-m", "dsee_dist.train", "--config", CONFIG, f"output.dir={out}"],
-                              node_env(), tmp_path / f"{node}.log")
-             for i, node in enumerate(NODES)]
+    procs = [
+        cluster.popen_on(
+            node,
+            [
+                *accelerate,
+                "--config_file",
+                str(config),
+                "--machine_rank",
+                str(i),
+                "-m",
+                "dsee_dist.train",
+                "--config",
+                CONFIG,
+                f"output.dir={out}",
+            ],
+            node_env(),
+            tmp_path / f"{node}.log",
+        )
+        for i, node in enumerate(NODES)
+    ]
     codes = [p.wait(timeout=300) for p in procs]
     logs = "".join((tmp_path / f"{node}.log").read_text()[-3000:] for node in NODES)
     assert codes == [0, 0], logs
