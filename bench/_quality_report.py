@@ -5,11 +5,11 @@ parameters and against FLOPs per token)."""
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 
 from bench._quality_rows import ROWS
+from dsee_dist.utils.files import atomic_path, write_text_atomic
 
 METRIC_COLUMNS = (
     ("BLEU", "BLEU", 100),
@@ -121,22 +121,17 @@ def plot(entries: list[dict], target: Path) -> None:
     axes[0].set_title("BLEU vs trainable parameters (base model not shown: 0)")
     axes[1].set_title("BLEU vs FLOPs per token")
     fig.tight_layout()
-    tmp = target.with_name(target.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, target)
 
 
 def write_report(root: Path, records: list[dict], meta: dict) -> dict:
     entries = aggregate(records, meta["speed"]["tokens_per_s"])
     md = markdown(entries)
-    tmp = root / "table.md.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, root / "table.md")
+    write_text_atomic(root / "table.md", md)
     everything = {**meta, "rows": entries, "records": records}
-    tmp = root / "quality.json.tmp"
-    tmp.write_text(json.dumps(everything, indent=1, default=str) + "\n")
-    os.replace(tmp, root / "quality.json")
+    write_text_atomic(root / "quality.json", json.dumps(everything, indent=1, default=str) + "\n")
     if entries:
         plot(entries, root / "quality.png")
     return {"markdown": md, "entries": entries}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -261,12 +260,9 @@ def run_cases(specs: list[dict]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "specs.json"
         spec_file.write_text(json.dumps(specs))
-        env = dict(
-            os.environ,
-            TORCH_EXTENSIONS_DIR=os.environ.get(
-                "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions")
-            ),
-        )
+        from dsee_dist.engine.launcher import launch_env
+
+        env = launch_env()
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--one", str(spec_file)],
             capture_output=True,

@@ -44,6 +44,8 @@ sys.path.insert(0, str(REPO))
 
 from bench import _quality_rows as rows_mod  # noqa: E402
 from bench._quality_rows import DEFAULT_LR, LR_GRID, ROWS, SEEDS  # noqa: E402
+from dsee_dist.engine.launcher import launch_env  # noqa: E402
+from dsee_dist.utils.files import atomic_path, write_text_atomic  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e"
@@ -78,17 +80,7 @@ class Settings:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
@@ -97,13 +89,10 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def write_pairs(path: Path, pairs: list[tuple[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["mr", "ref"])
         writer.writerows(pairs)
-    os.replace(tmp, path)
 
 
 def split_by_mr(pairs: list[tuple[str, str]], fraction: float, seed: int) -> tuple[list, list]:
@@ -182,8 +171,7 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = dict(os.environ)
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions"))
+    env = launch_env()
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     log_path = out_dir / "train.log"

@@ -57,7 +57,7 @@ def measure_two_nodes(method: str, stage: int, shape: list[str], tmp: Path) -> d
         return None
     if os.geteuid() != 0 or missing_tools():
         return None
-    from dsee_dist.engine.distributed import free_port
+    from dsee_dist.engine.launcher import free_port, launch_env
 
     cluster = Cluster(Path(tempfile.mkdtemp(prefix="dsee-scaling-"))).start()
     try:
@@ -65,8 +65,7 @@ def measure_two_nodes(method: str, stage: int, shape: list[str], tmp: Path) -> d
         hostfile.write_text("".join(f"{node} slots=1\n" for node in NODES))
         result = tmp / f"{method}_z{stage}_2nodes.json"
         port = str(free_port())
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dsee_dist" / "torch_extensions"))
+        env = launch_env(dict(os.environ, PYTHONPATH=str(ROOT)))
         procs = [
             cluster.popen_on(
                 node,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
+
+from dsee_dist.utils.files import atomic_directory
 
 # name -> GPT-2 shape. Built-in models are randomly initialised from train.seed (no download).
 BUILTIN_MODELS: dict[str, dict] = {
@@ -51,14 +52,11 @@ def materialize_builtin_model(name: str, tokenizer, seed: int, target_dir: str |
     marker = {"name": name, "seed": seed, "vocab_size": len(tokenizer), "shape": BUILTIN_MODELS[name]}
     if (target / BUILTIN_MARKER).is_file() and json.loads((target / BUILTIN_MARKER).read_text()) == marker:
         return target
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     model = build_builtin_model(name, len(tokenizer), seed)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / BUILTIN_MARKER).write_text(json.dumps(marker, indent=1))
     return target
 
 
@@ -109,8 +107,6 @@ def materialize_gguf_model(
         raise DSEEError("reading GGUF files needs the gguf package: pip install gguf") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -125,11 +121,10 @@ def materialize_gguf_model(
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / GGUF_MARKER).write_text(json.dumps(marker, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_MARKER).write_text(json.dumps(marker, indent=1))
     return target
 
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -23,6 +22,7 @@ from dsee_dist.dsee.placement import SUPPORT_FILE, support_settings
 from dsee_dist.engine import distributed
 from dsee_dist.errors import DSEEError
 from dsee_dist.pruning.unstructured import MASKS_GLOB
+from dsee_dist.utils.files import atomic_path
 
 
 def support_from_adapter(adapter: tuple[dict, dict], specs: list[TargetSpec]) -> dict[str, torch.Tensor]:
@@ -46,14 +46,12 @@ def write_support_from_adapter(
     path = Path(out_dir) / SUPPORT_FILE
     if path.is_file():
         return
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        support_from_adapter(adapter, specs),
-        str(tmp),
-        metadata={"dsee_support": json.dumps(support_settings(dsee_cfg, seed, specs))},
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(
+            support_from_adapter(adapter, specs),
+            str(tmp),
+            metadata={"dsee_support": json.dumps(support_settings(dsee_cfg, seed, specs))},
+        )
 
 
 def copy_adapter_values(model, tensors: dict[str, torch.Tensor]) -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from dsee_dist.errors import DSEEError
 from dsee_dist.eval.metrics import METRICS, E2EScorer, normalize_metric_names
 from dsee_dist.eval.references import read_hypotheses, read_references
+from dsee_dist.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +28,7 @@ def default_scores_path(hyp_path: Path) -> Path:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def score_outputs(hyps: list[str], refs, hyp_path: Path, metrics=METRICS, scorer: E2EScorer | None = None) -> dict:

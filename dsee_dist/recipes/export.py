@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from dsee_dist.models.loading import end_zero3_init
 from dsee_dist.models.pruned_gpt2 import register
 from dsee_dist.pruning.stage2 import attach_keep_masks
 from dsee_dist.pruning.structured import write_remote_code
+from dsee_dist.utils.files import atomic_directory
 
 EXPORT_REPORT = "dsee_export.json"
 
@@ -91,21 +90,20 @@ def merge_into_base(model) -> None:
 
 
 def save_merged(model, base_model: str, target: Path, report: dict | None = None) -> None:
+    """An ordinary Hugging Face directory: the model, the base model's tokenizer, a structurally pruned model's
+    modeling file and the export report; written atomically."""
     from transformers import AutoTokenizer
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if getattr(model.config, "auto_map", None):  # a structurally pruned model: ship its modeling file
-        write_remote_code(tmp)
-    try:
-        AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
-    except (OSError, ValueError):  # a base without a tokenizer: the model alone
-        pass
-    if report is not None:
-        (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(model.config, "auto_map", None):  # a structurally pruned model: ship its modeling file
+            write_remote_code(tmp)
+        try:
+            AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
+        except (OSError, ValueError, TypeError):  # a base without a tokenizer: the model alone
+            pass
+        if report is not None:
+            (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=1))
 
 
 def sparsity_report(model, pruning: dict | None) -> dict:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
 
 from dsee_dist.errors import DSEEError
 from dsee_dist.eval.references import group_by_mr, is_table, read_mr_table
+from dsee_dist.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -170,10 +170,7 @@ def decoding_settings(args: argparse.Namespace):
 
 
 def write_lines_atomic(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def score_against_input(input_path: Path, output_path: Path, outputs: list[str]) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import typing
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 from dsee_dist.config.schema import TrainingMethod
 from dsee_dist.engine import distributed
 from dsee_dist.errors import ConfigError
+from dsee_dist.utils.files import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -107,21 +107,14 @@ def _gathered_state(named_params, is_rank_zero: bool) -> dict[str, torch.Tensor]
     return state
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
 def save_lora_adapter(peft_model, target: Path, *, base_model: str, is_rank_zero: bool) -> None:
     """Collective. Rank 0 writes a PEFT adapter directory (adapter_model.safetensors + adapter_config.json)."""
     state = _gathered_state([(n, p) for n, p in peft_model.named_parameters() if p.requires_grad], is_rank_zero)
     if not is_rank_zero:
         return
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     peft_model.peft_config["default"].base_model_name_or_path = base_model
-    peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-    _replace_dir(tmp, target)
+    with atomic_directory(target) as tmp:
+        peft_model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
 
 
 def save_full_model(model, target: Path, *, base_model: str, is_rank_zero: bool) -> None:
@@ -145,16 +138,9 @@ def save_full_model(model, target: Path, *, base_model: str, is_rank_zero: bool)
 
 def save_hf_model(model, base_model: str, target: Path) -> None:
     """An ordinary Hugging Face directory (model + the base model's tokenizer), written atomically."""
-    from transformers import AutoTokenizer
+    from dsee_dist.recipes.export import save_merged
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    try:
-        AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
-    except (OSError, ValueError, TypeError):  # a base without a tokenizer: the model alone
-        logger.info("no tokenizer in %s; %s holds the model only", base_model, target)
-    _replace_dir(tmp, target)
+    save_merged(model, base_model, Path(target))
 
 
 def _tied(model) -> set[str]:
