@@ -151,7 +151,6 @@ def test_structured_scores_match_single_process_and_export_reloads(tmp_path):
         AutoConfig.from_pretrained(out / "base_model"),
         read_adapter(out / "stage1" / "adapter"),
         SINGLE,
-        log=lambda m: None,
     )
     distributed = json.loads((out / "pruned_base" / "dsee_pruning.json").read_text())["plan"]
     for key in ("head_scores", "neuron_scores"):
