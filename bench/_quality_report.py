@@ -50,6 +50,7 @@ def aggregate(records: list[dict], speeds: dict) -> list[dict]:
         for key, _, _ in METRIC_COLUMNS:
             entry[key] = _mean_std([r["scores"].get(key) for r in recs])
         entry["train_wall_s"] = _mean_std([r.get("train_wall_s") for r in recs])
+        entry["train_cpu_s"] = _mean_std([r.get("train_cpu_s") for r in recs])
         entry["peak_rss_mb"] = max((r.get("peak_rss_mb") or 0 for r in recs), default=None) or None
         entry["tokens_per_s"] = _mean_std([speeds.get(f"{r['row']}-s{r['seed']}") for r in recs])
         out.append(entry)
@@ -72,9 +73,9 @@ def markdown(entries: list[dict]) -> str:
         parts.append(f"Decoding: {decoding}; device: {rows[0]['device']}; test MRs: {rows[0]['test_mrs']}\n")
         parts.append(
             "| row | seeds | trainable params | BLEU | NIST | METEOR | ROUGE-L | CIDEr | MFLOPs/token | "
-            "greedy tokens/s | train wall s | peak RSS MB | LR |"
+            "greedy tokens/s | train wall s | train CPU s | peak RSS MB | LR |"
         )
-        parts.append("|" + " --- |" * 13)
+        parts.append("|" + " --- |" * 14)
         for e in rows:
             metrics = [_fmt(e[key], scale, 2 if scale == 100 else 3) for key, _, scale in METRIC_COLUMNS]
             flops = f"{e['flops_per_token'] / 1e6:.1f}" if e.get("flops_per_token") else "n/a"
@@ -82,10 +83,11 @@ def markdown(entries: list[dict]) -> str:
             lr = f"{e['lr']:g}" if e.get("lr") else "-"
             rss = f"{e['peak_rss_mb']:.0f}" if e.get("peak_rss_mb") else "-"
             speed, wall = _fmt(e["tokens_per_s"], 1, 1), _fmt(e["train_wall_s"], 1, 0)
+            cpu = _fmt(e["train_cpu_s"], 1, 0)
             parts.append(
                 f"| {e['row']} | {len(e['seeds'])} | {params} | "
                 + " | ".join(metrics)
-                + f" | {flops} | {speed} | {wall} | {rss} | {lr} |"
+                + f" | {flops} | {speed} | {wall} | {cpu} | {rss} | {lr} |"
             )
         parts.append("")
     return "\n".join(parts)

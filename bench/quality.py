@@ -190,7 +190,12 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"training in {out_dir} failed with status {proc.returncode}:\n{tail}")
-    return {"train_wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    return {
+        "train_wall_s": round(wall, 1),
+        # CPU seconds of the trainer: on a shared machine the wall time also counts other jobs, this does not
+        "train_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
 
 
 def final_eval_loss(out_dir: Path) -> float:
@@ -357,7 +362,7 @@ class Bench:
         }
         if row.method is None:
             model_dir = Path(self.s.model)
-            record.update(trainable_params=0, train_wall_s=0.0, peak_rss_mb=None)
+            record.update(trainable_params=0, train_wall_s=0.0, train_cpu_s=0.0, peak_rss_mb=None)
         else:
             run_dir = row_dir / "run"
             config = self.config_for(
@@ -382,6 +387,8 @@ class Bench:
             )
             model_dir = export_model(row, run_dir)
         record["model_dir"] = str(model_dir)
+        # the architecture, kept beside the row: decoding speed is measured from it when the weights are gone
+        write_text_atomic(row_dir / "model_config.json", (Path(model_dir) / "config.json").read_text())
         outputs, timing = self.decode(model_dir)
         write_text_atomic(row_dir / "outputs.txt", "\n".join(outputs) + "\n")
         record.update(timing)
@@ -418,11 +425,11 @@ class Bench:
 
     # everything ---------------------------------------------------------------
     def planned(self) -> list[tuple[str, int]]:
-        return [
-            (name, seed)
-            for name in self.s.rows
-            for seed in (self.s.seeds if ROWS[name].multi_seed else self.s.seeds[:1])
-        ]
+        """Every row at the first seed (in --rows order), then the multi-seed rows' other seeds: a table
+        completed across sessions has one of each row before it has spreads."""
+        first = [(name, self.s.seeds[0]) for name in self.s.rows]
+        extra = [(name, seed) for seed in self.s.seeds[1:] for name in self.s.rows if ROWS[name].multi_seed]
+        return first + extra
 
     def run(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -439,7 +446,7 @@ class Bench:
         if getattr(self, "_scorer", None) is not None:
             self._scorer.close()
         finished = finished_rows(self.root)
-        speeds = measure_speeds(finished, self.mrs[:SPEED_MRS], self.s.device)
+        speeds = measure_speeds(finished, self.mrs[:SPEED_MRS], self.s.device, self.root, self.s.model)
         from bench._quality_report import write_report
 
         meta = {
@@ -493,21 +500,40 @@ def finished_rows(root: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((root / "rows").glob("*/row.json"))]
 
 
-def measure_speeds(records: list[dict], mrs: list[str], device: str) -> dict:
-    """Greedy tokens/s of every finished row's model, side by side (one model per distinct directory)."""
+def measure_speeds(records: list[dict], mrs: list[str], device: str, root: Path, base_model: str) -> dict:
+    """Greedy tokens/s of every finished row's architecture, side by side (one model per distinct config).
+
+    Every model generates exactly the same number of tokens, so the speed depends on the shapes, not on the
+    weights: a row whose exported model is gone (a table completed across sessions or machines) is timed
+    from its model_config.json with random weights and the base model's tokenizer."""
     import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from bench._quality_decode import greedy_tokens_per_s, load_decoder
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    by_dir = {}
+    models, key_of = {}, {}
     for r in records:
-        if Path(r["model_dir"]).is_dir():
-            by_dir.setdefault(r["model_dir"], load_decoder(r["model_dir"], device, dtype))
-    if not by_dir:
+        name = f"{r['row']}-s{r['seed']}"
+        config_path = root / "rows" / name / "model_config.json"
+        if not config_path.is_file():
+            continue
+        key = json.dumps({k: v for k, v in json.loads(config_path.read_text()).items() if k != "_name_or_path"})
+        key_of[name] = key
+        if key in models:
+            continue
+        if Path(r["model_dir"], "config.json").is_file():
+            models[key] = load_decoder(r["model_dir"], device, dtype)
+        else:
+            torch.manual_seed(0)
+            fields = json.loads(config_path.read_text())
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device).eval()
+            models[key] = (model, AutoTokenizer.from_pretrained(base_model))
+    if not models:
         return {}
-    speeds = greedy_tokens_per_s(by_dir, mrs, SPEED_NEW_TOKENS)
-    return {r["row"] + f"-s{r['seed']}": speeds.get(r["model_dir"]) for r in records}
+    speeds = greedy_tokens_per_s(models, mrs, SPEED_NEW_TOKENS)
+    return {name: speeds[key] for name, key in key_of.items()}
 
 
 # ------------------------------------------------------------------------------ command line

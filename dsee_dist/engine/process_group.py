@@ -82,11 +82,44 @@ def init_distributed(timeout_s: float = 1800) -> DistInfo:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() == "cuda":
+        check_rank_has_gpu(local_rank, torch.cuda.device_count())
         torch.cuda.set_device(local_rank)
     else:
         barrier()  # every rank has mapped DeepSpeed's CPU allreduce segments
         unlink_cpu_shm_segments(local_rank)
+        share_cpu_cores(local_ranks())
     return DistInfo(rank, world_size, local_rank)
+
+
+def check_rank_has_gpu(local_rank: int, gpus: int) -> None:
+    """One clear line instead of CUDA's "device_id cuda:N is out of range" when a node got more ranks than GPUs."""
+    if local_rank >= gpus:
+        raise DSEEError(
+            f"local rank {local_rank} has no GPU: this node has {gpus} GPU(s) but {local_ranks()} ranks were started "
+            f"on it; launch at most {gpus} per node (deepspeed --num_gpus {gpus}, torchrun --nproc-per-node {gpus}, "
+            f"srun --ntasks-per-node {gpus})"
+        )
+
+
+def local_ranks() -> int:
+    """How many ranks of this job run on this node, from whichever launcher started it (1 if none says)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if os.environ.get(key, "").isdigit():
+            return max(1, int(os.environ[key]))
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    return max(1, int(tasks)) if tasks.isdigit() else 1
+
+
+def share_cpu_cores(ranks_on_node: int) -> int:
+    """CPU training: give each of the node's ranks its share of the cores (as torchrun does), unless the user
+    set OMP_NUM_THREADS. Without it every rank starts one thread per core, and N ranks on N cores spend their
+    time waiting for each other's threads (small matrix operations become ~100x slower). Returns the count."""
+    if "OMP_NUM_THREADS" in os.environ or ranks_on_node <= 1:
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // ranks_on_node)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def shutdown() -> None:

@@ -110,7 +110,8 @@ def setup_run(cfg: Config) -> RunContext:
         (out_dir / "config.resolved.yaml").write_text(dump_yaml(cfg))
     distributed.barrier()
     torch.manual_seed(cfg.train.seed)
-    logger.info(f"world size {dist_info.world_size}; output in {out_dir}")
+    threads = f"; {torch.get_num_threads()} CPU threads per rank" if distributed.device().type == "cpu" else ""
+    logger.info(f"world size {dist_info.world_size}{threads}; output in {out_dir}")
 
     # Data first: a built-in model's tokenizer is trained on it.
     if cfg.data.format == "synthetic_e2e":

@@ -40,7 +40,9 @@ def package_file(*parts: str) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="dsee-dist quickstart", description=__doc__.split("\n")[0])
     p.add_argument(
-        "--output-dir", default="dsee-quickstart", help="everything is written here (default ./dsee-quickstart)"
+        "--output-dir",
+        default=None,
+        help="everything is written here (default ./dsee-quickstart; with --tiny, the config's output.dir)",
     )
     p.add_argument("--ranks", type=int, default=2, help="training processes (default 2)")
     p.add_argument("--master_port", "--master-port", type=int, default=29561)
@@ -149,8 +151,9 @@ def run_tiny(args: argparse.Namespace) -> int:
     config = repo / "configs" / "quickstart.yaml"
     if not config.is_file():
         raise DSEEError("--tiny needs configs/quickstart.yaml of a clone of the repository; run it from a clone")
+    output = [f"output.dir={Path(args.output_dir).resolve()}"] if args.output_dir else []
     cmd = training_command(
-        local_ranks(args.ranks), ["--config", str(config), *args.overrides], master_port=args.master_port
+        local_ranks(args.ranks), ["--config", str(config), *output, *args.overrides], master_port=args.master_port
     )
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, env=launch_env(), cwd=str(repo))
@@ -164,7 +167,7 @@ def run(argv: list[str] | None = None) -> int:
     ranks = local_ranks(args.ranks)  # checked before anything is written
     if args.model and not (Path(args.model) / "config.json").is_file():
         raise DSEEError(f"--model '{args.model}' is not a Hugging Face model directory (no config.json)")
-    out_dir = Path(args.output_dir)
+    out_dir = Path(args.output_dir or "dsee-quickstart")
     out_dir.mkdir(parents=True, exist_ok=True)
     import torch
 

@@ -3,6 +3,8 @@ score -> table row, and a rerun that skips finished rows."""
 
 import csv
 import json
+import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -92,14 +94,17 @@ def test_llama_pipeline_rows_and_resume(tiny_models, tmp_path, capsys):
         assert set(rec["scores"]) == {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
         assert 0.0 <= rec["scores"]["BLEU"] <= 1.0 and rec["scores"]["ROUGE_L"] is not None and rec["versions"]["torch"]
         assert rec["scores"] == quality.score(outputs, quality.test_set(str(SAMPLE / "test.csv"), 5)[1])
-    assert by_row["dsee"]["train_wall_s"] > 0 and by_row["dsee"]["peak_rss_mb"] > 0
+    dsee = by_row["dsee"]
+    assert dsee["train_wall_s"] > 0 and dsee["train_cpu_s"] > 0 and dsee["peak_rss_mb"] > 0
     table = (results / "table.md").read_text()
     assert "| base |" in table and "| dsee |" in table and "Decoding: greedy" in table
     assert (results / "quality.png").stat().st_size > 1000
     assert all(v > 0 for v in report["speed"]["tokens_per_s"].values())
 
-    # Rerun with more rows: the finished ones are skipped (their records untouched), the new ones run.
+    # Rerun with more rows: the finished ones are skipped (their records untouched), the new ones run. dsee's
+    # exported model is deleted first (a table finished on another machine): its speed comes from its config.
     before = {p: p.stat().st_mtime_ns for p in results.glob("rows/*/row.json")}
+    shutil.rmtree(by_row["dsee"]["model_dir"])
     out = _run(tiny_models["llama"], train_csv, results, "base,dsee,lora,full", capsys)
     assert "row base seed 42: finished earlier, skipped" in out and "row dsee seed 42: finished earlier, skipped" in out
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
@@ -112,6 +117,17 @@ def test_llama_pipeline_rows_and_resume(tiny_models, tmp_path, capsys):
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).parameters())
     assert by_row["full"]["trainable_params"] == total
     assert "| lora |" in (results / "table.md").read_text()
+    speeds = report["speed"]["tokens_per_s"]
+    assert set(speeds) == {"base-s42", "dsee-s42", "lora-s42", "full-s42"} and all(v > 0 for v in speeds.values())
+
+
+def test_every_row_runs_once_before_the_extra_seeds():
+    settings = quality.Settings(
+        model="m", train_csv="t", test_csv="t", results="r", rows=["base", "dsee", "full", "lora"], seeds=[42, 43, 44]
+    )
+    planned = quality.Bench.planned(SimpleNamespace(s=settings))
+    assert planned[:4] == [("base", 42), ("dsee", 42), ("full", 42), ("lora", 42)]
+    assert planned[4:] == [("dsee", 43), ("lora", 43), ("dsee", 44), ("lora", 44)]
 
 
 def test_gpt2_pipeline_dsee_row(tiny_models, tmp_path, capsys):

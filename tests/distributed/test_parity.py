@@ -1,6 +1,7 @@
 """Same seed and data -> same losses under ZeRO-0/2/3 and at world size 1 and 2 (real gloo ranks)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -57,6 +58,12 @@ def test_support_is_computed_once_and_identical_at_any_world_size(runs):
     assert len(ref) == 4 and all(t.shape == (2, 16) for t in ref.values())  # 2 layers x (q, v)
     for name, s in supports.items():
         assert s.keys() == ref.keys() and all(torch.equal(s[k], ref[k]) for k in ref), name
+
+
+def test_two_ranks_on_one_node_share_its_cores(runs):
+    cores = len(os.sched_getaffinity(0))
+    expected = os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // 2))
+    assert f"world size 2; {expected} CPU threads per rank" in runs["ws2_zero3"][1]
 
 
 def test_parameter_summary_is_correct_under_zero3(runs):

@@ -24,7 +24,8 @@ def test_quickstart_runs_learns_and_writes_its_outputs(tmp_path):
         "--tiny",
         "--master_port",
         str(free_port()),
-        f"output.dir={out}",
+        "--output-dir",
+        str(out),
         "train.max_steps=60",
         "eval.every_n_steps=30",
     ]

@@ -1,0 +1,61 @@
+"""How many ranks share this node, and each rank's share of the CPU cores."""
+
+import os
+
+import pytest
+import torch
+
+from dsee_dist.engine import process_group
+from dsee_dist.errors import DSEEError
+
+LAUNCHER_VARS = (
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MPI_LOCALNRANKS",
+    "SLURM_NTASKS_PER_NODE",
+)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in (*LAUNCHER_VARS, "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    threads = torch.get_num_threads()
+    yield monkeypatch
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("LOCAL_WORLD_SIZE", "4", 4),  # torchrun
+        ("LOCAL_SIZE", "2", 2),  # deepspeed
+        ("OMPI_COMM_WORLD_LOCAL_SIZE", "3", 3),  # Open MPI's mpirun
+        ("SLURM_NTASKS_PER_NODE", "8(x2)", 8),  # srun
+    ],
+)
+def test_local_ranks_from_each_launcher(clean_env, key, value, expected):
+    assert process_group.local_ranks() == 1
+    clean_env.setenv(key, value)
+    assert process_group.local_ranks() == expected
+
+
+def test_ranks_share_the_cores_unless_the_user_chose(clean_env):
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(cores)
+    assert process_group.share_cpu_cores(1) == cores  # alone: every core
+    assert process_group.share_cpu_cores(2) == max(1, cores // 2) == torch.get_num_threads()
+    assert process_group.share_cpu_cores(4 * cores) == 1 == torch.get_num_threads()
+    torch.set_num_threads(cores)
+    clean_env.setenv("OMP_NUM_THREADS", str(cores))
+    assert process_group.share_cpu_cores(2) == cores == torch.get_num_threads()
+
+
+def test_a_rank_without_a_gpu_is_refused_in_one_line(clean_env):
+    process_group.check_rank_has_gpu(0, 1)
+    clean_env.setenv("LOCAL_SIZE", "2")
+    with pytest.raises(DSEEError) as err:
+        process_group.check_rank_has_gpu(1, 1)
+    message = str(err.value)
+    assert "\n" not in message and "this node has 1 GPU(s) but 2 ranks" in message and "--num_gpus 1" in message
