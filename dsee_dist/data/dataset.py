@@ -319,7 +319,11 @@ class GlobalBatchSchedule:
         return out
 
 
-def collate(split: TokenizedSplit, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    split: TokenizedSplit, indices: list[int], pad_id: int, pin_memory: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, labels (IGNORE_INDEX on padding) and attention mask of the examples `indices`;
+    `pin_memory` (CUDA only) pins them for non-blocking copies to the device."""
     seqs = [split.input_ids[i] for i in indices]
     labs = [split.labels[i] for i in indices]
     length = max(len(s) for s in seqs)
@@ -330,7 +334,8 @@ def collate(split: TokenizedSplit, indices: list[int], pad_id: int) -> dict[str,
         input_ids[i, : len(s)] = s
         labels[i, : len(lab)] = lab
         attention_mask[i, : len(s)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return {k: v.pin_memory() for k, v in batch.items()} if pin_memory else batch
 
 
 def eval_batches(split: TokenizedSplit, micro_batch_size: int, rank: int, world_size: int, max_batches: int = 0):

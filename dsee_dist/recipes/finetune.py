@@ -197,6 +197,7 @@ class Stage:
     sequences: int = 0
     tokens_real: int = 0  # processed positions that are not padding
     label_counts: list[int] | None = None  # per training example, for the global token count of a step
+    prefetched: tuple[int, list[dict]] | None = None  # (step, its micro-batches), collated during the step before
 
 
 def setup(
@@ -393,7 +394,7 @@ def train_step(stage: Stage, step: int) -> float:
     The loss is normalised by the global number of labelled tokens (all ranks, all micro-batches), so
     the gradient, and the logged loss, do not depend on how the global batch is split across ranks."""
     engine, split = stage.engine, stage.ctx.train_split
-    micro_batches = [data.collate(split, idx, stage.pad_id) for idx in stage.schedule.micro_batches(step)]
+    micro_batches = step_batches(stage, step)
     # Labelled tokens of the whole global batch, from the host copy of the data: no collective, no device sync.
     if stage.label_counts is None:
         stage.label_counts = split.shifted_label_counts()
@@ -411,7 +412,22 @@ def train_step(stage: Stage, step: int) -> float:
         engine.backward(loss_sum * scale)
         engine.step()
         loss_total += loss_sum.detach().double()
+    if step + 1 < stage.max_steps:  # the device is still busy with this step's kernels: collate the next one
+        stage.prefetched = (step + 1, collate_step(stage, step + 1))
     return loss_total / max(global_tokens, 1.0)  # this rank's share of the mean loss, left on the device
+
+
+def step_batches(stage: Stage, step: int) -> list[dict]:
+    """This rank's micro-batches of global batch `step`: the ones prefetched during the previous step, if any."""
+    ready, stage.prefetched = stage.prefetched, None
+    return ready[1] if ready is not None and ready[0] == step else collate_step(stage, step)
+
+
+def collate_step(stage: Stage, step: int) -> list[dict]:
+    """Host tensors; in pinned memory on CUDA, so the loss's non-blocking copies overlap with compute."""
+    pin = stage.device.type == "cuda"
+    split = stage.ctx.train_split
+    return [data.collate(split, idx, stage.pad_id, pin_memory=pin) for idx in stage.schedule.micro_batches(step)]
 
 
 def token_loss_sum(engine, batch: dict, dev, chunk_tokens: int = 0) -> tuple[torch.Tensor, int]:

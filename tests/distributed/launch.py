@@ -1,10 +1,22 @@
-"""Launching real training jobs for the distributed tests (deepspeed launcher, gloo on CPU)."""
+"""Launching real training jobs for the distributed tests (real ranks, gloo on CPU).
+
+Two ways to start ranks:
+- `launcher="deepspeed"`: the `deepspeed` launcher, as users run it (dsee_dist.engine.launcher). The launcher
+  itself is tested there (test_parity, test_quickstart, the SIGUSR1 test, tests/cluster for multi-node).
+- `launcher="env"` (default): the ranks are started directly by the test, with the environment every launcher
+  gives them (MASTER_ADDR/MASTER_PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_SIZE), as torchrun or srun do. The
+  training program is the same; what is saved is the ~7 s the deepspeed runner and its per-node launcher spend
+  importing DeepSpeed before any rank starts, on each of the suite's many launches.
+"""
 
 import json
 import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
-from dsee_dist.engine.launcher import free_port, training_command  # noqa: F401 - free_port for the tests
+from dsee_dist.engine.launcher import free_port, launch_env, training_command  # noqa: F401 - free_port for tests
 from tests.conftest import REPO
 
 TINY_RUN = [
@@ -27,22 +39,99 @@ TINY_RUN = [
 ]
 
 
+def train_args(out_dir: Path, *overrides: str, config: str = "configs/quickstart.yaml") -> list[str]:
+    return ["--config", config, f"output.dir={out_dir}", *overrides]
+
+
 def train_command(
     world_size: int, out_dir: Path, *overrides: str, config: str = "configs/quickstart.yaml"
 ) -> list[str]:
-    return training_command(world_size, ["--config", config, f"output.dir={out_dir}", *overrides])
+    """The user's command line: `python -m dsee_dist.train` for one rank, the deepspeed launcher for more."""
+    return training_command(world_size, train_args(out_dir, *overrides, config=config))
 
 
-def run_training(
-    world_size: int, out_dir: Path, *overrides: str, timeout: int = 600, config: str = "configs/quickstart.yaml"
+def run_ranks(
+    world_size: int,
+    module_args: list[str],
+    *,
+    env: dict | None = None,
+    timeout: int = 600,
+    grace_s: float = 10.0,
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        train_command(world_size, out_dir, *overrides, config=config),
+    """`python -m MODULE_ARGS` as `world_size` ranks on this host, started directly with the launcher
+    environment; like torchrun, the others are stopped `grace_s` after one rank fails. Returns the ranks'
+    output concatenated in rank order and the first non-zero exit status (0 when all succeed)."""
+    base_env = launch_env(env)
+    base_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size))
+    base_env.update(LOCAL_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), CROSS_RANK="0", CROSS_SIZE="1")
+    with tempfile.TemporaryDirectory(prefix="dsee-ranks-") as logs:
+        procs, files = [], []
+        for rank in range(world_size):
+            out = open(Path(logs) / f"{rank}.out", "w+")
+            err = open(Path(logs) / f"{rank}.err", "w+")
+            files.append((out, err))
+            rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
+            procs.append(
+                subprocess.Popen([sys.executable, "-m", *module_args], cwd=REPO, env=rank_env, stdout=out, stderr=err)
+            )
+        deadline, failed_at = time.time() + timeout, None
+        try:
+            while any(p.poll() is None for p in procs):
+                now = time.time()
+                if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+                    failed_at = now
+                if now > deadline or (failed_at is not None and now - failed_at > grace_s):
+                    for p in procs:
+                        if p.poll() is None:
+                            p.kill()
+                    if now > deadline:
+                        raise subprocess.TimeoutExpired(module_args, timeout, output=_read(files, 0))
+                time.sleep(0.05)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        codes = [p.returncode for p in procs]
+        code = next((c for c in codes if c != 0), 0)
+        return subprocess.CompletedProcess(module_args, code, stdout=_read(files, 0), stderr=_read(files, 1))
+
+
+def _read(files, which: int) -> str:
+    texts = []
+    for pair in files:
+        pair[which].flush()
+        pair[which].seek(0)
+        texts.append(pair[which].read())
+    return "".join(texts)
+
+
+def launch_training(
+    world_size: int,
+    out_dir: Path,
+    *overrides: str,
+    launcher: str = "env",
+    env: dict | None = None,
+    timeout: int = 600,
+    config: str = "configs/quickstart.yaml",
+) -> subprocess.CompletedProcess:
+    """One training job; its exit status is the caller's to check."""
+    args = train_args(out_dir, *overrides, config=config)
+    if world_size > 1 and launcher == "env":
+        return run_ranks(world_size, ["dsee_dist.train", *args], env=env, timeout=timeout)
+    return subprocess.run(
+        training_command(world_size, args),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=launch_env(env),
     )
+
+
+def run_training(world_size: int, out_dir: Path, *overrides: str, **kw) -> subprocess.CompletedProcess:
+    """One training job that must succeed (its output is shown when it does not)."""
+    proc = launch_training(world_size, out_dir, *overrides, **kw)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from dsee_dist.dsee.adapter import ADAPTER_WEIGHTS
 from tests.conftest import REPO
-from tests.distributed.launch import TINY_RUN, run_training, train_command, train_losses
+from tests.distributed.launch import TINY_RUN, launch_training, run_training, train_command, train_losses
 from tests.hooks import hook_env
 
 pytestmark = pytest.mark.distributed
@@ -44,11 +44,35 @@ def _adapter(out):
     return load_file(str(out / "adapter" / ADAPTER_WEIGHTS))
 
 
+MICRO = {1: 8, 2: 4, 4: 2}  # micro-batch per world size: the same global batch of 8
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """Runs stopped after step 4 (train.stop_after_steps), by (ZeRO stage, world size); each test resumes a copy."""
+    root = tmp_path_factory.mktemp("stopped")
+    runs = {}
+    for stage, world in ((2, 2), (3, 2), (2, 1)):
+        out = root / f"z{stage}_ws{world}"
+        run_training(
+            world, out, *BASE, _stage(stage), f"train.micro_batch_size={MICRO[world]}", "train.stop_after_steps=4"
+        )
+        runs[stage, world] = out
+    return runs
+
+
+def _copy(src, tmp_path):
+    import shutil
+
+    return shutil.copytree(src, tmp_path / "run")
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_continues_the_exact_loss_curve(stage, uninterrupted, tmp_path):
-    out = tmp_path / "run"
-    run_training(2, out, *BASE, _stage(stage), "train.stop_after_steps=4")
-    assert (out / "checkpoints" / "latest").read_text() == "step_00000004" and not (out / "adapter").exists()
+def test_resume_continues_the_exact_loss_curve(stage, stopped, uninterrupted, tmp_path):
+    first_half = stopped[stage, 2]
+    assert (first_half / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert not (first_half / "adapter").exists()
+    out = _copy(first_half, tmp_path)
     proc = run_training(2, out, *BASE, _stage(stage), "resume=auto")
     assert "resume: continuing from step 4" in proc.stdout
     ref = uninterrupted[stage]
@@ -61,22 +85,17 @@ def test_resume_continues_the_exact_loss_curve(stage, uninterrupted, tmp_path):
         torch.testing.assert_close(_adapter(out)[key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_resume_under_another_zero_stage_continues_the_loss_curve(uninterrupted, tmp_path):
-    out = tmp_path / "run"
-    run_training(2, out, *BASE, _stage(2), "train.stop_after_steps=4")
+def test_resume_under_another_zero_stage_continues_the_loss_curve(stopped, uninterrupted, tmp_path):
+    out = _copy(stopped[2, 2], tmp_path)
     proc = run_training(2, out, *BASE, _stage(3), "resume=auto")
     assert "ZeRO stage 2; resharded" in proc.stdout
     assert train_losses(out) == pytest.approx(train_losses(uninterrupted[3]), rel=1e-5)
 
 
 @pytest.mark.parametrize("stage,before,after", [(3, 2, 1), (2, 1, 2), (2, 2, 4)])
-def test_resume_at_another_world_size_continues_the_loss_curve(stage, before, after, uninterrupted, tmp_path):
-    out = tmp_path / "run"
-    micro = {1: 8, 2: 4, 4: 2}  # the same global batch of 8
-    run_training(
-        before, out, *BASE, _stage(stage), f"train.micro_batch_size={micro[before]}", "train.stop_after_steps=4"
-    )
-    proc = run_training(after, out, *BASE, _stage(stage), f"train.micro_batch_size={micro[after]}", "resume=auto")
+def test_resume_at_another_world_size_continues_the_loss_curve(stage, before, after, stopped, uninterrupted, tmp_path):
+    out = _copy(stopped[stage, before], tmp_path)
+    proc = run_training(after, out, *BASE, _stage(stage), f"train.micro_batch_size={MICRO[after]}", "resume=auto")
     if before != after:
         assert f"written at world size {before}, ZeRO stage {stage}; resharded" in proc.stdout
     assert train_losses(out) == pytest.approx(train_losses(uninterrupted[stage]), rel=1e-5)
@@ -85,9 +104,7 @@ def test_resume_at_another_world_size_continues_the_loss_curve(stage, before, af
 def test_kill_9_of_one_rank_mid_save_keeps_the_previous_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, **hook_env(kill_in_save=(1, 8)))  # rank 1 dies after writing its shards of step 8
-    proc = subprocess.run(
-        train_command(2, out, *BASE, _stage(2)), cwd=REPO, capture_output=True, text=True, timeout=600, env=env
-    )
+    proc = launch_training(2, out, *BASE, _stage(2), env=env)
     assert proc.returncode != 0
     root = out / "checkpoints"
     assert (root / "latest").read_text() == "step_00000004"
@@ -210,14 +227,8 @@ def test_incompatible_config_is_refused_naming_the_keys(uninterrupted, tmp_path)
 
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted[2], out)
-    proc = subprocess.run(
-        train_command(
-            2, out, *BASE, _stage(2), "resume=auto", "dsee.lora_rank=2", "dsee.num_sparse=8", "train.max_steps=12"
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = launch_training(
+        2, out, *BASE, _stage(2), "resume=auto", "dsee.lora_rank=2", "dsee.num_sparse=8", "train.max_steps=12"
     )
     assert proc.returncode != 0
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsee_dist: error:")]
@@ -231,14 +242,8 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(uninterrupted, tmp_pa
     shutil.copytree(uninterrupted[2], out)
     victim = out / "checkpoints" / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated
-    explicit = subprocess.run(
-        train_command(
-            1, out, *BASE, _stage(2), "train.micro_batch_size=8", f"resume={out / 'checkpoints' / 'step_00000008'}"
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    explicit = launch_training(
+        1, out, *BASE, _stage(2), "train.micro_batch_size=8", f"resume={out / 'checkpoints' / 'step_00000008'}"
     )
     assert explicit.returncode == 2 and f"checkpoint file '{victim}' is truncated" in explicit.stderr
     proc = run_training(2, out, *BASE, _stage(2), "resume=auto", "train.max_steps=8")

@@ -10,13 +10,12 @@ import sys
 import pytest
 import torch
 
-from dsee_dist.engine.distributed import free_port
 from dsee_dist.eval.decoding import DecodingSettings, clean_output, generate_texts, stop_token_ids
 from dsee_dist.eval.metrics import compute_bleu
 from dsee_dist.eval.references import read_references
 from dsee_dist.recipes import generate
 from tests.conftest import REPO
-from tests.distributed.launch import TINY_RUN, read_metrics, run_training
+from tests.distributed.launch import TINY_RUN, read_metrics, run_ranks, run_training
 
 pytestmark = pytest.mark.distributed
 
@@ -88,29 +87,19 @@ def test_every_source_gives_the_unmerged_greedy_output(run_dir, tmp_path):
     assert base_outputs == _one_by_one(plain, tokenizer, prompts) and base_outputs != expected
 
 
-def _command(world_size, run_dir, output, *extra):
+def _run(world_size, run_dir, output, *extra):
     args = [str(run_dir), "--input", str(_inputs(run_dir)), "--output", str(output), *DECODE, *extra]
     if world_size == 1:
-        return [sys.executable, "-m", "dsee_dist", "generate", *args]
-    return [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(world_size),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "dsee_dist.generate",
-        *args,
-    ]
+        cmd = [sys.executable, "-m", "dsee_dist", "generate", *args]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    return run_ranks(world_size, ["dsee_dist.generate", *args])
 
 
 def test_two_ranks_write_the_one_rank_file_in_input_order(run_dir, tmp_path):
     outputs = {}
     for world_size in (1, 2):
         out = tmp_path / f"out{world_size}.txt"
-        proc = subprocess.run(_command(world_size, run_dir, out), cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = _run(world_size, run_dir, out)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "tokens/s" in proc.stdout
         outputs[world_size] = out.read_text().splitlines()

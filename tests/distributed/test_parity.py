@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     for name, (world, ds) in RUNS.items():
         # world size 1 uses micro-batch 8 so the global batch (8) equals that of 2 ranks x 4
         micro = ["train.micro_batch_size=8"] if world == 1 else []
-        proc = run_training(world, root / name, *TINY_RUN, *micro, f"deepspeed.config={ds}")
+        proc = run_training(world, root / name, *TINY_RUN, *micro, f"deepspeed.config={ds}", launcher="deepspeed")
         out[name] = (root / name, proc.stdout)
     return out
 

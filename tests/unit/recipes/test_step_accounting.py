@@ -73,3 +73,29 @@ def test_length_grouping_lowers_padding_and_stays_a_deterministic_permutation():
         assert union == sorted(ranks[1].global_indices(step))
         assert schedules(True)[1].micro_batches(step) == ranks[1].micro_batches(step)
     assert [ranks[0].global_indices(s) for s in range(3)] != [ranks[0].global_indices(s + steps) for s in range(3)]
+
+
+def test_prefetched_batches_are_the_steps_own_and_used_once():
+    from types import SimpleNamespace
+
+    from dsee_dist.recipes.finetune import collate_step, step_batches
+
+    split = split_of_varied_lengths()
+    stage = SimpleNamespace(
+        ctx=SimpleNamespace(train_split=split),
+        schedule=GlobalBatchSchedule(len(split), 3, 2, 0, 1, seed=1),
+        pad_id=0,
+        device=torch.device("cpu"),
+        prefetched=None,
+    )
+
+    def same(a, b):
+        return len(a) == len(b) and all(all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+    direct = [[collate(split, idx, 0) for idx in stage.schedule.micro_batches(step)] for step in range(3)]
+    assert same(step_batches(stage, 0), direct[0])
+    stage.prefetched = (1, collate_step(stage, 1))
+    prefetched = stage.prefetched[1]
+    assert step_batches(stage, 1) is prefetched and same(prefetched, direct[1]) and stage.prefetched is None
+    stage.prefetched = (5, collate_step(stage, 5))  # a stale prefetch (another step) is never used
+    assert same(step_batches(stage, 2), direct[2]) and stage.prefetched is None
