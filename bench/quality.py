@@ -50,6 +50,7 @@ from dsee_dist.utils.files import atomic_path, write_text_atomic  # noqa: E402
 logger = logging.getLogger("bench.quality")
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e"
 SPEED_MRS, SPEED_NEW_TOKENS = 16, 32
+PAUSED_FILE = "paused_s"  # in a run directory: seconds its trainer was stopped with SIGSTOP (see pause_training)
 
 
 @dataclass
@@ -186,12 +187,16 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
         )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
+    # Seconds the trainer was stopped (SIGSTOP) while the machine was lent to other work, as recorded beside it
+    # by whoever stopped it (PAUSED_FILE): not training time.
+    paused = float((out_dir / PAUSED_FILE).read_text()) if (out_dir / PAUSED_FILE).is_file() else 0.0
+    wall = time.perf_counter() - start - paused
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"training in {out_dir} failed with status {proc.returncode}:\n{tail}")
     return {
         "train_wall_s": round(wall, 1),
+        "paused_s": round(paused, 1),
         # CPU seconds of the trainer: on a shared machine the wall time also counts other jobs, this does not
         "train_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),

@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError
+from dsee_dist.errors import DSEEError, reports_errors
 from dsee_dist.models.loading import GGUF_MARKER, materialize_gguf_model
 
 logger = logging.getLogger(__name__)
@@ -118,13 +118,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fetch_parser.add_argument("dir", help="the directory to write (config, safetensors weights, tokenizer)")
 
 
+@reports_errors("models fetch")
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
-    try:
-        path = fetch(args.name, args.dir)
-    except DSEEError as exc:
-        print(f"dsee-dist models fetch: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    path = fetch(args.name, args.dir)
     print(f"{args.name}: {path}")  # the product: where the model is
     return 0
 

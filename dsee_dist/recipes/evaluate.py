@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError
+from dsee_dist.errors import reports_errors
 from dsee_dist.eval.metrics import METRICS, E2EScorer, normalize_metric_names
 from dsee_dist.eval.references import read_hypotheses, read_references
 from dsee_dist.utils.files import write_text_atomic
@@ -81,19 +81,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
 
 
+@reports_errors("evaluate")
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
-    try:
-        metrics = normalize_metric_names(args.metrics.split(","))
-        hyp_path = Path(args.hyp)
-        out = Path(args.out) if args.out else default_scores_path(hyp_path)
-        result = evaluate_files(Path(args.refs), hyp_path, metrics)
-        for why in result["unavailable"].values():
-            print(f"dsee-dist evaluate: warning: {why}", file=sys.stderr)
-        report(result, out)
-    except DSEEError as exc:
-        print(f"dsee-dist evaluate: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    metrics = normalize_metric_names(args.metrics.split(","))
+    hyp_path = Path(args.hyp)
+    out = Path(args.out) if args.out else default_scores_path(hyp_path)
+    result = evaluate_files(Path(args.refs), hyp_path, metrics)
+    for why in result["unavailable"].values():
+        print(f"dsee-dist evaluate: warning: {why}", file=sys.stderr)
+    report(result, out)
     return 0
 
 

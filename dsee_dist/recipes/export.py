@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from dsee_dist.dsee.layer import weight_out_in
 from dsee_dist.dsee.placement import SUPPORT_FILE
 from dsee_dist.engine.checkpoint import find_resume_checkpoint, read_trainer_state
 from dsee_dist.engine.reshard import consolidate_trainable_state
-from dsee_dist.errors import DSEEError
+from dsee_dist.errors import DSEEError, reports_errors
 from dsee_dist.models.loading import end_zero3_init
 from dsee_dist.models.pruned_gpt2 import register
 from dsee_dist.pruning.stage2 import attach_keep_masks
@@ -148,6 +147,7 @@ def resolve_checkpoint(path: str) -> Path:
     return found
 
 
+@reports_errors("export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsee-dist export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ root, or a run's output.dir")
@@ -155,18 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merged", help="write the merged Hugging Face model here")
     parser.add_argument("--base-model", help="base model directory (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
-    try:
-        if not args.adapter and not args.merged:
-            raise DSEEError("nothing to do: give --adapter DIR and/or --merged DIR")
-        ckpt = resolve_checkpoint(args.checkpoint)
-        model, cfg, base = build_model_from_checkpoint(ckpt, args.base_model)
-        print(f"[dsee] export: {ckpt} (base {base})", flush=True)
-        if args.adapter:
-            save_adapter(model, Path(args.adapter), base_model=base, dsee_cfg=cfg.dsee, is_rank_zero=True)
-            print(f"[dsee] adapter written to {args.adapter}", flush=True)
-        if args.merged:
-            export_merged(model, cfg, base, Path(args.merged), log=lambda m: print(f"[dsee] {m}", flush=True))
-    except DSEEError as exc:
-        print(f"dsee-dist export: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    if not args.adapter and not args.merged:
+        raise DSEEError("nothing to do: give --adapter DIR and/or --merged DIR")
+    ckpt = resolve_checkpoint(args.checkpoint)
+    model, cfg, base = build_model_from_checkpoint(ckpt, args.base_model)
+    print(f"[dsee] export: {ckpt} (base {base})", flush=True)
+    if args.adapter:
+        save_adapter(model, Path(args.adapter), base_model=base, dsee_cfg=cfg.dsee, is_rank_zero=True)
+        print(f"[dsee] adapter written to {args.adapter}", flush=True)
+    if args.merged:
+        export_merged(model, cfg, base, Path(args.merged), log=lambda m: print(f"[dsee] {m}", flush=True))
     return 0

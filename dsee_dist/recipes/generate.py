@@ -22,7 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError
+from dsee_dist.errors import DSEEError, reports_errors
 from dsee_dist.eval.references import group_by_mr, is_table, read_mr_table
 from dsee_dist.utils.files import write_text_atomic
 
@@ -241,12 +241,9 @@ def generate(args: argparse.Namespace) -> None:
     distributed.barrier()
 
 
+@reports_errors("generate")
 def run(args: argparse.Namespace) -> int:
-    try:
-        generate(args)
-    except DSEEError as exc:
-        print(f"dsee-dist generate: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    generate(args)
     return 0
 
 

@@ -12,11 +12,10 @@ import json
 import logging
 import os
 import re
-import sys
 
 from dsee_dist.config import Config, load_config, resolve_path
 from dsee_dist.engine import memory
-from dsee_dist.errors import ConfigError, DSEEError
+from dsee_dist.errors import ConfigError, reports_errors
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +231,7 @@ def _local_device_memory() -> int | None:
     return None
 
 
+@reports_errors("plan")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsee-dist plan", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="experiment YAML (e.g. configs/quickstart.yaml)")
@@ -249,15 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_intermixed_args(argv)
-    try:
-        if args.world_size < 1:
-            raise ConfigError(f"--world-size must be at least 1, got {args.world_size}")
-        device_bytes = parse_bytes(args.device_memory) if args.device_memory else _local_device_memory()
-        cfg = load_config(args.config, args.overrides)
-        plan, shape, ds_config = plan_config(cfg, args.world_size)
-    except DSEEError as exc:
-        print(f"dsee-dist plan: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    if args.world_size < 1:
+        raise ConfigError(f"--world-size must be at least 1, got {args.world_size}")
+    device_bytes = parse_bytes(args.device_memory) if args.device_memory else _local_device_memory()
+    cfg = load_config(args.config, args.overrides)
+    plan, shape, ds_config = plan_config(cfg, args.world_size)
     engine = memory.EngineSettings.from_deepspeed_config(ds_config, args.world_size)
     if args.json:
         print(

@@ -19,12 +19,11 @@ import argparse
 import json
 import logging
 import subprocess
-import sys
 import time
 from importlib import resources
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError
+from dsee_dist.errors import DSEEError, reports_errors
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +213,6 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
+@reports_errors("quickstart")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        return run(argv)
-    except DSEEError as exc:
-        print(f"dsee-dist quickstart: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    return run(argv)
