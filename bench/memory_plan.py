@@ -46,23 +46,6 @@ TINYLLAMA = {
     "eos_token_id": 2,
 }
 
-# name -> one measurement. GPU: real model sizes; CPU: small shapes that run in seconds.
-GPU_CASES = {
-    "gpt2-small zero2 bf16 b8x512": dict(hf=GPT2_SMALL, ds="zero2_bf16", micro_batch=8, seq=512),
-    "gpt2-small zero3 bf16 b8x512": dict(hf=GPT2_SMALL, ds="zero3_bf16", micro_batch=8, seq=512),
-    "tinyllama-1.1b zero2 bf16 b8x512": dict(
-        hf=TINYLLAMA, ds="zero2_bf16", micro_batch=8, seq=512, targets=["q_proj", "v_proj"]
-    ),
-    "tinyllama-1.1b zero2 bf16 b8x2048 checkpointed, chunked loss": dict(
-        hf=TINYLLAMA,
-        ds="zero2_bf16",
-        micro_batch=8,
-        seq=2048,
-        targets=["q_proj", "v_proj"],
-        checkpointing=True,
-        chunk_tokens=4096,
-    ),
-}
 CPU_GPT2 = {
     "model_type": "gpt2",
     "n_layer": 6,
@@ -85,22 +68,48 @@ CPU_LLAMA = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
-CPU_CASES = {
-    "gpt2 6x384 zero0 fp32 b4x128": dict(hf=CPU_GPT2, ds="zero0_fp32", micro_batch=4, seq=128),
-    "gpt2 6x384 zero2 fp32 b4x128": dict(hf=CPU_GPT2, ds="zero2_fp32", micro_batch=4, seq=128),
-    "llama 4x256 gqa zero2 fp32 b4x128": dict(
-        hf=CPU_LLAMA, ds="zero2_fp32", micro_batch=4, seq=128, targets=["q_proj", "v_proj"]
-    ),
-    "llama 4x256 gqa zero2 fp32 b4x128 checkpointed, chunked loss": dict(
-        hf=CPU_LLAMA,
-        ds="zero2_fp32",
-        micro_batch=4,
-        seq=128,
-        targets=["q_proj", "v_proj"],
-        checkpointing=True,
-        chunk_tokens=128,
-    ),
-}
+
+
+def cases(gpt2: dict, llama: dict, names: tuple[str, str], *, stages, precision, micro, seq, long_seq, chunk):
+    """name -> one measurement: GPT-2 under two ZeRO stages, Llama (GQA, q/v adapted) under ZeRO-2, and Llama
+    at `long_seq` with activation checkpointing and a chunked loss."""
+    out = {
+        f"{names[0]} zero{stage} {precision} b{micro}x{seq}": dict(
+            hf=gpt2, ds=f"zero{stage}_{precision}", micro_batch=micro, seq=seq
+        )
+        for stage in stages
+    }
+    llama_case = dict(hf=llama, ds=f"zero2_{precision}", micro_batch=micro, targets=["q_proj", "v_proj"])
+    out[f"{names[1]} zero2 {precision} b{micro}x{seq}"] = dict(llama_case, seq=seq)
+    out[f"{names[1]} zero2 {precision} b{micro}x{long_seq} checkpointed, chunked loss"] = dict(
+        llama_case, seq=long_seq, checkpointing=True, chunk_tokens=chunk
+    )
+    return out
+
+
+# GPU: real model sizes; CPU: small shapes that run in seconds.
+GPU_CASES = cases(
+    GPT2_SMALL,
+    TINYLLAMA,
+    ("gpt2-small", "tinyllama-1.1b"),
+    stages=(2, 3),
+    precision="bf16",
+    micro=8,
+    seq=512,
+    long_seq=2048,
+    chunk=4096,
+)
+CPU_CASES = cases(
+    CPU_GPT2,
+    CPU_LLAMA,
+    ("gpt2 6x384", "llama 4x256 gqa"),
+    stages=(0, 2),
+    precision="fp32",
+    micro=4,
+    seq=128,
+    long_seq=128,
+    chunk=128,
+)
 
 
 def case_spec(case: dict, device: str) -> dict:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from bench import _quality_rows as rows_mod  # noqa: E402
 from bench._quality_rows import DEFAULT_LR, LR_GRID, ROWS, SEEDS  # noqa: E402
 from dsee_dist.engine.launcher import launch_env  # noqa: E402
-from dsee_dist.utils.files import atomic_path, write_text_atomic  # noqa: E402
+from dsee_dist.utils.files import atomic_directory, atomic_path, write_text_atomic  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e"
@@ -378,8 +378,10 @@ class Bench:
                 train_csv=self.paths["all"],
                 eval_csv=self.paths["heldout10"],
             )
+            stage1 = self.reuse_stage1(row, seed, config, run_dir) if "prune" in row.overrides else None
             print(
-                f"row {name} seed {seed}: training {config['train']['max_steps']} steps at lr {lr_info['lr']:g}",
+                f"row {name} seed {seed}: training {config['train']['max_steps']} steps at lr {lr_info['lr']:g}"
+                + (f" (stage 1 is {stage1['row']}-s{seed}'s finished run)" if stage1 else ""),
                 flush=True,
             )
             record.update(run_training(config, run_dir, self.s.device))
@@ -390,6 +392,14 @@ class Bench:
                 global_batch=self.s.micro_batch_size * self.s.grad_accum_steps,
                 trainable_params=trainable_params(run_dir),
             )
+            if stage1:  # the row's training is stage 1's plus its own (pruning, stage 2, export)
+                record.update(
+                    stage1_from=f"{stage1['row']}-s{seed}",
+                    trainable_params=stage1["trainable_params"],
+                    train_wall_s=round(stage1["train_wall_s"] + record["train_wall_s"], 1),
+                    train_cpu_s=round((stage1.get("train_cpu_s") or 0.0) + record["train_cpu_s"], 1),
+                    peak_rss_mb=max(stage1.get("peak_rss_mb") or 0.0, record["peak_rss_mb"]),
+                )
             model_dir = export_model(row, run_dir)
         record["model_dir"] = str(model_dir)
         # the architecture, kept beside the row: decoding speed is measured from it when the weights are gone
@@ -406,6 +416,30 @@ class Bench:
             flush=True,
         )
         return record
+
+    def reuse_stage1(self, row, seed: int, config: dict, run_dir: Path) -> dict | None:
+        """A pruning row's stage 1 is exactly the dsee row's training (same config but for `prune`); when that
+        row is finished and its run is still here, its adapter becomes this run's finished stage 1 (the
+        two-stage recipe recognises a finished stage by its adapter/), saving one training per pruning row.
+        Returns the dsee row's record, or None (stage 1 is then trained)."""
+        from dsee_dist.dsee.adapter import ADAPTER_CONFIG
+
+        source = self.row_dir(row.lr_from, seed)
+        adapter = source / "run" / "adapter"
+        if not (source / "row.json").is_file() or not (adapter / ADAPTER_CONFIG).is_file():
+            return None
+        source_config = yaml_load(source / "run" / "config.yaml")
+        mine = {k: v for k, v in config.items() if k != "prune"}
+        if _without_output(mine) != _without_output(source_config):
+            return None
+        target = run_dir / "stage1"
+        if not (target / "adapter" / ADAPTER_CONFIG).is_file():
+            with atomic_directory(target) as tmp:
+                shutil.copytree(adapter, tmp / "adapter")
+                for name in ("metrics.jsonl", "support.safetensors", "config.resolved.yaml"):
+                    if (source / "run" / name).is_file():
+                        shutil.copy2(source / "run" / name, tmp / name)
+        return json.loads((source / "row.json").read_text())
 
     def decode(self, model_dir: Path) -> tuple[list[str], dict]:
         import torch
@@ -467,6 +501,16 @@ class Bench:
             "protocol": __doc__,
         }
         return write_report(self.root, finished, meta)
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _without_output(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k != "output"}
 
 
 def trainable_params(run_dir: Path) -> int | None:

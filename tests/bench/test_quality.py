@@ -136,3 +136,19 @@ def test_gpt2_pipeline_dsee_row(tiny_models, tmp_path, capsys):
     (rec,) = json.loads((results / "quality.json").read_text())["records"]
     assert rec["row"] == "dsee" and rec["trainable_params"] > 0 and rec["scores"]["BLEU"] is not None
     assert len((results / "rows" / "dsee-s42" / "outputs.txt").read_text().splitlines()) == 5
+
+
+def test_pruning_row_takes_the_finished_dsee_run_as_its_stage_1(tiny_models, tmp_path, capsys):
+    results = tmp_path / "results"
+    out = _run(tiny_models["llama"], _small_train_csv(tmp_path), results, "dsee,dsee-u50", capsys)
+    assert "(stage 1 is dsee-s42's finished run)" in out
+    by_row = {r["row"]: r for r in json.loads((results / "quality.json").read_text())["records"]}
+    dsee, pruned = by_row["dsee"], by_row["dsee-u50"]
+    assert pruned["stage1_from"] == "dsee-s42" and pruned["trainable_params"] == dsee["trainable_params"]
+    assert pruned["train_wall_s"] > dsee["train_wall_s"]  # stage 1's time is counted in the row
+    run = results / "rows" / "dsee-u50-s42" / "run"
+    log = (run / "train.log").read_text()
+    assert "stage 1 of 2" not in log and "stage 2 of 2" in log  # stage 1 was not trained again
+    same = results / "rows" / "dsee-s42" / "run" / "adapter" / "adapter_model.safetensors"
+    assert (run / "stage1" / "adapter" / "adapter_model.safetensors").read_bytes() == same.read_bytes()
+    assert pruned["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.02)  # the export is half zeros

@@ -17,12 +17,11 @@ SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)
 VOCAB = 97
 
 
-def _config(kind: str):
-    import transformers as t
-
-    common = dict(vocab_size=VOCAB, attn_implementation="eager")
-    if kind == "gpt2":
-        return t.GPT2Config(
+# kind -> (transformers config class, its arguments): the table every family test runs over.
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    "gpt2": (
+        "GPT2Config",
+        dict(
             n_layer=2,
             n_embd=32,
             n_head=4,
@@ -32,30 +31,35 @@ def _config(kind: str):
             attn_pdrop=0.0,
             bos_token_id=0,
             eos_token_id=0,
-            **common,
-        )
-    if kind == "llama_gqa":  # an odd head count, 3 KV heads (SmolLM2's layout, smaller)
-        return t.LlamaConfig(
+        ),
+    ),
+    # an odd head count, 3 KV heads (SmolLM2's layout, smaller)
+    "llama_gqa": (
+        "LlamaConfig",
+        dict(
             hidden_size=72,
             intermediate_size=96,
             num_hidden_layers=2,
             num_attention_heads=9,
             num_key_value_heads=3,
             max_position_embeddings=64,
-            **common,
-        )
-    if kind == "llama":  # LlamaConfig wants hidden_size divisible by the heads left after pruning (3)
-        return t.LlamaConfig(
+        ),
+    ),
+    # LlamaConfig wants hidden_size divisible by the heads left after pruning (3)
+    "llama": (
+        "LlamaConfig",
+        dict(
             hidden_size=48,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=4,
             max_position_embeddings=64,
-            **common,
-        )
-    if kind == "mistral":
-        return t.MistralConfig(
+        ),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -64,20 +68,22 @@ def _config(kind: str):
             head_dim=8,
             max_position_embeddings=64,
             sliding_window=None,
-            **common,
-        )
-    if kind == "qwen2":
-        return t.Qwen2Config(
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=64,
-            **common,
-        )
-    if kind == "opt":
-        return t.OPTConfig(
+        ),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
             hidden_size=32,
             ffn_dim=64,
             num_hidden_layers=2,
@@ -87,10 +93,11 @@ def _config(kind: str):
             dropout=0.0,
             attention_dropout=0.0,
             pad_token_id=1,
-            **common,
-        )
-    if kind == "gpt_neox":
-        return t.GPTNeoXConfig(
+        ),
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(
             hidden_size=32,
             intermediate_size=64,
             num_hidden_layers=2,
@@ -98,12 +105,19 @@ def _config(kind: str):
             max_position_embeddings=64,
             attention_dropout=0.0,
             hidden_dropout=0.0,
-            **common,
-        )
-    raise ValueError(kind)
+        ),
+    ),
+}
+FAMILY_MODELS = tuple(FAMILY_CONFIGS)
 
 
-FAMILY_MODELS = ("gpt2", "llama_gqa", "llama", "mistral", "qwen2", "opt", "gpt_neox")
+def _config(kind: str):
+    import transformers
+
+    class_name, kwargs = FAMILY_CONFIGS[kind]
+    return getattr(transformers, class_name)(vocab_size=VOCAB, attn_implementation="eager", **kwargs)
+
+
 # Families whose config can express fewer heads (the others: MLP neurons only).
 HEAD_PRUNABLE = ("gpt2", "llama_gqa", "llama", "mistral", "qwen2")
 
