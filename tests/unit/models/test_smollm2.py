@@ -20,7 +20,7 @@ from dsee_dist.models.families import model_shape
 from dsee_dist.pruning.flops import compare, flops_per_token
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
 from dsee_dist.recipes.export import merge_into_base
-from tests.conftest import SHARED_DATA
+from tests.conftest import REPO
 from tests.unit.models.family_models import SINGLE, magnitude_support
 from tests.unit.pruning.test_families_pruning import _masked_unpruned
 
@@ -48,8 +48,11 @@ def smollm2(smollm2_dir):
     )
 
 
+E2E_SAMPLE = REPO / "dsee_dist" / "data" / "e2e_sample"
+
+
 def _e2e_batch(tokenizer, first: int, count: int, length: int = 32) -> torch.Tensor:
-    with open(SHARED_DATA / "e2e" / "devset.csv", newline="") as f:
+    with open(E2E_SAMPLE / "train.csv", newline="") as f:  # the package's built-in sample: no ../shared needed
         rows = list(csv.DictReader(f))[first : first + count]
     texts = [f"{r['mr']} => {r['ref']}" for r in rows]
     ids = tokenizer(texts, max_length=length, truncation=True, padding="max_length", return_tensors="pt")["input_ids"]
@@ -64,7 +67,7 @@ def test_auto_targets_and_twenty_steps_lower_the_eval_loss(smollm2):
     assert (specs[1].out_features, specs[1].in_features) == (192, 576)  # v_proj: 3 KV heads of 64
     inject_dsee(model, specs, magnitude_support(model, specs, 16), rank=8, alpha=16, dropout=0.0, seed=0)
     params = mark_only_adapters_trainable(model)
-    train, held_out = _e2e_batch(tokenizer, 0, 4, length=16), _e2e_batch(tokenizer, 400, 4, length=16)
+    train, held_out = _e2e_batch(tokenizer, 0, 4, length=16), _e2e_batch(tokenizer, 396, 4, length=16)
     labels = lambda ids: ids.masked_fill(ids == tokenizer.pad_token_id, -100)  # noqa: E731
 
     def eval_loss():
