@@ -25,10 +25,13 @@ from bench.quality import PAUSED_FILE  # noqa: E402
 
 def table_processes() -> tuple[list[psutil.Process], list[Path]]:
     """The running bench/quality.py processes, their trainers, and the trainers' run directories."""
+    me = psutil.Process()
+    mine = {me.pid} | {p.pid for p in me.parents()}  # called before the command starts: it has no children yet
     procs, run_dirs = [], []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
-        if any(arg.endswith("bench/quality.py") for arg in cmd):
+        # `python bench/quality.py ...` itself (not this command's own line, its wrappers or what it runs)
+        if p.pid not in mine and len(cmd) > 1 and cmd[1].endswith("bench/quality.py"):
             procs.append(p)
             for child in p.children(recursive=True):
                 procs.append(child)

@@ -75,6 +75,7 @@ class Settings:
     decode_batch_size: int = 16
     max_new_tokens: int = 64
     heldout_fraction: float = 0.1
+    report_only: bool = False
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -484,6 +485,13 @@ class Bench:
             self.run_row(name, seed, lrs.get(lr_from))
         if getattr(self, "_scorer", None) is not None:
             self._scorer.close()
+        return self.report(data_info)
+
+    def report(self, data_info: dict | None = None) -> dict:
+        """table.md, quality.json and quality.png from every finished row (speeds measured now, side by side)."""
+        if data_info is None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            data_info = self.prepare_data()
         finished = finished_rows(self.root)
         speeds = measure_speeds(finished, self.mrs[:SPEED_MRS], self.s.device, self.root, self.s.model)
         from bench._quality_report import write_report
@@ -608,6 +616,9 @@ def parse_args(argv=None) -> Settings:
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--grad-accum-steps", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=64, help="decoding length limit (64 as in the LoRA paper)")
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing: rebuild the table, JSON and plot from finished rows"
+    )
     a = p.parse_args(argv)
     names = [n.strip() for n in a.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
@@ -640,13 +651,15 @@ def parse_args(argv=None) -> Settings:
         micro_batch_size=a.micro_batch_size,
         grad_accum_steps=a.grad_accum_steps,
         max_new_tokens=a.max_new_tokens,
+        report_only=a.report_only,
     )
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = parse_args(argv)
-    report = Bench(settings).run()
+    bench = Bench(settings)
+    report = bench.report() if settings.report_only else bench.run()
     print(report["markdown"])
     return 0
 

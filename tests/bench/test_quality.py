@@ -30,9 +30,10 @@ def _no_java(monkeypatch):
     monkeypatch.setattr(metrics, "find_java", lambda: None)
 
 
-def _run(model, train_csv, results, rows, capsys):
+def _run(model, train_csv, results, rows, capsys, *extra):
     quality.main(
         [
+            *extra,
             "--model",
             str(model),
             "--train-csv",
@@ -119,6 +120,12 @@ def test_llama_pipeline_rows_and_resume(tiny_models, tmp_path, capsys):
     assert "| lora |" in (results / "table.md").read_text()
     speeds = report["speed"]["tokens_per_s"]
     assert set(speeds) == {"base-s42", "dsee-s42", "lora-s42", "full-s42"} and all(v > 0 for v in speeds.values())
+
+    # --report-only trains nothing (dsee-s25 stays unfinished) and rebuilds the report from the finished rows.
+    out = _run(tiny_models["llama"], train_csv, results, "base,dsee,dsee-s25", capsys, "--report-only")
+    assert not (results / "rows" / "dsee-s25-s42").exists() and "training" not in out
+    report = json.loads((results / "quality.json").read_text())
+    assert {r["row"] for r in report["records"]} == {"base", "dsee", "lora", "full"}
 
 
 def test_every_row_runs_once_before_the_extra_seeds():
