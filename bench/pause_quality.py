@@ -23,15 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.quality import PAUSED_FILE  # noqa: E402
 
 
-def table_processes() -> tuple[list[psutil.Process], list[Path]]:
-    """The running bench/quality.py processes, their trainers, and the trainers' run directories."""
+def table_processes(script: Path | None = None) -> tuple[list[psutil.Process], list[Path]]:
+    """The running bench/quality.py processes (only those run from `script`, if given), their trainers, and
+    the trainers' run directories."""
     me = psutil.Process()
     mine = {me.pid} | {p.pid for p in me.parents()}  # called before the command starts: it has no children yet
     procs, run_dirs = [], []
     for p in psutil.process_iter(["cmdline"]):
         cmd = p.info["cmdline"] or []
         # `python bench/quality.py ...` itself (not this command's own line, its wrappers or what it runs)
-        if p.pid not in mine and len(cmd) > 1 and cmd[1].endswith("bench/quality.py"):
+        if p.pid in mine or len(cmd) < 2 or not cmd[1].endswith("bench/quality.py"):
+            continue
+        if script is None or Path(cmd[1]).resolve() == script.resolve():
             procs.append(p)
             for child in p.children(recursive=True):
                 procs.append(child)
@@ -42,12 +45,15 @@ def table_processes() -> tuple[list[psutil.Process], list[Path]]:
 
 
 def main(argv: list[str]) -> int:
+    script = None
+    if argv[:1] == ["--script"] and len(argv) > 1:  # only the table run from this script (the tests' own)
+        script, argv = Path(argv[1]), argv[2:]
     if argv[:1] == ["--"]:
         argv = argv[1:]
     if not argv:
-        print("usage: python bench/pause_quality.py -- COMMAND [ARGS...]", file=sys.stderr)
+        print("usage: python bench/pause_quality.py [--script PATH] -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
-    procs, run_dirs = table_processes()
+    procs, run_dirs = table_processes(script)
     if not procs:
         print("pause_quality: no bench/quality.py is running; running the command anyway", flush=True)
     for p in procs:

@@ -36,11 +36,13 @@ def test_the_table_is_stopped_during_the_command_and_resumed_after(tmp_path):
         probe = tmp_path / "states.txt"
         check = f"import psutil; open({str(probe)!r}, 'w').write(psutil.Process({table.pid}).status() + ' ' + "
         check += f"psutil.Process({trainer.pid}).status())"
-        assert pause_quality.main(["--", sys.executable, "-c", f"import time; time.sleep(0.5); {check}"]) == 0
+        # --script: only this fake table, never a real one running on the same machine
+        command = ["--script", str(script), "--", sys.executable, "-c", f"import time; time.sleep(0.5); {check}"]
+        assert pause_quality.main(command) == 0
         assert probe.read_text() == f"{psutil.STATUS_STOPPED} {psutil.STATUS_STOPPED}"  # both, during the command
         assert _state(table.pid) != psutil.STATUS_STOPPED and _state(trainer.pid) != psutil.STATUS_STOPPED
         assert 0.4 < float((run_dir / PAUSED_FILE).read_text()) < 30
-        pause_quality.main(["--", sys.executable, "-c", "pass"])  # a second pause adds to the first
+        pause_quality.main(["--script", str(script), "--", sys.executable, "-c", "pass"])  # adds to the first
         assert float((run_dir / PAUSED_FILE).read_text()) >= 0.4
     finally:
         for p in psutil.Process(table.pid).children(recursive=True):
