@@ -205,8 +205,9 @@ class TrainConfig:
     loss_chunk_tokens: int = field(
         default=0,
         metadata={
-            "help": "apply the LM head and cross-entropy to this many positions at a time, recomputed in backward, so "
-            "fp32 logits of the whole micro-batch never exist (0 = all positions at once)"
+            "help": "apply the LM head and cross-entropy to this many labelled positions at a time, their gradients "
+            "computed chunk by chunk in forward, so fp32 logits of the whole micro-batch never exist; any ZeRO stage "
+            "(0 = all positions at once)"
         },
     )
 

@@ -18,8 +18,9 @@ plus the loss's transient buffers are alive on top of the model and optimizer st
   elementwise ops, four saved tensors). With activation checkpointing only each block's input is saved, and one
   block's activations are recomputed at a time in backward.
 - Logits and loss: the plain loss holds about three fp32 copies of the logits at its peak (log-softmax output,
-  its gradient and the input's gradient: 12 bytes per position per vocabulary entry); the chunked loss holds
-  that for one chunk of positions only.
+  its gradient and the input's gradient: 12 bytes per position per vocabulary entry); the chunked loss holds two
+  fp32 logits-sized buffers for one chunk of positions (the logits, then the log-sum-exp's temporary or the
+  gradient in the training dtype) and the gradient of the hidden states of every position.
 """
 
 from __future__ import annotations
@@ -273,7 +274,8 @@ class MemoryPlan:
     activations_checkpointed: int
     logits_plain: int
     logits_chunked: int
-    logits_per_position: int  # bytes the loss holds per position of a chunk (12 x vocabulary, + the logits)
+    suggested_chunk: int  # positions per loss chunk the plan suggests (SUGGESTED_LOSS_CHUNK, at most a micro-batch)
+    logits_suggested_chunk: int  # what the chunked loss would hold with it
     host_bytes: int
     trainable_params: int
     frozen_params: int
@@ -355,13 +357,30 @@ def activation_bytes(
     return plain, checkpointed
 
 
+SUGGESTED_LOSS_CHUNK = 4096  # positions per chunk the plan suggests for train.loss_chunk_tokens
+
+
 def logits_bytes(shape: ModelShape, w: Workload, b: int) -> tuple[int, int]:
-    """(plain loss peak, chunked loss peak): three fp32 logits-sized buffers over the positions at once (the
-    log-softmax output, its gradient, the input gradient), plus the logits in the training dtype."""
-    per_position = shape.vocab * (3 * FP32 + (b if b != FP32 else 0))
+    """(plain loss peak, chunked loss peak). Plain: three fp32 logits-sized buffers over the positions at once (the
+    log-softmax output, its gradient, the input gradient), plus the logits in the training dtype. Chunked
+    (recipes/loss.py): two fp32 logits-sized buffers over one chunk, plus the hidden states' gradient."""
     positions = w.micro_batch_size * w.seq_len
-    chunk = min(positions, w.loss_chunk_tokens) if w.loss_chunk_tokens else positions
-    return positions * per_position, chunk * per_position
+    plain = positions * plain_loss_bytes_per_position(shape, b)
+    if not w.loss_chunk_tokens:
+        return plain, plain
+    return plain, chunked_loss_bytes(shape, positions, min(positions, w.loss_chunk_tokens), b)
+
+
+def chunked_loss_bytes(shape: ModelShape, positions: int, chunk: int, b: int) -> int:
+    return chunk * chunked_loss_bytes_per_position(shape) + positions * shape.hidden * b
+
+
+def plain_loss_bytes_per_position(shape: ModelShape, b: int) -> int:
+    return shape.vocab * (3 * FP32 + (b if b != FP32 else 0))
+
+
+def chunked_loss_bytes_per_position(shape: ModelShape) -> int:
+    return shape.vocab * 2 * FP32
 
 
 def compute_plan(
@@ -437,7 +456,8 @@ def compute_plan(
     )
     if engine.offload_param:
         host += -(-frozen // n) * b
-    per_position = log_plain // max(workload.micro_batch_size * workload.seq_len, 1)
+    positions = workload.micro_batch_size * workload.seq_len
+    suggested = min(SUGGESTED_LOSS_CHUNK, positions)
     logits = log_chunked if workload.loss_chunk_tokens else log_plain
     if buckets:
         notes.append(
@@ -450,7 +470,8 @@ def compute_plan(
         act_ckpt,
         log_plain,
         log_chunked,
-        per_position,
+        suggested,
+        chunked_loss_bytes(shape, positions, suggested, b),
         host,
         trainable,
         frozen,

@@ -43,7 +43,7 @@ from dsee_dist.dsee.inject import (
 from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
 from dsee_dist.engine import checkpoint, distributed
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
-from dsee_dist.errors import ConfigError, DSEEError
+from dsee_dist.errors import DSEEError
 from dsee_dist.eval.during_training import GenerationEval
 from dsee_dist.models import loading as models
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
@@ -222,12 +222,6 @@ def setup(
         grad_clip=cfg.train.grad_clip,
         world_size=dist_info.world_size,
     )
-    if cfg.train.loss_chunk_tokens > 0 and distributed.zero_stage(ds_config) == 3:
-        # Each chunk would gather the partitioned LM head: a collective per chunk, and ranks hold different chunks.
-        raise ConfigError(
-            "train.loss_chunk_tokens is not supported under ZeRO-3 (every chunk would gather the "
-            "partitioned LM head); use ZeRO-2 or set train.loss_chunk_tokens=0"
-        )
     model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
     logger.info(
         f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})"

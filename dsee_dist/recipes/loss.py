@@ -2,10 +2,13 @@
 
 - `token_loss_sum(model, batch, dev)`: the model's logits for every position, then one fp32 cross-entropy (at its
   peak about three fp32 copies of the logits are alive: 12 bytes per position per vocabulary entry).
-- `token_loss_sum(..., chunk_tokens=C)`: the model runs without its LM head; the head and the cross-entropy are
-  applied to C positions at a time, each chunk under activation checkpointing (non-reentrant), so forward keeps
-  only the final hidden states and backward recomputes one chunk's logits at a time. Full fp32 logits for the
-  whole micro-batch never exist. The loss and the gradients equal the plain loss's (up to summation order).
+- `token_loss_sum(..., chunk_tokens=C)`: the LM head's forward is replaced, for this one call, by
+  `linear_cross_entropy`: the head's matrix product and the cross-entropy over C labelled positions at a time, whose
+  gradients (for the hidden states, and for the head's weight where it is trainable) are computed chunk by chunk in
+  forward. Full fp32 logits for the whole micro-batch never exist, backward recomputes nothing (3 matrix products of
+  the head per chunk, as the plain loss), and the head is called once per micro-batch as in the plain loss, so
+  ZeRO-3 gathers its partitioned weight once, on every rank alike (its hooks run around the replaced forward).
+  The loss and the gradients equal the plain loss's (up to summation order).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -23,12 +25,71 @@ def _sum_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of cross_entropy(hidden @ weight.T + bias, labels), `chunk_tokens` rows at a time. Forward also
+    computes the gradients (d loss / d logits = softmax - one-hot, one chunk at a time); backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens):
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, labels.numel(), chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            rows, targets = hidden[part], labels[part]
+            logits = F.linear(rows, weight, bias).float()
+            log_norm = logits.logsumexp(-1, keepdim=True)
+            total += (log_norm.squeeze(-1) - logits.gather(-1, targets[:, None]).squeeze(-1)).sum()
+            if need_hidden or need_weight or need_bias:
+                grad_logits = logits.sub_(log_norm).exp_()  # softmax, in place of the logits
+                grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+                grad_logits = grad_logits.to(hidden.dtype)
+                if need_hidden:
+                    grad_hidden[part] = grad_logits @ weight
+                if need_weight:
+                    grad_weight += (grad_logits.t() @ rows).float()
+                if need_bias:
+                    grad_bias += grad_logits.float().sum(0)
+                del grad_logits
+            del logits  # freed before the next chunk's are made
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
+        ctx.grad_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grads = [
+            (next(saved) * grad_total).to(dtype) if needed else None
+            for needed, dtype in zip(ctx.needs_input_grad[:3], ctx.grad_dtypes)
+        ]
+        return (*grads, None, None)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """Sum of cross-entropies of `hidden @ weight.T (+ bias)` against `labels` (both already shifted),
+    `chunk_tokens` positions at a time; positions with no label are skipped entirely."""
+    flat_hidden = hidden.flatten(0, -2)
+    flat_labels = labels.flatten()
+    keep = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    flat_hidden, flat_labels = flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep)
+    return _LinearCrossEntropy.apply(flat_hidden, weight, bias, flat_labels, chunk_tokens)
+
+
 @contextlib.contextmanager
-def _head_as_identity(head: torch.nn.Module):
-    """The model's forward returns its final hidden states as `logits`: the head's own forward is skipped (its
-    module hooks, e.g. ZeRO-3's, still run)."""
+def _head_computes_loss(head: torch.nn.Module, labels: torch.Tensor, chunk_tokens: int):
+    """For one forward of the model, the head returns the chunked loss of its input (the final hidden states) as the
+    model's `logits`. Its module hooks still run around it, e.g. ZeRO-3's gather before and release after."""
     patched_before = head.__dict__.get("forward")
-    head.forward = lambda hidden, *args, **kwargs: hidden
+
+    def loss_forward(hidden, *args, **kwargs):
+        return linear_cross_entropy(hidden[:, :-1], head.weight, getattr(head, "bias", None), labels, chunk_tokens)
+
+    head.forward = loss_forward
     try:
         yield
     finally:
@@ -36,26 +97,6 @@ def _head_as_identity(head: torch.nn.Module):
             del head.forward
         else:
             head.forward = patched_before
-
-
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return _sum_cross_entropy(head(hidden), labels)
-
-
-def chunked_loss_sum(
-    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int
-) -> torch.Tensor:
-    """Sum of cross-entropies of `head(hidden)` against `labels` (both already shifted), `chunk_tokens` positions
-    at a time; positions with no label are skipped entirely."""
-    flat_hidden = hidden.flatten(0, -2)
-    flat_labels = labels.flatten()
-    keep = (flat_labels != IGNORE_INDEX).nonzero().squeeze(-1)
-    flat_hidden, flat_labels = flat_hidden.index_select(0, keep), flat_labels.index_select(0, keep)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, flat_labels.numel(), chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_loss, head, flat_hidden[part], flat_labels[part], use_reentrant=False)
-    return total
 
 
 def token_loss_sum(model, batch: dict, dev, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +112,9 @@ def token_loss_sum(model, batch: dict, dev, chunk_tokens: int = 0) -> tuple[torc
         logits = model(**inputs).logits
         return _sum_cross_entropy(logits[:, :-1], labels), count
     module = getattr(model, "module", model)
-    head = module.get_output_embeddings()
-    with _head_as_identity(head):
-        hidden = model(**inputs).logits
-    return chunked_loss_sum(head, hidden[:, :-1], labels, chunk_tokens), count
+    with _head_computes_loss(module.get_output_embeddings(), labels, chunk_tokens):
+        loss = model(**inputs).logits
+    if loss.dim() != 0:  # a family whose forward reshapes the head's output cannot use the chunked loss
+        name = type(module).__name__
+        raise RuntimeError(f"{name} post-processes its LM head's output; use train.loss_chunk_tokens=0")
+    return loss, count

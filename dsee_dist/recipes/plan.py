@@ -147,11 +147,6 @@ def plan_config(cfg: Config, world_size: int) -> tuple[memory.MemoryPlan, memory
         world_size=world_size,
     )
     train = cfg.train
-    if getattr(train, "loss_chunk_tokens", 0) > 0 and distributed.zero_stage(ds_config) == 3:
-        raise ConfigError(
-            "train.loss_chunk_tokens is not supported under ZeRO-3 (training refuses it too); "
-            "use ZeRO-2 or set train.loss_chunk_tokens=0"
-        )
     plan, shape = plan_run(
         hf_config_of(cfg),
         method=method_of(cfg),
@@ -166,9 +161,6 @@ def plan_config(cfg: Config, world_size: int) -> tuple[memory.MemoryPlan, memory
         dropout=cfg.model.dropout,
     )
     return plan, shape, ds_config
-
-
-EXAMPLE_CHUNK = 4096  # positions per loss chunk suggested in the table
 
 
 def _size(n: int) -> str:
@@ -189,10 +181,9 @@ def render_table(plan: memory.MemoryPlan, shape: memory.ModelShape, header: str,
             f"{_size(plan.logits_chunked).strip()}"
         )
     else:
-        example = min(EXAMPLE_CHUNK, plan.logits_plain // max(plan.logits_per_position, 1))
         lines.append(
-            f"  logits + loss: {_size(plan.logits_plain).strip()}; train.loss_chunk_tokens={example} would hold "
-            f"{_size(example * plan.logits_per_position).strip()}"
+            f"  logits + loss: {_size(plan.logits_plain).strip()}; train.loss_chunk_tokens={plan.suggested_chunk} "
+            f"would hold {_size(plan.logits_suggested_chunk).strip()}"
         )
     if plan.host_bytes:
         lines.append(f"  offloaded to host memory: {_size(plan.host_bytes).strip()}")

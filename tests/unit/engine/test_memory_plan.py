@@ -1,11 +1,12 @@
 """`dsee-dist plan`'s arithmetic (dsee_dist/engine/memory.py) against what torch really holds: parameter and
-trainable counts of real models, the bytes autograd saves in a forward pass, and the allocator's peak over real
-DeepSpeed training steps on CPU (bench/memory_plan.py, in a subprocess)."""
+trainable counts of real models, the bytes autograd saves in a forward pass, the loss's peak (plain and chunked),
+and the allocator's peak over real DeepSpeed training steps on CPU (bench/memory_plan.py, in a subprocess)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,49 @@ def test_plan_cli_bad_input_is_one_line_and_status_2(bad, capsys):
     assert plan_recipe.main([str(ROOT / "configs" / "quickstart.yaml"), *bad]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dsee-dist plan: error:")
+
+
+def allocator_peak(fn) -> int:
+    """Peak bytes the CPU allocator holds while `fn` runs, above what it held before (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.empty(1)  # the first memory event: the running total before `fn`
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals) - totals[0]
+
+
+@pytest.mark.parametrize("chunk", [0, 64, 256])
+def test_loss_buffers_planned_within_10_percent_of_allocator_peak(chunk):
+    """The plan's logits + loss term against the loss's real peak (fp32, a 16k vocabulary, 768 positions): the
+    plain loss holds three logits-sized buffers, the chunked one two per chunk position plus the hidden states'
+    gradient."""
+    import torch.nn.functional as F
+
+    from dsee_dist.recipes.loss import linear_cross_entropy
+
+    hf = dict(LLAMA_GQA, vocab_size=16384)
+    shape = memory.shape_from_hf_config(hf)
+    workload = memory.Workload(micro_batch_size=8, seq_len=96, padded=False, loss_chunk_tokens=chunk)
+    plain, chunked = memory.logits_bytes(shape, workload, memory.FP32)
+    planned = chunked if chunk else plain
+    torch.manual_seed(0)
+    weight = torch.randn(shape.vocab, shape.hidden) / 8  # a frozen head
+    hidden = torch.randn(8 * 96, shape.hidden, requires_grad=True)
+    labels = torch.randint(0, shape.vocab, (8 * 96,))
+
+    def loss_step():
+        if chunk:
+            loss = linear_cross_entropy(hidden, weight, None, labels, chunk)
+        else:
+            loss = F.cross_entropy(F.linear(hidden, weight), labels, reduction="sum")
+        loss.backward()
+
+    measured = allocator_peak(loss_step)
+    assert abs(planned - measured) / measured < 0.10, (planned, measured)
+    if chunk:
+        assert measured < plain / 4  # what chunking is for

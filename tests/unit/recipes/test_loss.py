@@ -1,5 +1,6 @@
 """The chunked cross-entropy (dsee_dist/recipes/loss.py) against the plain one: same loss, same gradients of
-the adapters and of the hidden states, and no whole-batch fp32 logits alive at once."""
+every parameter (the tied head included) and of a head with a bias, no whole-batch fp32 logits alive at once, and
+the head called once per micro-batch (what keeps ZeRO-3's gathers the same on every rank)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from dsee_dist.recipes.loss import IGNORE_INDEX, token_loss_sum
+from dsee_dist.recipes.loss import IGNORE_INDEX, linear_cross_entropy, token_loss_sum
 
 
 def tiny(family: str):
@@ -91,9 +92,46 @@ def largest_saved_logits(model, data: dict, chunk_tokens: int) -> int:
 
 
 def test_chunked_loss_never_holds_whole_batch_logits():
-    """The plain loss saves the log-softmax of every position; the chunked one keeps only the hidden states
-    (each chunk's logits are recomputed in backward)."""
+    """The plain loss saves the log-softmax of every position; the chunked one keeps only gradients of the hidden
+    states and of the head's weight (vocabulary x hidden, not positions x vocabulary)."""
     model = tiny("gpt2").float()
     data = batch(model.config.vocab_size)
     assert largest_saved_logits(model, data, 0) >= 3 * 19 * model.config.vocab_size
     assert largest_saved_logits(model, data, 8) == 0
+
+
+@pytest.mark.parametrize("chunk_tokens", [0, 1, 5])
+def test_head_runs_once_per_micro_batch(chunk_tokens):
+    model = tiny("llama")
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *args: calls.append(1))
+    loss, _ = token_loss_sum(model, batch(model.config.vocab_size), torch.device("cpu"), chunk_tokens=chunk_tokens)
+    loss.backward()
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_linear_cross_entropy_with_bias_equals_plain(trainable):
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 9, 16, dtype=torch.double, generator=g, requires_grad=True)
+    head = torch.nn.Linear(16, 50, bias=True).double().requires_grad_(trainable)
+    labels = torch.randint(0, 50, (2, 9), generator=g)
+    labels[0, :4] = IGNORE_INDEX
+    grads = []
+    for loss_of in (
+        lambda: torch.nn.functional.cross_entropy(
+            head(hidden).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        ),
+        lambda: linear_cross_entropy(hidden, head.weight, head.bias, labels, 4),
+    ):
+        hidden.grad = None
+        head.zero_grad(set_to_none=True)
+        loss = loss_of()
+        (2.5 * loss).backward()  # a scaled loss, as the trainer's backward
+        grads.append((loss.detach(), hidden.grad, head.weight.grad, head.bias.grad))
+    (plain, *plain_grads), (chunked, *chunked_grads) = grads
+    torch.testing.assert_close(chunked.double(), plain, rtol=1e-6, atol=0.0)
+    assert (plain_grads[1] is None) == (not trainable) == (chunked_grads[1] is None)
+    for got, want in zip(chunked_grads, plain_grads):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
