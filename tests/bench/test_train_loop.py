@@ -1,0 +1,48 @@
+"""bench/train_loop.py on CPU with a small random Llama: the trainer (lora and dsee) and the plain PEFT loop each
+time the asked number of steps on unpadded batches, and the ratios are those of the medians; without a GPU, its
+GPU path says in one line that it was skipped."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / "train_loop.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_trainer_and_plain_loop_are_timed_side_by_side():
+    proc = run_bench(
+        "--device", "cpu", "--layers", "2", "--hidden", "64", "--steps", "3", "--warmup", "1", "--repeats", "1"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    loops = result["loops"]
+    assert set(loops) == {"plain", "lora", "dsee"} and result["repeats"] == 1
+    assert all(
+        loop["steps"] == 3 and loop["median_step_s"] > 0 and loop["p90_over_median"] >= 1 for loop in loops.values()
+    )
+    for method in ("lora", "dsee"):
+        ratio = loops[method]["median_step_s"] / loops["plain"]["median_step_s"]
+        assert result["trainer_over_plain"][method] == pytest.approx(ratio, abs=1e-3)
+
+
+def test_gpu_path_without_gpu_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = run_bench("--device", "gpu")
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and "skipped" in lines[0] and json.loads(lines[1]) == {"skipped": "no GPU"}
