@@ -204,6 +204,9 @@ def plain_steps(model_dir: Path, text: Path, args) -> list[float]:
         sync()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the trainer runs next, in its own process, on the same GPU
     return times
 
 

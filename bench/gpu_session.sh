@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every GPU figure of the README's performance section in one command, for a lent single-GPU machine (H100/H200)
+# with no network: most important first, each benchmark under its own time limit, every result written to
+# $OUT (or ./gpu-results) as soon as it is finished, so a run stopped at its limit still returns what it did.
+#
+#   bash bench/gpu_session.sh [BUDGET_SECONDS]      # default 540: fits one 10-minute command
+#
+# Packages the machine may lack (DeepSpeed, hjson, pydantic; transformers of this project's version) are
+# installed from ./.whl if that folder exists (wheels for the machine's Python, downloaded beforehand with
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`; DeepSpeed has no wheel on PyPI:
+# `pip wheel --no-deps deepspeed==0.19.8` makes one). Order and budgets (seconds):
+#   1. bench/dsee_layer.py                            one projection: DSEE's sparse update vs PEFT LoRA     60
+#   2. bench/step_time.py --family llama              TinyLlama-1.1B shape, ZeRO-2 and ZeRO-3               200
+#   3. bench/train_loop.py --device gpu               the trainer vs a plain PEFT loop, p90 / median        120
+#   4. bench/step_time.py --family gpt2 --stages 2    GPT-2-medium shape, ZeRO-2                            90
+#   5. bench/memory_plan.py                           plan vs torch.cuda.max_memory_allocated               the rest
+set -u
+BUDGET=${1:-540}
+RESULTS=${OUT:-$PWD/gpu-results}
+mkdir -p "$RESULTS"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "gpu_session: installing ./.whl failed" >&2; exit 2; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+{
+  date -u +%FT%TZ
+  git rev-parse HEAD 2>/dev/null || echo "commit unknown"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  python3 -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" 2>&1
+} > "$RESULTS/device.txt"
+cat "$RESULTS/device.txt"
+
+run() {  # run NAME SECONDS CMD...: one benchmark, its output in $RESULTS/NAME.log, skipped when time is short
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    echo "gpu_session: $name skipped: ${left}s of the budget left" | tee "$RESULTS/$name.log"
+    return
+  fi
+  echo "=== $name (limit ${limit}s): $*"
+  timeout -k 10 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
+  local rc=$?
+  tail -n 12 "$RESULTS/$name.log"
+  echo "=== $name: exit $rc after $(($(date +%s) - START))s in all"
+}
+
+run dsee_layer 60 python3 bench/dsee_layer.py --device gpu
+run step_time_llama 200 python3 bench/step_time.py --family llama --device gpu --stages 2,3 --repeats 1 --steps 10
+run train_loop 120 python3 bench/train_loop.py --device gpu --repeats 1 --steps 20 --warmup 5
+run step_time_gpt2 90 python3 bench/step_time.py --family gpt2 --device gpu --stages 2 --repeats 1 --steps 10
+run memory_plan 600 python3 bench/memory_plan.py
+echo "gpu_session: done in $(($(date +%s) - START))s; results in $RESULTS"
