@@ -16,3 +16,21 @@ def run_worker(script: str, ranks: int, *args: str) -> subprocess.CompletedProce
     """`deepspeed --num_gpus RANKS bench/SCRIPT ARGS` on a free port, output captured."""
     cmd = deepspeed_command(ranks, [str(ROOT / "bench" / script), *args])
     return subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+
+
+def device_kind(requested: str, script: str, gpu_run: str) -> str | None:
+    """'gpu' or 'cpu' for --device auto|cpu|gpu; None, after one line saying so and the skip JSON, when a GPU is
+    asked for and there is none (`gpu_run` names what was skipped)."""
+    import json
+
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if requested == "gpu" and not has_gpu:
+        print(
+            f"bench/{script}: no CUDA GPU on this machine: {gpu_run} was skipped; run with --device cpu for the "
+            f"CPU figures"
+        )
+        print(json.dumps({"skipped": "no GPU"}))
+        return None
+    return ("gpu" if has_gpu else "cpu") if requested == "auto" else requested

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _launch import device_kind  # noqa: E402
+
 from dsee_dist.dsee.layer import DSEELayer  # noqa: E402
 
 # name -> (out, in, adapted slices or None for the whole matrix)
@@ -154,15 +156,9 @@ def main() -> None:
     p.add_argument("--num-sparse", type=int, default=64, help="sparse values per adapted slice")
     p.add_argument("--iters", type=int, default=50)
     args = p.parse_args()
-    has_gpu = torch.cuda.is_available()
-    if args.device == "gpu" and not has_gpu:
-        print(
-            "bench/dsee_layer.py: no CUDA GPU on this machine: the GPU layer benchmark (bf16) was skipped; "
-            "run with --device cpu for the CPU figures"
-        )
-        print(json.dumps({"skipped": "no GPU"}))
+    kind = device_kind(args.device, "dsee_layer.py", "the GPU layer benchmark (bf16)")
+    if kind is None:
         return
-    kind = ("gpu" if has_gpu else "cpu") if args.device == "auto" else args.device
     device = torch.device("cuda" if kind == "gpu" else "cpu")
     dtype = torch.bfloat16 if kind == "gpu" else torch.float32
     args.rank = args.rank or (16 if kind == "gpu" else 8)

@@ -42,6 +42,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _launch import device_kind  # noqa: E402
 
 SHAPES = {
     "cpu": dict(
@@ -230,17 +231,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=None, help="random model: number of layers (default: the shape's)")
     p.add_argument("--hidden", type=int, default=None, help="random model: hidden size, MLP 2.75x (the shape's)")
     args = p.parse_args()
-    import torch
-
-    has_gpu = torch.cuda.is_available()
-    if args.device == "gpu" and not has_gpu:
-        print(
-            "bench/train_loop.py: no CUDA GPU on this machine: the GPU loop benchmark (TinyLlama-1.1B shape, bf16) "
-            "was skipped; run with --device cpu for the CPU figures"
-        )
-        print(json.dumps({"skipped": "no GPU"}))
+    args.device = device_kind(args.device, "train_loop.py", "the GPU loop benchmark (TinyLlama-1.1B shape, bf16)")
+    if args.device is None:
         return
-    args.device = ("gpu" if has_gpu else "cpu") if args.device == "auto" else args.device
     args.micro_batch = args.micro_batch or MICRO_BATCH[args.device]
     methods = [m for m in args.methods.split(",") if m]
     shape = dict(SHAPES[args.device])
