@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _launch import device_kind  # noqa: E402
 
 GPT2_SMALL = {
     "model_type": "gpt2",
@@ -305,15 +306,10 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(json.loads(Path(args.one).read_text()))))
         return
+    if device_kind("cpu" if args.cpu else "gpu", "memory_plan.py", "the GPU measurement", "--cpu") is None:
+        return
     import torch
 
-    if not args.cpu and not torch.cuda.is_available():
-        print(
-            "bench/memory_plan.py: no CUDA GPU on this machine: GPU measurement skipped "
-            "(run with --cpu for the CPU allocator check)"
-        )
-        print(json.dumps({"skipped": "no GPU"}))
-        return
     cases, tolerance = (CPU_CASES, 0.30) if args.cpu else (GPU_CASES, 0.15)
     device = "cpu" if args.cpu else torch.cuda.get_device_name(0)
     results = {}

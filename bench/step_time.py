@@ -33,7 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _launch import ROOT, run_worker
+from _launch import ROOT, device_kind, run_worker
 
 # Defaults per (family, device): the shapes of the module docstring.
 SHAPES = {
@@ -86,17 +86,11 @@ def main() -> None:
         "each method keeps its lowest median, which removes most launch-to-launch drift on shared CPUs",
     )
     args = p.parse_args()
-    import torch
-
-    has_gpu = torch.cuda.is_available()
-    if args.device == "gpu" and not has_gpu:
-        print(
-            f"bench/step_time.py: no CUDA GPU on this machine: the GPU step-time benchmark ({args.family}, bf16) "
-            f"was skipped; run with --device cpu for the CPU figures"
-        )
-        print(json.dumps({"skipped": "no GPU", "family": args.family}))
+    args.device = device_kind(
+        args.device, "step_time.py", f"the GPU step-time benchmark ({args.family}, bf16)", family=args.family
+    )
+    if args.device is None:
         return
-    args.device = ("gpu" if has_gpu else "cpu") if args.device == "auto" else args.device
     resolve_defaults(args)
     per_stage = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,24 +43,19 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from _launch import device_kind  # noqa: E402
+from step_time import SHAPES as STEP_TIME_SHAPES  # noqa: E402
 
+# step_time.py's Llama shapes (TinyLlama-1.1B on GPU, a small one on CPU) in LlamaConfig's key names
+LLAMA_KEYS = dict(
+    n_layer="num_hidden_layers",
+    n_embd="hidden_size",
+    n_head="num_attention_heads",
+    n_kv_head="num_key_value_heads",
+    intermediate="intermediate_size",
+    vocab="vocab_size",
+)
 SHAPES = {
-    "cpu": dict(
-        num_hidden_layers=4,
-        hidden_size=512,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=1408,
-        vocab_size=2048,
-    ),
-    "gpu": dict(
-        num_hidden_layers=22,
-        hidden_size=2048,
-        num_attention_heads=32,
-        num_key_value_heads=4,
-        intermediate_size=5632,
-        vocab_size=32000,
-    ),
+    device: {LLAMA_KEYS[k]: v for k, v in STEP_TIME_SHAPES[("llama", device)].items()} for device in ("cpu", "gpu")
 }
 MICRO_BATCH = {"cpu": 4, "gpu": 16}
 LR = 1e-4  # the step time does not depend on it; small, so the random model's loss stays finite

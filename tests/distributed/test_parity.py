@@ -16,11 +16,13 @@ from tests.distributed.launch import TINY_RUN, read_metrics, run_training, train
 
 pytestmark = pytest.mark.distributed
 
+# name: (world size, engine config, launcher). ZeRO-3 runs under the `deepspeed` launcher as users start it; the
+# other two-rank runs start their ranks directly (tests/distributed/launch.py), saving the launcher's start-up.
 RUNS = {
-    "ws1_zero0": (1, "configs/ds/zero0_fp32.json"),
-    "ws2_zero0": (2, "configs/ds/zero0_fp32.json"),
-    "ws2_zero2": (2, "configs/ds/zero2_fp32.json"),
-    "ws2_zero3": (2, "configs/ds/zero3_fp32.json"),
+    "ws1_zero0": (1, "configs/ds/zero0_fp32.json", "env"),
+    "ws2_zero0": (2, "configs/ds/zero0_fp32.json", "env"),
+    "ws2_zero2": (2, "configs/ds/zero2_fp32.json", "env"),
+    "ws2_zero3": (2, "configs/ds/zero3_fp32.json", "deepspeed"),
 }
 
 
@@ -28,10 +30,10 @@ RUNS = {
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity")
     out = {}
-    for name, (world, ds) in RUNS.items():
+    for name, (world, ds, launcher) in RUNS.items():
         # world size 1 uses micro-batch 8 so the global batch (8) equals that of 2 ranks x 4
         micro = ["train.micro_batch_size=8"] if world == 1 else []
-        proc = run_training(world, root / name, *TINY_RUN, *micro, f"deepspeed.config={ds}", launcher="deepspeed")
+        proc = run_training(world, root / name, *TINY_RUN, *micro, f"deepspeed.config={ds}", launcher=launcher)
         out[name] = (root / name, proc.stdout)
     return out
 
