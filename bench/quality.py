@@ -20,7 +20,10 @@ Protocol (the same for every row):
 
 Resumable: each finished row (and each grid point) is written at once, atomically, as
 results/quality/rows/<row>-s<seed>/row.json beside its outputs.txt; a rerun skips finished rows and the
-report (table.md, quality.json, quality.png) is rebuilt from everything finished.
+report (table.md, quality.json, quality.png) is rebuilt from everything finished. Stopping it with SIGTERM
+(`pkill -f bench/quality.py`) or SIGINT is the trainer's own preemption: the running training finishes its
+step, saves a checkpoint and exits 75, and so does this script; the rerun resumes that training from its
+checkpoint (resume=auto) and the row's wall and CPU time add up every attempt (run/attempts.json).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +55,44 @@ logger = logging.getLogger("bench.quality")
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e"
 SPEED_MRS, SPEED_NEW_TOKENS = 16, 32
 PAUSED_FILE = "paused_s"  # in a run directory: seconds its trainer was stopped with SIGSTOP (see pause_training)
+ATTEMPTS_FILE = "attempts.json"  # in a run directory: every stopped attempt's wall, CPU and peak memory
+
+
+class Stopped(Exception):
+    """The table was asked to stop; the trainer that was running has checkpointed (or none was running)."""
+
+
+class StopRequests:
+    """SIGTERM / SIGINT while the table runs: passed on to the running trainer as SIGTERM (its preemption
+    signal: checkpoint, exit 75); with no trainer running (data, decoding, scoring), the table stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.trainer_pid: int | None = None
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if self.trainer_pid is None:
+            raise Stopped(f"stopped by {signal.Signals(signum).name}")
+        try:
+            os.kill(self.trainer_pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+STOP = StopRequests()
 
 
 @dataclass
@@ -167,18 +209,24 @@ def pick_device(requested: str) -> tuple[str, str]:
 
 def run_training(config: dict, out_dir: Path, device: str) -> dict:
     """Train one config with the project's trainer (`python -m dsee_dist.train`, one rank) in a child process.
-    Returns wall time and the child's peak resident memory; raises with the log tail on failure."""
+    Returns wall time, CPU time and the child's peak resident memory over every attempt (a stopped attempt
+    is recorded in ATTEMPTS_FILE and resumed from its checkpoint by the next); raises Stopped when the trainer
+    was preempted, with the log tail on failure."""
     import yaml
+
+    from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = out_dir / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    attempts_path = out_dir / ATTEMPTS_FILE
+    attempts = json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
     env = launch_env()
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     log_path = out_dir / "train.log"
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:  # appended: a resumed attempt keeps the earlier ones' log
         proc = subprocess.Popen(
             [sys.executable, "-m", "dsee_dist.train", "--config", str(cfg_path)],
             cwd=REPO,
@@ -186,21 +234,37 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        _, status, usage = os.wait4(proc.pid, 0)
+        STOP.trainer_pid = proc.pid
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            STOP.trainer_pid = None
         proc.returncode = os.waitstatus_to_exitcode(status)
-    # Seconds the trainer was stopped (SIGSTOP) while the machine was lent to other work, as recorded beside it
-    # by whoever stopped it (PAUSED_FILE): not training time.
-    paused = float((out_dir / PAUSED_FILE).read_text()) if (out_dir / PAUSED_FILE).is_file() else 0.0
-    wall = time.perf_counter() - start - paused
+    attempt = {
+        "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "exit": proc.returncode,
+    }
+    # stopped: checkpointed (75), or killed by the passed-on signal before the trainer's handler was installed
+    if proc.returncode == PREEMPTED_EXIT_CODE or (STOP.requested and proc.returncode != 0):
+        write_json_atomic(attempts_path, attempts + [attempt])
+        how = "checkpointed and stopped" if proc.returncode == PREEMPTED_EXIT_CODE else "stopped before its first step"
+        raise Stopped(f"training in {out_dir} {how}")
     if proc.returncode != 0:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"training in {out_dir} failed with status {proc.returncode}:\n{tail}")
+    attempts.append(attempt)
+    # Seconds the trainer was stopped (SIGSTOP) while the machine was lent to other work, as recorded beside it
+    # by whoever stopped it (PAUSED_FILE): not training time.
+    paused = float((out_dir / PAUSED_FILE).read_text()) if (out_dir / PAUSED_FILE).is_file() else 0.0
     return {
-        "train_wall_s": round(wall, 1),
+        "train_wall_s": round(sum(a["wall_s"] for a in attempts) - paused, 1),
         "paused_s": round(paused, 1),
         # CPU seconds of the trainer: on a shared machine the wall time also counts other jobs, this does not
-        "train_cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "train_cpu_s": round(sum(a["cpu_s"] for a in attempts), 1),
+        "peak_rss_mb": max(a["peak_rss_mb"] for a in attempts),
+        "train_attempts": len(attempts),
     }
 
 
@@ -475,16 +539,18 @@ class Bench:
         self.root.mkdir(parents=True, exist_ok=True)
         data_info = self.prepare_data()
         lrs: dict[str, dict] = {}
-        for name, seed in self.planned():
-            if (self.row_dir(name, seed) / "row.json").is_file():
-                print(f"row {name} seed {seed}: finished earlier, skipped", flush=True)
-                continue
-            lr_from = ROWS[name].lr_from
-            if lr_from and lr_from not in lrs:
-                lrs[lr_from] = self.learning_rate(lr_from)
-            self.run_row(name, seed, lrs.get(lr_from))
-        if getattr(self, "_scorer", None) is not None:
-            self._scorer.close()
+        try:
+            for name, seed in self.planned():
+                if (self.row_dir(name, seed) / "row.json").is_file():
+                    print(f"row {name} seed {seed}: finished earlier, skipped", flush=True)
+                    continue
+                lr_from = ROWS[name].lr_from
+                if lr_from and lr_from not in lrs:
+                    lrs[lr_from] = self.learning_rate(lr_from)
+                self.run_row(name, seed, lrs.get(lr_from))
+        finally:
+            if getattr(self, "_scorer", None) is not None:
+                self._scorer.close()
         return self.report(data_info)
 
     def report(self, data_info: dict | None = None) -> dict:
@@ -659,7 +725,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = parse_args(argv)
     bench = Bench(settings)
-    report = bench.report() if settings.report_only else bench.run()
+    with STOP:
+        try:
+            report = bench.report() if settings.report_only else bench.run()
+        except Stopped as stop:
+            print(f"bench/quality.py: {stop}; rerun the same command to resume (finished rows are kept)", flush=True)
+            return 75
     print(report["markdown"])
     return 0
 

@@ -81,6 +81,8 @@ class RunContext:
     tokenizer: object
     train_split: data.TokenizedSplit
     eval_split: data.TokenizedSplit
+    # installed before anything else: a preemption signal during the set-up (data, model, support) is not lost
+    preemption: PreemptionHandler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,18 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    ctx = setup_run(cfg)
-    if cfg.prune.method == "none":
-        code, _ = train(cfg, ctx.out_dir, ctx.base_model, ctx)
-    else:
-        from dsee_dist.recipes import two_stage
+    preemption = PreemptionHandler()
+    try:
+        ctx = setup_run(cfg, preemption)
+        if cfg.prune.method == "none":
+            code, _ = train(cfg, ctx.out_dir, ctx.base_model, ctx)
+        else:
+            from dsee_dist.recipes import two_stage
 
-        code, _ = two_stage.run(cfg, ctx)
+            code, _ = two_stage.run(cfg, ctx)
+    finally:
+        if not preemption.requested:  # preempted: signals stay ignored, so teardown keeps the documented status
+            preemption.restore()
     distributed.shutdown()
     return code
 
 
-def setup_run(cfg: Config) -> RunContext:
+def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     """Process group, output directory with the resolved config, seed, data, base model and tokenizer."""
     dist_info = distributed.init_distributed(cfg.deepspeed.timeout_s)
     setup_logging(dist_info.rank)
@@ -121,7 +128,7 @@ def setup_run(cfg: Config) -> RunContext:
     tokenizer = models.load_tokenizer(base_model)
     train_split, eval_split = data.load_splits(cfg, tokenizer, out_dir)
     logger.info(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
-    return RunContext(dist_info, out_dir, base_model, tokenizer, train_split, eval_split)
+    return RunContext(dist_info, out_dir, base_model, tokenizer, train_split, eval_split, preemption)
 
 
 def prepare_base_model(cfg: Config, out_dir: Path) -> str:
@@ -350,7 +357,9 @@ def fit(stage: Stage) -> int | None:
         f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)"
     )
     stage.metrics = MetricsLogger(stage.out_dir, dist_info.is_rank_zero, stage.max_steps, stage.start_step)
-    preemption = PreemptionHandler()
+    preemption = stage.ctx.preemption
+    if preemption.should_stop():  # signalled during the set-up: nothing new to save, the requeued job resumes
+        return stop_early(stage, stage.start_step, preemption, saved=False)
     generation = GenerationEval(stage)  # eval.generate_every_n_steps, checkpoint.keep_best, final_generate
     stage.engine.train()  # from_pretrained returns the model in eval mode
     t_last = time.time()
@@ -376,7 +385,6 @@ def fit(stage: Stage) -> int | None:
             save_checkpoint(stage, done)
         if preempted or (planned_stop and done < stage.max_steps):
             return stop_early(stage, done, preemption if preempted else None)
-    preemption.restore()
     generation.finish(stage)
     return None
 
@@ -493,13 +501,15 @@ def save_checkpoint(stage: Stage, done: int) -> None:
     )
 
 
-def stop_early(stage: Stage, done: int, preemption: PreemptionHandler | None) -> int:
-    """After the checkpoint of an early stop: say how the run continues; returns the exit status."""
+def stop_early(stage: Stage, done: int, preemption: PreemptionHandler | None, saved: bool = True) -> int:
+    """After the checkpoint of an early stop (`saved`; a preemption before the first step has nothing to
+    save): say how the run continues; returns the exit status."""
     if preemption is not None:
         preemption.ignore_further_signals()
+        state = f"checkpoint of step {done} saved" if saved else f"before training step {done + 1}, nothing to save"
         logger.info(
-            f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint of step {done} "
-            f"saved; exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto"
+            f"preempted ({preemption.signal_name or 'signal on another rank'}): {state}; "
+            f"exiting with status {PREEMPTED_EXIT_CODE} so a requeued job resumes with resume=auto"
         )
     else:
         logger.info(

@@ -30,37 +30,39 @@ def _no_java(monkeypatch):
     monkeypatch.setattr(metrics, "find_java", lambda: None)
 
 
+def _args(model, train_csv, results, rows, *extra, max_steps: int = 3) -> list[str]:
+    return [
+        *extra,
+        "--model",
+        str(model),
+        "--train-csv",
+        str(train_csv),
+        "--test-csv",
+        str(SAMPLE / "test.csv"),
+        "--results",
+        str(results),
+        "--rows",
+        rows,
+        "--max-test-mrs",
+        "5",
+        "--max-steps",
+        str(max_steps),
+        "--no-grid",
+        "--seeds",
+        "1",
+        "--device",
+        "cpu",
+        "--micro-batch-size",
+        "4",
+        "--grad-accum-steps",
+        "1",
+        "--max-new-tokens",
+        "12",
+    ]
+
+
 def _run(model, train_csv, results, rows, capsys, *extra):
-    quality.main(
-        [
-            *extra,
-            "--model",
-            str(model),
-            "--train-csv",
-            str(train_csv),
-            "--test-csv",
-            str(SAMPLE / "test.csv"),
-            "--results",
-            str(results),
-            "--rows",
-            rows,
-            "--max-test-mrs",
-            "5",
-            "--max-steps",
-            "3",
-            "--no-grid",
-            "--seeds",
-            "1",
-            "--device",
-            "cpu",
-            "--micro-batch-size",
-            "4",
-            "--grad-accum-steps",
-            "1",
-            "--max-new-tokens",
-            "12",
-        ]
-    )
+    quality.main(_args(model, train_csv, results, rows, *extra))
     return capsys.readouterr().out
 
 
@@ -126,6 +128,49 @@ def test_llama_pipeline_rows_and_resume(tiny_models, tmp_path, capsys):
     assert not (results / "rows" / "dsee-s25-s42").exists() and "training" not in out
     report = json.loads((results / "quality.json").read_text())
     assert {r["row"] for r in report["records"]} == {"base", "dsee", "lora", "full"}
+
+
+def test_a_stopped_row_checkpoints_and_the_rerun_resumes_it(tiny_models, tmp_path, capsys):
+    """SIGTERM to the table mid-training: the trainer checkpoints, the table exits 75 having recorded the
+    attempt; the rerun continues that training from its checkpoint and the row counts both attempts."""
+    import os
+    import signal
+    import threading
+    import time
+
+    results = tmp_path / "results"
+    run_dir = results / "rows" / "dsee-s42" / "run"
+    train_csv = _small_train_csv(tmp_path)
+
+    def trained_steps() -> bool:
+        metrics = run_dir / "metrics.jsonl"
+        return metrics.is_file() and '"loss"' in metrics.read_text()
+
+    def stop_once_it_trains():  # after the first logged loss (step 10 of 30)
+        deadline = time.time() + 120
+        while time.time() < deadline and not trained_steps():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_once_it_trains)
+    stopper.start()
+    code = quality.main(_args(tiny_models["llama"], train_csv, results, "dsee", max_steps=30))
+    stopper.join()
+    out = capsys.readouterr().out
+    assert code == 75 and "checkpointed and stopped; rerun the same command to resume" in out, out
+    assert not (results / "rows" / "dsee-s42" / "row.json").exists()
+    (stopped,) = json.loads((run_dir / quality.ATTEMPTS_FILE).read_text())
+    assert stopped["exit"] == 75 and stopped["wall_s"] > 0
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the table's handler is gone after main
+
+    assert quality.main(_args(tiny_models["llama"], train_csv, results, "dsee", max_steps=30)) == 0
+    log = (run_dir / "train.log").read_text()
+    step = int(log.split("resume: continuing from step ")[1].split()[0])
+    assert 10 <= step < 30
+    record = json.loads((results / "rows" / "dsee-s42" / "row.json").read_text())
+    assert record["steps"] == 30 and record["train_attempts"] == 2
+    assert record["train_wall_s"] > stopped["wall_s"] and record["train_cpu_s"] > stopped["cpu_s"]
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
 
 
 def test_every_row_runs_once_before_the_extra_seeds():

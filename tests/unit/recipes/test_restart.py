@@ -1,5 +1,7 @@
-"""A restarted job reuses the tokenisation cache and the stored support instead of recomputing them."""
+"""A job preempted during its set-up exits with the preemption status; restarted, it reuses the
+tokenisation cache and the stored support instead of recomputing them."""
 
+import signal
 import subprocess
 import sys
 
@@ -10,8 +12,8 @@ from tests.conftest import REPO
 from tests.distributed.launch import TINY_RUN
 
 
-def _run(out, *extra):
-    cmd = [
+def _command(out, *extra) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "dsee_dist.train",
@@ -23,15 +25,34 @@ def _run(out, *extra):
         "train.micro_batch_size=8",
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _run(out, *extra):
+    proc = subprocess.run(_command(out, *extra), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
 
-def test_restart_reuses_cache_and_support_and_refuses_changed_support_settings(tmp_path):
+def _run_preempted_during_setup(out) -> str:
+    """SIGTERM as soon as the job says it started (before its data, model and support): what a scheduler
+    does to a job preempted early. Returns everything it printed; the job must exit with status 75."""
+    proc = subprocess.Popen(_command(out), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "world size 1" in line:
+            proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 75, "".join(lines)[-3000:]
+    return "".join(lines)
+
+
+def test_setup_preemption_then_restart_reuses_cache_and_support_and_refuses_changed_support_settings(tmp_path):
     out = tmp_path / "run"
-    first = _run(out)
+    first = _run_preempted_during_setup(out)
+    # the set-up completes (its results are cached), no step is trained, nothing is checkpointed
     assert "data: tokenising" in first and "support (decomposition): 4/4 matrices" in first
+    assert "received SIGTERM" in first and "before training step 1, nothing to save" in first
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     support = load_file(str(out / "support.safetensors"))
     second = _run(out)
     assert "using cached tokenisation" in second and "support: reusing" in second
