@@ -1,5 +1,7 @@
 """Graceful preemption: on SIGTERM or SIGUSR1 every rank finishes its step, a checkpoint is saved, and
-the job exits with PREEMPTED_EXIT_CODE so a requeued job resumes (`resume=auto`).
+the job exits with PREEMPTED_EXIT_CODE so a requeued job resumes (`resume=auto`). The handler is installed
+before the run's set-up (data, model, support): a signal then lets the set-up finish (its results are cached
+for the requeued job) and the job exits with the same status before its first step, with nothing to save.
 
 SLURM sends such a signal before a time limit with `sbatch --signal=USR1@120` (or
 `scancel --signal=USR1`). Ranks agree on stopping through an all-reduce after every step, so a signal
