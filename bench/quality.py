@@ -74,6 +74,7 @@ class StopRequests:
         self._previous = {}
 
     def __enter__(self):
+        self.requested = False
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -255,6 +256,9 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"training in {out_dir} failed with status {proc.returncode}:\n{tail}")
     attempts.append(attempt)
+    if STOP.requested:  # the request came as the trainer finished its last step: stop now; the rerun resumes
+        write_json_atomic(attempts_path, attempts)  # from the final checkpoint (evaluation, save) and goes on
+        raise Stopped(f"training in {out_dir} finished as the stop request came")
     # Seconds the trainer was stopped (SIGSTOP) while the machine was lent to other work, as recorded beside it
     # by whoever stopped it (PAUSED_FILE): not training time.
     paused = float((out_dir / PAUSED_FILE).read_text()) if (out_dir / PAUSED_FILE).is_file() else 0.0

@@ -39,6 +39,7 @@ _LOST_PEER_MARKERS = (
     "Broken pipe",
     "NCCL communicator was aborted",
     "Socket Timeout",
+    "Application timeout caused pair closure",  # gloo, when the peer vanished mid-collective (seen in ZeRO-3's step)
 )
 
 

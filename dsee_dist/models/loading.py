@@ -31,6 +31,11 @@ BUILTIN_MARKER = "dsee_builtin.json"
 _HF_DS_CONFIG = None
 
 
+def import_model_code() -> None:
+    """Import transformers' shared modeling code (`modeling_utils`: ~4 s on a CPU core) in this process."""
+    import transformers.modeling_utils  # noqa: F401
+
+
 def build_builtin_model(name: str, vocab_size: int, seed: int):
     """A randomly initialised GPT-2 of the named shape (seeded, identical on every rank and machine)."""
     import torch

@@ -120,6 +120,9 @@ def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     threads = f"; {torch.get_num_threads()} CPU threads per rank" if distributed.device().type == "cpu" else ""
     logger.info(f"world size {dist_info.world_size}{threads}; output in {out_dir}")
 
+    # transformers' model code takes seconds to import; every rank imports it now, side by side, rather than
+    # rank 0 while writing a built-in or GGUF model below and the others only after it, one after the other.
+    models.import_model_code()
     # Data first: a built-in model's tokenizer is trained on it.
     if cfg.data.format == "synthetic_e2e":
         distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))

@@ -7,6 +7,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from bench import quality
 from bench._quality_rows import sparse_budget
@@ -132,7 +133,8 @@ def test_llama_pipeline_rows_and_resume(tiny_models, tmp_path, capsys):
 
 def test_a_stopped_row_checkpoints_and_the_rerun_resumes_it(tiny_models, tmp_path, capsys):
     """SIGTERM to the table mid-training: the trainer checkpoints, the table exits 75 having recorded the
-    attempt; the rerun continues that training from its checkpoint and the row counts both attempts."""
+    attempt; a request that finds the trainer finishing stops the table after it; the rerun continues the
+    training from its last checkpoint and the row counts every attempt."""
     import os
     import signal
     import threading
@@ -163,12 +165,20 @@ def test_a_stopped_row_checkpoints_and_the_rerun_resumes_it(tiny_models, tmp_pat
     assert stopped["exit"] == 75 and stopped["wall_s"] > 0
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the table's handler is gone after main
 
+    # A request that comes as the trainer finishes its last step: the trainer ends normally, the table stops
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    with quality.STOP, pytest.raises(quality.Stopped, match="finished as the stop request came"):
+        quality.STOP.requested = True
+        quality.run_training(config, run_dir, "cpu")
+    assert [a["exit"] for a in json.loads((run_dir / quality.ATTEMPTS_FILE).read_text())] == [75, 0]
+    assert not (results / "rows" / "dsee-s42" / "row.json").exists()
+
     assert quality.main(_args(tiny_models["llama"], train_csv, results, "dsee", max_steps=30)) == 0
     log = (run_dir / "train.log").read_text()
-    step = int(log.split("resume: continuing from step ")[1].split()[0])
-    assert 10 <= step < 30
+    resumed = [int(part.split()[0]) for part in log.split("resume: continuing from step ")[1:]]
+    assert len(resumed) == 2 and 10 <= resumed[0] < 30 and resumed[1] == 30
     record = json.loads((results / "rows" / "dsee-s42" / "row.json").read_text())
-    assert record["steps"] == 30 and record["train_attempts"] == 2
+    assert record["steps"] == 30 and record["train_attempts"] == 3
     assert record["train_wall_s"] > stopped["wall_s"] and record["train_cpu_s"] > stopped["cpu_s"]
     assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 30
 

@@ -137,6 +137,43 @@ def run_training(world_size: int, out_dir: Path, *overrides: str, **kw) -> subpr
     return proc
 
 
+def run_jobs_in_one_launch(
+    world_size: int,
+    jobs: dict[str, tuple[Path, list[str]]],
+    *,
+    timeout: int = 600,
+    config: str = "configs/quickstart.yaml",
+) -> dict[str, str]:
+    """Several training jobs (name -> (output dir, overrides)) run one after another by the same ranks
+    (tests/distributed/sequential_jobs.py), paying their start-up once; all must succeed. Returns each job's
+    rank-0 output."""
+    from tests.distributed.sequential_jobs import JOB_MARKER
+
+    with tempfile.TemporaryDirectory(prefix="dsee-jobs-") as tmp:
+        jobs_file = Path(tmp) / "jobs.json"
+        argvs = [[name, train_args(out, *overrides, config=config)] for name, (out, overrides) in jobs.items()]
+        jobs_file.write_text(json.dumps(argvs, default=str))
+        module_args = ["tests.distributed.sequential_jobs", str(jobs_file)]
+        if world_size > 1:
+            proc = run_ranks(world_size, module_args, timeout=timeout)
+        else:
+            proc = subprocess.run(
+                [sys.executable, "-m", *module_args],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=launch_env(),
+            )
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    # rank 0's output comes first (run_ranks joins the ranks' outputs in rank order)
+    parts = proc.stdout.split(JOB_MARKER)[1 : len(jobs) + 1]
+    outputs = {part.split("\n", 1)[0]: part for part in parts}
+    assert list(outputs) == list(jobs), proc.stdout[-3000:]
+    return outputs
+
+
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 

@@ -5,7 +5,7 @@ gets its gradient from the chunked loss."""
 
 import pytest
 
-from tests.distributed.launch import TINY_RUN, read_metrics, run_training, train_losses
+from tests.distributed.launch import TINY_RUN, read_metrics, run_jobs_in_one_launch, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -27,11 +27,15 @@ DSEE_RUNS = ("zero2_plain", "zero2_checkpointed_chunked", "zero3_checkpointed_ch
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The five jobs one after another in the same two ranks (tests/distributed/sequential_jobs.py)."""
     root = tmp_path_factory.mktemp("activation_checkpointing")
-    for name, (ds, extra) in RUNS.items():
-        run_training(
-            2, root / name, *TINY_RUN, "train.max_steps=3", "eval.every_n_steps=0", f"deepspeed.config={ds}", *extra
-        )
+    jobs = {
+        name: (root / name, [*TINY_RUN, "train.max_steps=3", "eval.every_n_steps=0", f"deepspeed.config={ds}", *extra])
+        for name, (ds, extra) in RUNS.items()
+    }
+    for name, output in run_jobs_in_one_launch(2, jobs).items():
+        stage = "3" if "zero3" in RUNS[name][0] else "2"
+        assert f"ZeRO stage {stage}" in output, name  # each job ran under its own engine config
     return root
 
 

@@ -13,7 +13,14 @@ from safetensors.torch import load_file
 
 from dsee_dist.dsee.adapter import ADAPTER_WEIGHTS
 from tests.conftest import REPO
-from tests.distributed.launch import TINY_RUN, launch_training, run_training, train_command, train_losses
+from tests.distributed.launch import (
+    TINY_RUN,
+    launch_training,
+    run_jobs_in_one_launch,
+    run_training,
+    train_command,
+    train_losses,
+)
 from tests.hooks import hook_env
 
 pytestmark = pytest.mark.distributed
@@ -35,9 +42,10 @@ def _stage(stage):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """8 uninterrupted steps at world size 2 under ZeRO-2 and ZeRO-3."""
+    """8 uninterrupted steps at world size 2 under ZeRO-2 and ZeRO-3 (one launch: tests/distributed/sequential_jobs)."""
     root = tmp_path_factory.mktemp("full")
-    return {stage: run_training(2, root / f"z{stage}", *BASE, _stage(stage)) and root / f"z{stage}" for stage in (2, 3)}
+    run_jobs_in_one_launch(2, {f"z{stage}": (root / f"z{stage}", [*BASE, _stage(stage)]) for stage in (2, 3)})
+    return {stage: root / f"z{stage}" for stage in (2, 3)}
 
 
 def _adapter(out):
@@ -51,13 +59,17 @@ MICRO = {1: 8, 2: 4, 4: 2}  # micro-batch per world size: the same global batch 
 def stopped(tmp_path_factory):
     """Runs stopped after step 4 (train.stop_after_steps), by (ZeRO stage, world size); each test resumes a copy."""
     root = tmp_path_factory.mktemp("stopped")
-    runs = {}
-    for stage, world in ((2, 2), (3, 2), (2, 1)):
-        out = root / f"z{stage}_ws{world}"
-        run_training(
-            world, out, *BASE, _stage(stage), f"train.micro_batch_size={MICRO[world]}", "train.stop_after_steps=4"
-        )
-        runs[stage, world] = out
+    runs = {(stage, world): root / f"z{stage}_ws{world}" for stage, world in ((2, 2), (3, 2), (2, 1))}
+    for world in (2, 1):  # the jobs of one world size in one launch
+        jobs = {
+            out.name: (
+                out,
+                [*BASE, _stage(stage), f"train.micro_batch_size={MICRO[world]}", "train.stop_after_steps=4"],
+            )
+            for (stage, w), out in runs.items()
+            if w == world
+        }
+        run_jobs_in_one_launch(world, jobs)
     return runs
 
 

@@ -5,7 +5,7 @@ at world size 2."""
 import pytest
 import torch
 
-from tests.distributed.launch import TINY_RUN, run_training, train_losses
+from tests.distributed.launch import TINY_RUN, run_jobs_in_one_launch, run_training, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -47,21 +47,28 @@ def llama_dir(tmp_path_factory):
 
 def test_llama_losses_agree_across_zero_stages_and_world_sizes(llama_dir, tmp_path):
     losses = {}
-    for name, (world, ds) in RUNS.items():
+    for world in (1, 2):  # the jobs of one world size in one launch (tests/distributed/sequential_jobs.py)
         micro = ["train.micro_batch_size=8"] if world == 1 else []  # the same global batch (8)
-        proc = run_training(
-            world,
-            tmp_path / name,
-            *LLAMA_RUN,
-            *micro,
-            "model.builtin=null",
-            "dsee.target_modules=auto",
-            f"model.path={llama_dir}",
-            f"deepspeed.config={ds}",
-            "eval.every_n_steps=0",
-        )
-        assert "in 4 DSEE layers" in proc.stdout  # auto: q_proj and v_proj of 2 layers
-        losses[name] = torch.tensor(train_losses(tmp_path / name))
+        jobs = {
+            name: (
+                tmp_path / name,
+                [
+                    *LLAMA_RUN,
+                    *micro,
+                    "model.builtin=null",
+                    "dsee.target_modules=auto",
+                    f"model.path={llama_dir}",
+                    f"deepspeed.config={ds}",
+                    "eval.every_n_steps=0",
+                ],
+            )
+            for name, (w, ds) in RUNS.items()
+            if w == world
+        }
+        for name, output in run_jobs_in_one_launch(world, jobs).items():
+            assert "in 4 DSEE layers" in output  # auto: q_proj and v_proj of 2 layers
+            assert f"ZeRO stage {name[-1]}" in output  # the job ran under its own engine config
+            losses[name] = torch.tensor(train_losses(tmp_path / name))
     reference = losses["ws1_zero2"]
     assert len(reference) == 6 and reference[-1] < reference[0]
     for name, values in losses.items():
