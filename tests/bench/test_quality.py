@@ -214,3 +214,7 @@ def test_pruning_row_takes_the_finished_dsee_run_as_its_stage_1(tiny_models, tmp
     same = results / "rows" / "dsee-s42" / "run" / "adapter" / "adapter_model.safetensors"
     assert (run / "stage1" / "adapter" / "adapter_model.safetensors").read_bytes() == same.read_bytes()
     assert pruned["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.02)  # the export is half zeros
+    # the table counts the FLOPs of the nonzero weights beside the dense figure (2 per zero weight fewer)
+    (entry,) = [e for e in json.loads((results / "quality.json").read_text())["rows"] if e["row"] == "dsee-u50"]
+    assert entry["nonzero_flops_per_token"] == pruned["flops_per_token"] - 2 * pruned["sparsity"]["zeros"]
+    assert f"({entry['nonzero_flops_per_token'] / 1e6:.1f} nonzero)" in (results / "table.md").read_text()
