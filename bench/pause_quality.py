@@ -20,12 +20,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.quality import PAUSED_FILE  # noqa: E402
+from bench.quality import PAUSED_FILE, paused_seconds, results_dir_of  # noqa: E402
 
 
 def table_processes(script: Path | None = None) -> tuple[list[psutil.Process], list[Path]]:
     """The running bench/quality.py processes (only those run from `script`, if given), their trainers, and
-    the trainers' run directories."""
+    the directories whose PAUSED_FILE counts the pause: the trainers' run directories and the tables' results."""
     me = psutil.Process()
     mine = {me.pid} | {p.pid for p in me.parents()}  # called before the command starts: it has no children yet
     procs, run_dirs = [], []
@@ -41,6 +41,7 @@ def table_processes(script: Path | None = None) -> tuple[list[psutil.Process], l
                 child_cmd = child.cmdline()
                 if "--config" in child_cmd:
                     run_dirs.append(Path(child_cmd[child_cmd.index("--config") + 1]).parent)
+            run_dirs.append(Path(p.cwd()) / results_dir_of(cmd[2:]))  # the table's own pauses (decoding)
     return procs, run_dirs
 
 
@@ -64,8 +65,8 @@ def main(argv: list[str]) -> int:
     finally:
         stopped = time.time() - start
         for run_dir in run_dirs:
-            previous = float((run_dir / PAUSED_FILE).read_text()) if (run_dir / PAUSED_FILE).is_file() else 0.0
-            (run_dir / PAUSED_FILE).write_text(f"{previous + stopped:.1f}\n")
+            if run_dir.is_dir():
+                (run_dir / PAUSED_FILE).write_text(f"{paused_seconds(run_dir) + stopped:.1f}\n")
         for p in procs:
             try:
                 p.send_signal(signal.SIGCONT)

@@ -54,7 +54,16 @@ from dsee_dist.utils.files import atomic_directory, atomic_path, write_text_atom
 logger = logging.getLogger("bench.quality")
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e"
 SPEED_MRS, SPEED_NEW_TOKENS = 16, 32
-PAUSED_FILE = "paused_s"  # in a run directory: seconds its trainer was stopped with SIGSTOP (see pause_training)
+# Seconds stopped with SIGSTOP by bench/pause_quality.py, added up: in a run directory, while its trainer ran; in
+# the results directory, whatever the table was doing (decoding). Readings before and after a step give its pauses.
+PAUSED_FILE = "paused_s"
+
+
+def paused_seconds(directory: Path) -> float:
+    path = Path(directory) / PAUSED_FILE
+    return float(path.read_text()) if path.is_file() else 0.0
+
+
 ATTEMPTS_FILE = "attempts.json"  # in a run directory: every stopped attempt's wall, CPU and peak memory
 
 
@@ -226,6 +235,7 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     log_path = out_dir / "train.log"
+    paused_before = paused_seconds(out_dir)
     start = time.perf_counter()
     with open(log_path, "a") as log:  # appended: a resumed attempt keeps the earlier ones' log
         proc = subprocess.Popen(
@@ -243,6 +253,8 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
         proc.returncode = os.waitstatus_to_exitcode(status)
     attempt = {
         "wall_s": round(time.perf_counter() - start, 1),
+        # stopped while the machine was lent to other work (bench/pause_quality.py): not training time
+        "paused_s": round(paused_seconds(out_dir) - paused_before, 1),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "exit": proc.returncode,
@@ -259,9 +271,7 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
     if STOP.requested:  # the request came as the trainer finished its last step: stop now; the rerun resumes
         write_json_atomic(attempts_path, attempts)  # from the final checkpoint (evaluation, save) and goes on
         raise Stopped(f"training in {out_dir} finished as the stop request came")
-    # Seconds the trainer was stopped (SIGSTOP) while the machine was lent to other work, as recorded beside it
-    # by whoever stopped it (PAUSED_FILE): not training time.
-    paused = float((out_dir / PAUSED_FILE).read_text()) if (out_dir / PAUSED_FILE).is_file() else 0.0
+    paused = sum(a.get("paused_s", 0.0) for a in attempts)
     return {
         "train_wall_s": round(sum(a["wall_s"] for a in attempts) - paused, 1),
         "paused_s": round(paused, 1),
@@ -517,9 +527,11 @@ class Bench:
 
         dtype = torch.bfloat16 if self.s.device == "cuda" else torch.float32
         model, tokenizer = load_decoder(str(model_dir), self.s.device, dtype)
+        paused_before = paused_seconds(self.root)
         outputs, timing = decode_mrs(
             model, tokenizer, self.mrs, self.s.decoding, self.s.decode_batch_size, max_new_tokens=self.s.max_new_tokens
         )
+        timing["decode_s"] = round(timing["decode_s"] - (paused_seconds(self.root) - paused_before), 2)
         del model
         return outputs, timing
 
@@ -666,6 +678,15 @@ def measure_speeds(records: list[dict], mrs: list[str], device: str, root: Path,
 # ------------------------------------------------------------------------------ command line
 
 
+def results_dir_of(argv=None) -> str:
+    """The results directory that a command line of this script writes to (relative to its working directory)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--results")
+    p.add_argument("--quick", action="store_true")
+    a, _ = p.parse_known_args(argv)
+    return a.results or str(REPO / "results" / ("quality-quick" if a.quick else "quality"))
+
+
 def parse_args(argv=None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="the base model directory (dsee-dist models fetch smollm2 DIR)")
@@ -708,7 +729,7 @@ def parse_args(argv=None) -> Settings:
         model=a.model,
         train_csv=a.train_csv,
         test_csv=a.test_csv,
-        results=a.results or str(REPO / "results" / ("quality-quick" if a.quick else "quality")),
+        results=str(Path(results_dir_of(argv)).resolve()),  # absolute: the trainers run in the repository
         rows=names,
         quick=a.quick,
         seeds=[SEEDS[0] + i for i in range(n_seeds)],

@@ -1,5 +1,6 @@
 """bench/pause_quality.py stops a running quality table (and its trainer) while a command runs, resumes it,
-and records the pause in the trainer's run directory; it never stops itself or the command it runs."""
+and records the pause in the trainer's run directory and the table's results directory; it never stops itself
+or the command it runs."""
 
 import subprocess
 import sys
@@ -11,8 +12,9 @@ from bench import pause_quality
 from bench.quality import PAUSED_FILE
 
 TABLE = """
-import subprocess, sys, time
-trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--config", sys.argv[1]])
+import os, subprocess, sys, time
+config = os.path.abspath(sys.argv[sys.argv.index("--results") + 1] + "/rows/dsee-s42/run/config.yaml")
+trainer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--config", config])
 time.sleep(60)
 """
 
@@ -25,9 +27,11 @@ def test_the_table_is_stopped_during_the_command_and_resumed_after(tmp_path):
     script = tmp_path / "bench" / "quality.py"  # matched by its name, like the real one
     script.parent.mkdir()
     script.write_text(TABLE)
-    run_dir = tmp_path / "rows" / "dsee-s42" / "run"
+    results = tmp_path / "results"
+    run_dir = results / "rows" / "dsee-s42" / "run"
     run_dir.mkdir(parents=True)
-    table = subprocess.Popen([sys.executable, str(script), str(run_dir / "config.yaml")])
+    # a relative --results, as a user types it: taken from the table's working directory
+    table = subprocess.Popen([sys.executable, str(script), "--model", "m", "--results", "results"], cwd=tmp_path)
     try:
         deadline = time.time() + 30
         while not psutil.Process(table.pid).children() and time.time() < deadline:
@@ -41,9 +45,12 @@ def test_the_table_is_stopped_during_the_command_and_resumed_after(tmp_path):
         assert pause_quality.main(command) == 0
         assert probe.read_text() == f"{psutil.STATUS_STOPPED} {psutil.STATUS_STOPPED}"  # both, during the command
         assert _state(table.pid) != psutil.STATUS_STOPPED and _state(trainer.pid) != psutil.STATUS_STOPPED
-        assert 0.4 < float((run_dir / PAUSED_FILE).read_text()) < 30
-        pause_quality.main(["--script", str(script), "--", sys.executable, "-c", "pass"])  # adds to the first
-        assert float((run_dir / PAUSED_FILE).read_text()) >= 0.4
+        # the trainer's pause (its training time) and the table's (e.g. its decoding time) are both recorded
+        for directory in (run_dir, results):
+            assert 0.4 < float((directory / PAUSED_FILE).read_text()) < 30
+        first = float((results / PAUSED_FILE).read_text())
+        pause_quality.main(["--script", str(script), "--", sys.executable, "-c", "import time; time.sleep(0.2)"])
+        assert float((results / PAUSED_FILE).read_text()) >= first + 0.2  # added to the first
     finally:
         for p in psutil.Process(table.pid).children(recursive=True):
             p.kill()
