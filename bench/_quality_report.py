@@ -114,7 +114,7 @@ def plot(entries: list[dict], target: Path) -> None:
             (axes[1], "flops_per_token", "decoding FLOPs per token (nonzero weights for a sparse export)"),
         ):
             for e in rows:
-                x = e.get("nonzero_flops_per_token") or e.get(key) if key == "flops_per_token" else e.get(key)
+                x = (e.get("nonzero_flops_per_token") or e.get(key)) if key == "flops_per_token" else e.get(key)
                 if not x:
                     continue
                 mean, std = e["BLEU"]
