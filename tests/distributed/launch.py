@@ -106,6 +106,22 @@ def _read(files, which: int) -> str:
     return "".join(texts)
 
 
+def run_module(
+    world_size: int, module_args: list[str], *, env: dict | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`python -m MODULE_ARGS` as one process, or as `world_size` ranks started directly (run_ranks)."""
+    if world_size > 1:
+        return run_ranks(world_size, module_args, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *module_args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=launch_env(env),
+    )
+
+
 def launch_training(
     world_size: int,
     out_dir: Path,
@@ -117,24 +133,27 @@ def launch_training(
 ) -> subprocess.CompletedProcess:
     """One training job; its exit status is the caller's to check."""
     args = train_args(out_dir, *overrides, config=config)
-    if world_size > 1 and launcher == "env":
-        return run_ranks(world_size, ["dsee_dist.train", *args], env=env, timeout=timeout)
-    return subprocess.run(
-        training_command(world_size, args),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=launch_env(env),
-    )
+    if world_size > 1 and launcher != "env":
+        return subprocess.run(
+            training_command(world_size, args),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=launch_env(env),
+        )
+    return run_module(world_size, ["dsee_dist.train", *args], env=env, timeout=timeout)
+
+
+def _must_succeed(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
 
 
 def run_training(world_size: int, out_dir: Path, *overrides: str, **kw) -> subprocess.CompletedProcess:
     """One training job that must succeed (its output is shown when it does not)."""
-    proc = launch_training(world_size, out_dir, *overrides, **kw)
-    if proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+    return _must_succeed(launch_training(world_size, out_dir, *overrides, **kw))
 
 
 def run_jobs_in_one_launch(
@@ -146,31 +165,26 @@ def run_jobs_in_one_launch(
 ) -> dict[str, str]:
     """Several training jobs (name -> (output dir, overrides)) run one after another by the same ranks
     (tests/distributed/sequential_jobs.py), paying their start-up once; all must succeed. Returns each job's
-    rank-0 output."""
+    rank-0 output, each checked to report the ZeRO stage of its own `deepspeed.config` (a job never runs under
+    the previous job's engine)."""
     from tests.distributed.sequential_jobs import JOB_MARKER
 
     with tempfile.TemporaryDirectory(prefix="dsee-jobs-") as tmp:
         jobs_file = Path(tmp) / "jobs.json"
         argvs = [[name, train_args(out, *overrides, config=config)] for name, (out, overrides) in jobs.items()]
         jobs_file.write_text(json.dumps(argvs, default=str))
-        module_args = ["tests.distributed.sequential_jobs", str(jobs_file)]
-        if world_size > 1:
-            proc = run_ranks(world_size, module_args, timeout=timeout)
-        else:
-            proc = subprocess.run(
-                [sys.executable, "-m", *module_args],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=launch_env(),
-            )
-    if proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        proc = _must_succeed(
+            run_module(world_size, ["tests.distributed.sequential_jobs", str(jobs_file)], timeout=timeout)
+        )
     # rank 0's output comes first (run_ranks joins the ranks' outputs in rank order)
     parts = proc.stdout.split(JOB_MARKER)[1 : len(jobs) + 1]
     outputs = {part.split("\n", 1)[0]: part for part in parts}
     assert list(outputs) == list(jobs), proc.stdout[-3000:]
+    for name, (_, overrides) in jobs.items():
+        engine = [o.split("=", 1)[1] for o in overrides if o.startswith("deepspeed.config=")]
+        assert engine, f"job {name}: give deepspeed.config explicitly (its ZeRO stage is checked)"
+        stage = json.loads((REPO / engine[-1]).read_text())["zero_optimization"]["stage"]
+        assert f"ZeRO stage {stage}" in outputs[name], f"job {name} did not run under {engine[-1]}"
     return outputs
 
 

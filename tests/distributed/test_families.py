@@ -67,7 +67,6 @@ def test_llama_losses_agree_across_zero_stages_and_world_sizes(llama_dir, tmp_pa
         }
         for name, output in run_jobs_in_one_launch(world, jobs).items():
             assert "in 4 DSEE layers" in output  # auto: q_proj and v_proj of 2 layers
-            assert f"ZeRO stage {name[-1]}" in output  # the job ran under its own engine config
             losses[name] = torch.tensor(train_losses(tmp_path / name))
     reference = losses["ws1_zero2"]
     assert len(reference) == 6 and reference[-1] < reference[0]
