@@ -21,27 +21,21 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from dsee_dist.config import config_from_dict
-from dsee_dist.dsee.adapter import save_adapter
-from dsee_dist.dsee.inject import dsee_layers, find_targets, inject_dsee, set_submodule
-from dsee_dist.dsee.layer import weight_out_in
-from dsee_dist.dsee.placement import SUPPORT_FILE
 from dsee_dist.engine.checkpoint import find_resume_checkpoint, read_trainer_state
-from dsee_dist.engine.reshard import consolidate_trainable_state
 from dsee_dist.errors import DSEEError, reports_errors
-from dsee_dist.models.loading import end_zero3_init
-from dsee_dist.models.pruned_gpt2 import register
-from dsee_dist.pruning.stage2 import attach_keep_masks
-from dsee_dist.pruning.structured import write_remote_code
 from dsee_dist.utils.files import atomic_directory
+
+# The model-building modules (transformers, DeepSpeed: seconds to import) are imported where they are used,
+# so that `dsee-dist export` refuses a wrong path or a missing --adapter/--merged at once.
 
 EXPORT_REPORT = "dsee_export.json"
 
 
 def load_trainable_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 trainable tensors by parameter name, from any ZeRO stage and world size."""
+    from dsee_dist.engine.reshard import consolidate_trainable_state
+
     if any(checkpoint_dir.glob("*_optim_states.pt")):
         state, _ = consolidate_trainable_state(checkpoint_dir)
         return {name: s["fp32"] for name, s in state.items()}
@@ -51,7 +45,15 @@ def load_trainable_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
 
 def build_model_from_checkpoint(checkpoint_dir: Path, base_model: str | None = None):
     """(the adapted model in eval mode, its config, the base model path)."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
+
+    from dsee_dist.config import config_from_dict
+    from dsee_dist.dsee.inject import dsee_layers, find_targets, inject_dsee
+    from dsee_dist.dsee.placement import SUPPORT_FILE
+    from dsee_dist.models.loading import end_zero3_init
+    from dsee_dist.models.pruned_gpt2 import register
+    from dsee_dist.pruning.stage2 import attach_keep_masks
 
     info = read_trainer_state(checkpoint_dir)
     cfg = config_from_dict(info.config, validate=False)
@@ -83,6 +85,8 @@ def build_model_from_checkpoint(checkpoint_dir: Path, base_model: str | None = N
 
 def merge_into_base(model) -> None:
     """Fold every DSEE layer into its base weight and put the plain module back."""
+    from dsee_dist.dsee.inject import dsee_layers, set_submodule
+
     for name, layer in dsee_layers(model).items():
         layer.merge()
         set_submodule(model, name, layer.base)
@@ -92,6 +96,8 @@ def save_merged(model, base_model: str, target: Path, report: dict | None = None
     """An ordinary Hugging Face directory: the model, the base model's tokenizer, a structurally pruned model's
     modeling file and the export report; written atomically."""
     from transformers import AutoTokenizer
+
+    from dsee_dist.pruning.structured import write_remote_code
 
     with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -107,6 +113,7 @@ def save_merged(model, base_model: str, target: Path, report: dict | None = None
 
 def sparsity_report(model, pruning: dict | None) -> dict:
     """Zeros actually present in every prunable matrix of the merged model (per matrix and in total)."""
+    from dsee_dist.dsee.layer import weight_out_in
     from dsee_dist.pruning.targets import KINDS, prunable_matrices
 
     matrices = {}
@@ -140,6 +147,12 @@ def export_merged(model, cfg, base: str, target: Path, log=print) -> dict:
 
 
 def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory, a checkpoints/ root or a run's output.dir -> the checkpoint directory."""
+    if not Path(path).exists():
+        raise DSEEError(
+            f"checkpoint '{path}' does not exist; give a checkpoint directory (checkpoints/step_N), "
+            "a checkpoints/ root or a run's output.dir"
+        )
     if (Path(path) / "stage2").is_dir() and not (Path(path) / "checkpoints").is_dir():  # a two-stage run's output.dir
         path = str(Path(path) / "stage2")
     found = find_resume_checkpoint(Path(path), path)
@@ -158,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.adapter and not args.merged:
         raise DSEEError("nothing to do: give --adapter DIR and/or --merged DIR")
     ckpt = resolve_checkpoint(args.checkpoint)
+    from dsee_dist.dsee.adapter import save_adapter
+
     model, cfg, base = build_model_from_checkpoint(ckpt, args.base_model)
     print(f"[dsee] export: {ckpt} (base {base})", flush=True)
     if args.adapter:

@@ -218,3 +218,22 @@ def test_pruning_row_takes_the_finished_dsee_run_as_its_stage_1(tiny_models, tmp
     (entry,) = [e for e in json.loads((results / "quality.json").read_text())["rows"] if e["row"] == "dsee-u50"]
     assert entry["nonzero_flops_per_token"] == pruned["flops_per_token"] - 2 * pruned["sparsity"]["zeros"]
     assert f"({entry['nonzero_flops_per_token'] / 1e6:.1f} nonzero)" in (results / "table.md").read_text()
+
+
+def test_decoding_time_leaves_out_the_seconds_the_table_was_paused(tmp_path, monkeypatch):
+    """bench/pause_quality.py adds a pause to the results directory's count while the table decodes: the
+    row's decode_s (and so its tokens/s) is the time spent decoding, not the time the table was stopped."""
+    import bench._quality_decode as quality_decode
+
+    def decode_while_paused_for_7_5_s(model, tokenizer, mrs, decoding, batch_size, max_new_tokens=64):
+        (tmp_path / quality.PAUSED_FILE).write_text("10.0\n")  # 2.5 s from an earlier pause, 7.5 s now
+        return [f"out {mr}" for mr in mrs], {"decode_s": 20.0, "new_tokens": 40}
+
+    monkeypatch.setattr(quality_decode, "load_decoder", lambda *a: (object(), object()))
+    monkeypatch.setattr(quality_decode, "decode_mrs", decode_while_paused_for_7_5_s)
+    bench = object.__new__(quality.Bench)
+    bench.root, bench.mrs = tmp_path, ["a", "b"]
+    bench.s = SimpleNamespace(device="cpu", decoding="greedy", decode_batch_size=2, max_new_tokens=8)
+    (tmp_path / quality.PAUSED_FILE).write_text("2.5\n")
+    outputs, timing = bench.decode(tmp_path / "model")
+    assert outputs == ["out a", "out b"] and timing == {"decode_s": 12.5, "new_tokens": 40}
