@@ -11,13 +11,33 @@ from __future__ import annotations
 import argparse
 import sys
 
+# Commands whose arguments go untouched to their recipe's own parser: argparse's REMAINDER would refuse
+# an option as the first of them (`dsee-dist train --config X.yaml`).
+OWN_PARSERS = ("train", "export", "plan", "quickstart")
+
+
+def run_own_parser(command: str, rest: list[str]) -> int:
+    if command == "train":
+        from dsee_dist.recipes.finetune import exit_process, run
+
+        exit_process(run(rest))
+    if command == "export":
+        from dsee_dist.recipes.export import main as export_main
+
+        return export_main(rest)
+    if command == "plan":
+        from dsee_dist.recipes.plan import main as plan_main
+
+        return plan_main(rest)
+    from dsee_dist.recipes.quickstart import main as quickstart_main
+
+    return quickstart_main(rest)
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["quickstart"]:  # its own options and dotted overrides, in any order
-        from dsee_dist.recipes.quickstart import main as quickstart_main
-
-        return quickstart_main(argv[1:])
+    if argv[:1] and argv[0] in OWN_PARSERS:  # commands that parse their own options (and dotted overrides)
+        return run_own_parser(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="dsee-dist", description="DSEE fine-tuning on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run training in this process (under deepspeed, torchrun, srun or alone)")
@@ -56,18 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     quick.add_argument("rest", nargs=argparse.REMAINDER)  # handled above (dsee-dist quickstart --help)
     args = parser.parse_args(argv)
-    if args.command == "train":
-        from dsee_dist.recipes.finetune import exit_process, run
-
-        exit_process(run(args.rest))
-    if args.command == "export":
-        from dsee_dist.recipes.export import main as export_main
-
-        return export_main(args.rest)
-    if args.command == "plan":
-        from dsee_dist.recipes.plan import main as plan_main
-
-        return plan_main(args.rest)
+    if args.command in OWN_PARSERS:  # reached only with options before the command (dsee-dist -x train)
+        return run_own_parser(args.command, args.rest)
     if args.command == "evaluate":
         return evaluate_recipe.run(args)
     if args.command == "generate":
