@@ -20,7 +20,7 @@ def run_own_parser(command: str, rest: list[str]) -> int:
     if command == "train":
         from dsee_dist.recipes.finetune import exit_process, run
 
-        exit_process(run(rest))
+        exit_process(run(rest, prog="dsee-dist train"))
     if command == "export":
         from dsee_dist.recipes.export import main as export_main
 

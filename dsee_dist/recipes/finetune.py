@@ -57,8 +57,8 @@ from dsee_dist.utils.metrics_log import MetricsLogger
 logger = logging.getLogger(__name__)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m dsee_dist.train", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None, prog: str = "python -m dsee_dist.train") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
     # appended by the deepspeed launcher
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -85,11 +85,11 @@ class RunContext:
     preemption: PreemptionHandler
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m dsee_dist.train") -> int:
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     setup_logging()
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     cfg = load_config(args.config, args.overrides)
     preemption = PreemptionHandler()
     try:
@@ -564,10 +564,11 @@ def save(stage: Stage) -> None:
 # ------------------------------------------------------------------------------ process entry
 
 
-def run(argv: list[str] | None = None) -> int:
-    """`main` with user errors turned into one line on stderr and exit status 2."""
+def run(argv: list[str] | None = None, prog: str = "python -m dsee_dist.train") -> int:
+    """`main` with user errors turned into one line on stderr and exit status 2; `prog` names the command in
+    usage lines (`dsee-dist train` when started through the CLI)."""
     try:
-        return main(argv)
+        return main(argv, prog)
     except DSEEError as exc:
         import torch.distributed as dist
 

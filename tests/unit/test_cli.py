@@ -20,6 +20,11 @@ def test_train_takes_its_config_option(tmp_path):
     assert f"config file '{tmp_path / 'missing.yaml'}' does not exist" in proc.stderr
 
 
+def test_train_usage_names_the_command_typed():
+    proc = _cli("train")
+    assert proc.returncode == 2 and "usage: dsee-dist train" in proc.stderr, proc.stderr
+
+
 def test_plan_takes_options_before_the_config():
     proc = _cli("plan", "--world-size", "2", "--json", "configs/quickstart.yaml")
     assert proc.returncode == 0, proc.stderr
