@@ -56,8 +56,11 @@ from dsee_dist.utils.metrics_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
 
+# how the launchers start this recipe; `dsee-dist train` passes its own name for usage lines
+LAUNCHER_PROG = "python -m dsee_dist.train"
 
-def parse_args(argv: list[str] | None, prog: str = "python -m dsee_dist.train") -> argparse.Namespace:
+
+def parse_args(argv: list[str] | None, prog: str = LAUNCHER_PROG) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
     # appended by the deepspeed launcher
@@ -85,7 +88,7 @@ class RunContext:
     preemption: PreemptionHandler
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m dsee_dist.train") -> int:
+def main(argv: list[str] | None = None, prog: str = LAUNCHER_PROG) -> int:
     # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     setup_logging()
@@ -564,7 +567,7 @@ def save(stage: Stage) -> None:
 # ------------------------------------------------------------------------------ process entry
 
 
-def run(argv: list[str] | None = None, prog: str = "python -m dsee_dist.train") -> int:
+def run(argv: list[str] | None = None, prog: str = LAUNCHER_PROG) -> int:
     """`main` with user errors turned into one line on stderr and exit status 2; `prog` names the command in
     usage lines (`dsee-dist train` when started through the CLI)."""
     try:
