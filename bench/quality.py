@@ -50,6 +50,7 @@ from bench import _quality_rows as rows_mod  # noqa: E402
 from bench._quality_rows import DEFAULT_LR, LR_GRID, ROWS, SEEDS  # noqa: E402
 from dsee_dist.engine.launcher import launch_env  # noqa: E402
 from dsee_dist.utils.files import atomic_directory, atomic_path, write_text_atomic  # noqa: E402
+from dsee_dist.utils.signals import install_handlers, restore_handlers  # noqa: E402
 
 logger = logging.getLogger("bench.quality")
 SHARED_E2E = REPO.parent / "shared" / "data" / "e2e"
@@ -84,13 +85,11 @@ class StopRequests:
 
     def __enter__(self):
         self.requested = False
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = install_handlers(self.SIGNALS, self._handle)
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        restore_handlers(self._previous)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True

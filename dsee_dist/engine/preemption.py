@@ -15,6 +15,7 @@ import logging
 import signal
 
 from dsee_dist.engine import distributed
+from dsee_dist.utils.signals import install_handlers, restore_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,7 @@ class PreemptionHandler:
     def __init__(self):
         self.requested = False
         self.signal_name = None
-        self._previous = {}
-        for sig in SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        self._previous = install_handlers(SIGNALS, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if not self.requested:
@@ -50,5 +49,4 @@ class PreemptionHandler:
             signal.signal(sig, signal.SIG_IGN)
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        restore_handlers(self._previous)

@@ -1,1 +1,1 @@
-"""Small shared helpers: metrics log."""
+"""Small shared helpers: atomic files, logging set-up, the metrics log, throughput, signal handlers."""
