@@ -20,9 +20,9 @@ DataFormat = Literal["synthetic_e2e", "e2e", "text", "jsonl"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 FusedSlice = Literal["q", "k", "v"]
 PruneMethod = Literal["none", "unstructured", "structured"]
-PruneScore = Literal["delta", "merged", "base", "random"]
+PruneScore = Literal["delta", "merged", "base", "activation", "random"]
 PruneHeadScore = Literal["delta", "delta+base"]
-PruneGrouping = Literal["adaptation", "kind", "global"]
+PruneGrouping = Literal["adaptation", "kind", "global", "row"]
 PruneModuleKind = Literal["attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out"]
 KeepBestMetric = Literal["bleu", "rouge_l"]
 
@@ -283,7 +283,8 @@ class PruneConfig:
         default="delta",
         metadata={
             "help": "unstructured score: delta = |dW| for adapted matrices, |W0| for the others; merged = |W0 + dW|; "
-            "base = |W0|; random"
+            "base = |W0|; activation = |W0 + dW| x the L2 norm of each input feature over calibration_examples "
+            "training examples (Wanda); random"
         },
     )
     ratio: float = field(
@@ -293,11 +294,16 @@ class PruneConfig:
     grouping: PruneGrouping = field(
         default="adaptation",
         metadata={
-            "help": "adaptation: groups 'adapted' and 'frozen'; kind: one group per module kind; global: one group"
+            "help": "adaptation: groups 'adapted' and 'frozen'; kind: one group per module kind; global: one group; "
+            "row: every output row of every matrix loses its ratio (its adaptation group's ratio in group_ratios)"
         },
     )
     group_ratios: dict = field(
         default_factory=dict, metadata={"help": "per-group ratios overriding ratio, e.g. {adapted: 0.3, frozen: 0.2}"}
+    )
+    calibration_examples: int = field(
+        default=128,
+        metadata={"help": "score activation: training examples whose inputs give the norms (split over ranks)"},
     )
     modules: list[PruneModuleKind] = field(
         default_factory=lambda: list(PRUNE_MODULE_KINDS),

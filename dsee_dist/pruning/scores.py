@@ -5,6 +5,8 @@ Element scores (METHOD.md §3, after the reference's --prune_mode):
 - `delta`  (reference ABS): |ΔW| for adapted matrices, |W0| for non-adapted ones;
 - `merged` (WABS): |W0 + ΔW|;
 - `base`: |W0|;
+- `activation` (Wanda, Sun et al. 2023): |W0 + ΔW| times the L2 norm of each input feature over calibration
+  examples (`calibration.input_norms`), so a weight that multiplies a large input counts for more;
 - `random`: uniform noise drawn from a generator seeded by (seed, matrix name), so every rank and
   world size draws the same numbers.
 """
@@ -15,12 +17,21 @@ import torch
 
 from dsee_dist.dsee.support import matrix_generator
 
-ELEMENT_SCORES = ("delta", "merged", "base", "random")
+ELEMENT_SCORES = ("delta", "merged", "base", "activation", "random")
 HEAD_SCORES = ("delta", "delta+base")
 
 
-def element_scores(score: str, w0: torch.Tensor, delta: torch.Tensor | None, *, seed: int, name: str) -> torch.Tensor:
-    """Non-negative fp32 scores, the shape of w0 (out x in); lower = pruned first."""
+def element_scores(
+    score: str,
+    w0: torch.Tensor,
+    delta: torch.Tensor | None,
+    *,
+    seed: int,
+    name: str,
+    input_norm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Non-negative fp32 scores, the shape of w0 (out x in); lower = pruned first. `input_norm` (in,): the
+    calibration norms of the matrix's input features, required by `activation`."""
     if score == "random":
         return torch.rand(w0.shape, generator=matrix_generator(seed, name + ".prune"), dtype=torch.float32)
     w0 = w0.float()
@@ -28,10 +39,14 @@ def element_scores(score: str, w0: torch.Tensor, delta: torch.Tensor | None, *, 
         values = w0.abs()
     elif score == "delta":
         values = delta.float().abs()
-    elif score == "merged":
+    elif score in ("merged", "activation"):
         values = (w0 + delta.float()).abs()
     else:
         raise ValueError(f"unknown element score '{score}'")
+    if score == "activation":
+        if input_norm is None:
+            raise ValueError(f"score 'activation' needs the input norms of '{name}'")
+        values = values * input_norm.float().view(1, -1)
     return values + 0.0  # -0.0 -> +0.0: the bit patterns of non-negative floats sort like the values
 
 

@@ -1,5 +1,6 @@
 """Unstructured pruning of the final weights: the lowest-scoring fraction of each group, ranked globally
-over the group (METHOD.md §3), written as a pruned copy of the base model.
+over the group (METHOD.md §3), or of each output row (`grouping: row`, as Wanda), written as a pruned copy
+of the base model.
 
 Work is split by module: module i is scored and written by rank i % world_size, which reads only that
 module's weight from the base files and keeps only the scores of the modules it owns. The threshold of
@@ -34,11 +35,22 @@ MASKS_GLOB = "dsee_masks-*.safetensors"
 
 
 def group_of(matrix: PrunableMatrix, adapted: bool, grouping: str) -> str:
+    """The group a matrix is ranked in (`row` ranks within rows, and takes its ratio from the adaptation group)."""
     if grouping == "global":
         return "all"
     if grouping == "kind":
         return matrix.kind
     return "adapted" if adapted else "frozen"
+
+
+def lowest_per_row(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """True on the round(ratio * in) lowest scores of every row (ties broken by column index)."""
+    k = round(ratio * scores.shape[1])
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        pruned.scatter_(1, order, True)
+    return pruned
 
 
 def adapted_slice(adapter_config: dict, module: str, rows: tuple) -> int | None:
@@ -67,9 +79,18 @@ def slice_positions(adapter_config: dict, matrix: PrunableMatrix, slice_index: i
 
 
 def prune_unstructured(
-    prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, *, seed: int, log=print
+    prune_cfg,
+    base_dir: str,
+    adapter: tuple[dict, dict],
+    target: Path,
+    dist_info,
+    *,
+    seed: int,
+    log=print,
+    input_norms: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Collective. Writes the pruned model to `target`; returns the report (on every rank)."""
+    """Collective. Writes the pruned model to `target`; returns the report (on every rank). `input_norms`: per
+    module, the calibration norms of its input features (`calibration.input_norms`), for score `activation`."""
     from transformers import AutoConfig
 
     adapter_config, adapter_tensors = adapter
@@ -89,23 +110,29 @@ def prune_unstructured(
         delta = layer_delta(adapter_config, adapter_tensors, module) if module in adapter_config["layers"] else None
         for m in (m for m in matrices if m.module == module):
             d = m.rows_of(delta) if delta is not None and adapted_rows(adapter_config, m) is not None else None
+            norm = input_norms.get(module) if input_norms else None
             scores.setdefault(groups[m.name], {})[m.name] = element_scores(
-                prune_cfg.score, m.rows_of(w0), d, seed=seed, name=m.name
+                prune_cfg.score, m.rows_of(w0), d, seed=seed, name=m.name, input_norm=norm
             )
 
-    # 2. One global threshold per group.
+    # 2. One global threshold per group, or the lowest of each row (no rank needs another's scores).
     pruned: dict[str, torch.Tensor] = {}
     group_stats = {}
+    by_row = prune_cfg.grouping == "row"
     for group in sorted(set(groups.values())):
         order = [m.name for m in matrices if groups[m.name] == group]
         total = sum(m.numel for m in matrices if groups[m.name] == group)
         ratio = prune_cfg.group_ratios.get(group, prune_cfg.ratio)
-        k = round(ratio * total)
-        pruned.update(lowest_k_masks(scores.get(group, {}), order, k))
+        if by_row:
+            k = sum(m.rows[1] * round(ratio * m.in_features) for m in matrices if groups[m.name] == group)
+            pruned.update({name: lowest_per_row(s, ratio) for name, s in scores.get(group, {}).items()})
+        else:
+            k = round(ratio * total)
+            pruned.update(lowest_k_masks(scores.get(group, {}), order, k))
         group_stats[group] = {"ratio": ratio, "pruned": k, "numel": total, "matrices": len(order)}
         log(
             f"prune: group '{group}': {k:,} of {total:,} entries ({100.0 * k / max(total, 1):.2f}%) "
-            f"over {len(order)} matrices, score '{prune_cfg.score}'"
+            f"over {len(order)} matrices{', per output row' if by_row else ''}, score '{prune_cfg.score}'"
         )
     del scores
 

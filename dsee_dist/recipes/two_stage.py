@@ -94,7 +94,7 @@ def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
             return code, False
     adapter = read_adapter(out_dir / STAGE1 / "adapter")
     if not pruned:
-        prune_model(cfg, base_model, adapter, pruned_dir, dist_info)
+        prune_model(cfg, base_model, adapter, pruned_dir, ctx)
     log_flops(base_model, pruned_dir, cfg.prune.flops_context, dist_info)
 
     if cfg.prune.method == "structured":
@@ -115,11 +115,33 @@ def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
     return 0, True
 
 
-def prune_model(cfg: Config, base_model: str, adapter, pruned_dir: Path, dist_info) -> None:
-    """The stage-1 weights pruned into `pruned_dir` (a complete model directory, written atomically)."""
+def prune_model(cfg: Config, base_model: str, adapter, pruned_dir: Path, ctx: finetune.RunContext) -> None:
+    """The stage-1 weights pruned into `pruned_dir` (a complete model directory, written atomically); score
+    `activation` first runs calibration examples from the training split through the stage-1 model."""
     log(f"pruning ({cfg.prune.method}) -> {pruned_dir}")
+    dist_info = ctx.dist_info
     if cfg.prune.method == "unstructured":
-        prune_unstructured(cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log)
+        norms = None
+        if cfg.prune.score == "activation":
+            from transformers import AutoConfig
+
+            from dsee_dist.pruning.calibration import input_norms
+            from dsee_dist.pruning.targets import prunable_matrices
+
+            matrices = prunable_matrices(AutoConfig.from_pretrained(base_model), cfg.prune.modules)
+            norms = input_norms(
+                ctx.out_dir / STAGE1 / "adapter",
+                base_model,
+                list(dict.fromkeys(m.module for m in matrices)),
+                ctx.train_split,
+                ctx.tokenizer.pad_token_id,
+                dist_info,
+                num_examples=cfg.prune.calibration_examples,
+                batch_size=cfg.train.micro_batch_size,
+            )
+        prune_unstructured(
+            cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log, input_norms=norms
+        )
     else:
         prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log)
 

@@ -133,6 +133,24 @@ def test_cli_malformed_yaml(tmp_path):
         ),
         (["prune.method=structured", "prune.retrain_steps=1"], "prune.method=structured removes nothing"),
         (["prune.method=unstructured"], "exactly one of prune.retrain_steps or prune.retrain_epochs"),
+        (
+            [
+                "prune.method=unstructured",
+                "prune.score=activation",
+                "prune.calibration_examples=0",
+                "prune.retrain_steps=1",
+            ],
+            "prune.calibration_examples must be >= 1 for score activation",
+        ),
+        (
+            [
+                "prune.method=unstructured",
+                "prune.grouping=row",
+                "prune.group_ratios={attn_q: 0.3}",
+                "prune.retrain_steps=1",
+            ],
+            "prune.grouping=row takes group_ratios only for the adaptation groups 'adapted' and 'frozen', got attn_q",
+        ),
     ],
 )
 def test_cli_bad_pruning_requests_fail_before_training(tmp_path, overrides, message):
