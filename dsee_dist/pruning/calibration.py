@@ -16,18 +16,18 @@ import torch
 
 from dsee_dist.data import dataset as data
 from dsee_dist.dsee.adapter import load_adapted_model
+from dsee_dist.dsee.layer import base_shape
 from dsee_dist.engine import distributed
 from dsee_dist.models.loading import end_zero3_init
 
 logger = logging.getLogger(__name__)
 
 
-def calibration_indices(num_examples: int, split_size: int, rank: int, world_size: int) -> list[int]:
-    """This rank's share of `num_examples` training examples spread evenly over the split (data files often
+def calibration_indices(num_examples: int, split_size: int) -> list[int]:
+    """`num_examples` training examples (at most the split) spread evenly over the split (data files often
     hold the references of one input next to each other; the first N would be a few inputs only)."""
     n = min(num_examples, split_size)
-    spread = [i * split_size // n for i in range(n)]
-    return spread[rank::world_size]
+    return [i * split_size // n for i in range(n)]
 
 
 def input_norms(
@@ -60,9 +60,9 @@ def input_norms(
         return accumulate
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in modules]
-    mine = calibration_indices(num_examples, len(split), dist_info.rank, dist_info.world_size)
-    total_examples = min(num_examples, len(split))
-    logger.info(f"calibration: input norms of {len(modules)} modules over {total_examples} training examples")
+    chosen = calibration_indices(num_examples, len(split))
+    mine = chosen[dist_info.rank :: dist_info.world_size]
+    logger.info(f"calibration: input norms of {len(modules)} modules over {len(chosen)} training examples")
     try:
         with torch.no_grad():
             for start in range(0, len(mine), batch_size):
@@ -73,15 +73,9 @@ def input_norms(
     finally:
         for handle in handles:
             handle.remove()
-    widths = [_in_features(model.get_submodule(name)) for name in modules]
+    # in_features of each module; a DSEE layer's is its wrapped base's
+    widths = [base_shape(getattr(module, "base", module))[1] for module in map(model.get_submodule, modules)]
     del model
     flat = torch.cat([sums[name].cpu() if name in sums else torch.zeros(n) for name, n in zip(modules, widths)])
     flat = distributed.all_reduce_tensor(flat.double()).float().sqrt()
     return dict(zip(modules, (part.clone() for part in flat.split(widths))))
-
-
-def _in_features(module) -> int:
-    """Input width of an nn.Linear, GPT-2's Conv1D or a DSEE layer wrapping either."""
-    base = getattr(module, "base", module)
-    weight = base.weight
-    return weight.shape[0] if type(base).__name__ == "Conv1D" else weight.shape[1]

@@ -108,9 +108,9 @@ def prune_unstructured(
     for module in mine:
         w0 = file_to_out_in(files.get(files.key(module)), conv1d[module]).float()
         delta = layer_delta(adapter_config, adapter_tensors, module) if module in adapter_config["layers"] else None
+        norm = input_norms.get(module) if input_norms else None
         for m in (m for m in matrices if m.module == module):
             d = m.rows_of(delta) if delta is not None and adapted_rows(adapter_config, m) is not None else None
-            norm = input_norms.get(module) if input_norms else None
             scores.setdefault(groups[m.name], {})[m.name] = element_scores(
                 prune_cfg.score, m.rows_of(w0), d, seed=seed, name=m.name, input_norm=norm
             )

@@ -47,7 +47,6 @@ def test_norms_are_the_stage1_inputs_over_real_tokens_only(tmp_path):
     )
 
 
-def test_each_example_is_calibrated_by_exactly_one_rank():
-    shares = [calibration_indices(5, 20, rank, 3) for rank in range(3)]
-    assert sorted(i for share in shares for i in share) == [0, 4, 8, 12, 16]  # spread over the split, once each
-    assert calibration_indices(50, 10, 0, 1) == list(range(10))  # never past the split
+def test_calibration_examples_are_spread_over_the_split():
+    assert calibration_indices(5, 20) == [0, 4, 8, 12, 16]  # spread over the split
+    assert calibration_indices(50, 10) == list(range(10))  # never past the split
