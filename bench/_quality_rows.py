@@ -55,10 +55,11 @@ ROWS: dict[str, Row] = {
         ),
         Row(
             "dsee-u50",
-            "dsee, then 50 % unstructured pruning of every block matrix (attention and MLP; adapted q/v by |dW|, "
-            "the others by |W0|, as configs/smollm2_e2e_unstructured50.yaml), re-tuned, sparse export",
+            "dsee, then 50 % unstructured pruning of every block matrix (attention and MLP) by |W0 + dW| times the "
+            "input's calibration norm, half of every output row (as configs/smollm2_e2e_unstructured50.yaml), "
+            "re-tuned, sparse export",
             "dsee",
-            {"prune": {"method": "unstructured", "score": "delta", "ratio": 0.5, "grouping": "adaptation"}},
+            {"prune": {"method": "unstructured", "score": "activation", "ratio": 0.5, "grouping": "row"}},
             lr_from="dsee",
         ),
         Row(
