@@ -21,7 +21,7 @@ LRSchedule = Literal["constant", "linear", "cosine"]
 FusedSlice = Literal["q", "k", "v"]
 PruneMethod = Literal["none", "unstructured", "structured"]
 PruneScore = Literal["delta", "merged", "base", "activation", "random"]
-PruneHeadScore = Literal["delta", "delta+base"]
+PruneHeadScore = Literal["delta", "delta+base", "activation"]
 PruneGrouping = Literal["adaptation", "kind", "global", "row"]
 PruneModuleKind = Literal["attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out"]
 KeepBestMetric = Literal["bleu", "rouge_l"]
@@ -303,7 +303,9 @@ class PruneConfig:
     )
     calibration_examples: int = field(
         default=128,
-        metadata={"help": "score activation: training examples whose inputs give the norms (split over ranks)"},
+        metadata={
+            "help": "score or head_score activation: training examples whose inputs give the norms (split over ranks)"
+        },
     )
     modules: list[PruneModuleKind] = field(
         default_factory=lambda: list(PRUNE_MODULE_KINDS),
@@ -318,7 +320,9 @@ class PruneConfig:
         default="delta",
         metadata={
             "help": "structured score: delta = sum of |dW| over a head's q and v rows (a neuron's c_fc row and c_proj "
-            "column), |W0| where not adapted; delta+base adds |W0|"
+            "column), |W0| where not adapted; delta+base adds |W0|; activation = sum over a head's attention-output "
+            "columns (a neuron's MLP-output column) of |W0 + dW| x that column's input norm over calibration_examples "
+            "training examples (Wanda, structured)"
         },
     )
     retrain_steps: int = field(default=0, metadata={"help": "stage-2 optimizer steps (exclusive with retrain_epochs)"})
@@ -332,6 +336,13 @@ class PruneConfig:
             "exports are stock configs; false ranks over all layers at once (GPT-2 only)"
         },
     )
+
+    @property
+    def calibrates(self) -> bool:
+        """Whether the chosen score needs calibration norms from the stage-1 model (`pruning.calibration`)."""
+        return (self.method == "unstructured" and self.score == "activation") or (
+            self.method == "structured" and self.head_score == "activation"
+        )
 
 
 @dataclass

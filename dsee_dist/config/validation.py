@@ -167,8 +167,10 @@ def _check_prune(cfg: Config, problems: list[str]) -> None:
         problems.append("set at most one of prune.heads_removed and prune.head_ratio")
     if p.method == "unstructured" and not p.modules:
         problems.append("prune.modules is empty; name the module kinds to prune, e.g. [attn_q, attn_v, mlp_in]")
-    if p.method == "unstructured" and p.score == "activation" and p.calibration_examples < 1:
-        problems.append(f"prune.calibration_examples must be >= 1 for score activation, got {p.calibration_examples}")
+    if p.calibrates and p.calibration_examples < 1:
+        problems.append(
+            f"prune.calibration_examples must be >= 1 for the activation score, got {p.calibration_examples}"
+        )
     if p.method == "unstructured" and p.grouping == "row" and set(p.group_ratios) - {"adapted", "frozen"}:
         problems.append(
             "prune.grouping=row takes group_ratios only for the adaptation groups 'adapted' and 'frozen', got "

@@ -9,6 +9,11 @@ Element scores (METHOD.md §3, after the reference's --prune_mode):
   examples (`calibration.input_norms`), so a weight that multiplies a large input counts for more;
 - `random`: uniform noise drawn from a generator seeded by (seed, matrix name), so every rank and
   world size draws the same numbers.
+
+Head and neuron scores (`prune.head_score`): `delta` and `delta+base` sum weights over a head's q and v rows
+and a neuron's input rows and output column; `activation` (structured Wanda) scores what a head or neuron
+writes: the columns of the attention-output or MLP-output projection it feeds, |W0 + ΔW| times the
+calibration norm of that column's input (`output_column_scores`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from dsee_dist.dsee.support import matrix_generator
 
 ELEMENT_SCORES = ("delta", "merged", "base", "activation", "random")
-HEAD_SCORES = ("delta", "delta+base")
+HEAD_SCORES = ("delta", "delta+base", "activation")
 
 
 def element_scores(
@@ -74,6 +79,17 @@ def neuron_scores(fc_w0, proj_w0, fc_delta, proj_delta, score: str, extra_rows=(
         if score == "delta+base" and delta is not None:
             total += w0.float().abs().sum(dim=dim)
     return total
+
+
+def output_column_scores(
+    w0: torch.Tensor, delta: torch.Tensor | None, input_norm: torch.Tensor, width: int
+) -> torch.Tensor:
+    """Per block of `width` consecutive input columns of an output projection (out x in; a head's columns of
+    the attention output, width head_dim; a neuron's column of the MLP output, width 1): the sum over the
+    block of |W0 + ΔW| times each column's calibration input norm."""
+    w = w0.float() if delta is None else w0.float() + delta.float()
+    per_column = w.abs().sum(dim=0) * input_norm.float()
+    return per_column.view(-1, width).sum(dim=1)
 
 
 def lowest(scores: torch.Tensor, k: int) -> list[int]:

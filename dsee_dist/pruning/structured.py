@@ -2,7 +2,8 @@
 family whose config can express the smaller model (dsee_dist.models.families).
 
 Per layer, the lowest-scoring heads (score: `scores.head_scores`) and the lowest fraction of MLP neurons
-(`scores.neuron_scores`) are removed: the q/k/v rows and biases of those heads and the matching
+(`scores.neuron_scores`; with `head_score: activation` both by `scores.output_column_scores` over the
+calibration norms, `calibration_modules`) are removed: the q/k/v rows and biases of those heads and the matching
 attention-output columns; the MLP input rows (and SwiGLU gate rows) and biases and the output columns of
 those neurons. Layer l is scored and written by rank l % world_size. The low-rank and sparse factors are
 sliced the same way by `slice_adapter`, so stage 2 continues from the stage-1 update restricted to what
@@ -39,7 +40,7 @@ from dsee_dist.engine import distributed
 from dsee_dist.errors import ConfigError
 from dsee_dist.models.families import ModelShape, model_shape
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
-from dsee_dist.pruning.scores import head_scores, lowest, neuron_scores
+from dsee_dist.pruning.scores import head_scores, lowest, neuron_scores, output_column_scores
 from dsee_dist.pruning.targets import file_to_out_in, module_name
 from dsee_dist.pruning.unstructured import REPORT_FILE, adapted_slice
 
@@ -129,10 +130,29 @@ def _weight(files: ModelFiles, module: str, conv1d: bool) -> torch.Tensor:
     return file_to_out_in(files.get(files.key(module)), conv1d)
 
 
-def _layer_scores(prune_cfg, files: ModelFiles, shape: ModelShape, adapter, layer: int) -> dict:
+def calibration_modules(model_config) -> list[str]:
+    """The modules whose input norms `head_score: activation` needs: every layer's attention-output and
+    MLP-output projections (what a head and a neuron write through)."""
+    shape = model_shape(model_config)
+    family = shape.family
+    return [module_name(shape, layer, rel) for layer in range(shape.n_layer) for rel in (family.o, family.mlp_out)]
+
+
+def _output_scores(files: ModelFiles, shape: ModelShape, adapter, input_norms: dict, layer: int, relative: str, width):
+    module = module_name(shape, layer, relative)
+    (delta,) = _delta_rows(adapter, module, (0, shape.hidden))
+    return output_column_scores(_weight(files, module, shape.family.conv1d), delta, input_norms[module], width)
+
+
+def _layer_scores(prune_cfg, files: ModelFiles, shape: ModelShape, adapter, layer: int, input_norms) -> dict:
     family = shape.family
     result = {}
-    if heads_to_remove(prune_cfg, shape.heads[layer], shape.kv_heads[layer]) or not uniform_per_layer(prune_cfg):
+    activation = prune_cfg.head_score == "activation"
+    heads = heads_to_remove(prune_cfg, shape.heads[layer], shape.kv_heads[layer]) or not uniform_per_layer(prune_cfg)
+    inner = shape.inner[layer]
+    if heads and activation:
+        result["heads"] = _output_scores(files, shape, adapter, input_norms, layer, family.o, shape.head_dim)
+    elif heads:
         rows = shape.qkv_rows(layer)
         q_module, v_module = (module_name(shape, layer, family.q), module_name(shape, layer, family.v))
         q_w, v_w = _weight(files, q_module, family.conv1d), _weight(files, v_module, family.conv1d)
@@ -147,8 +167,10 @@ def _layer_scores(prune_cfg, files: ModelFiles, shape: ModelShape, adapter, laye
             prune_cfg.head_score,
             group=group_size(shape, layer),
         )
-    inner = shape.inner[layer]
-    if neurons_to_remove(prune_cfg, inner):
+    neurons = neurons_to_remove(prune_cfg, inner)
+    if neurons and activation:
+        result["neurons"] = _output_scores(files, shape, adapter, input_norms, layer, family.mlp_out, 1)
+    elif neurons:
         ins = [module_name(shape, layer, m) for m in (family.mlp_in, family.mlp_gate) if m]
         out = module_name(shape, layer, family.mlp_out)
         rows_in = [(_weight(files, m, family.conv1d), *_delta_rows(adapter, m, (0, inner))) for m in ins]
@@ -186,11 +208,16 @@ def _global_lowest(per_layer: list[torch.Tensor], k: int) -> list[list[int]]:
     return [sorted(r) for r in removed]
 
 
-def plan_structured(prune_cfg, files: ModelFiles, model_config, adapter: tuple[dict, dict], dist_info) -> dict:
-    """Collective: {"heads_kept": [[...] per layer], "neurons_kept": [[...] per layer], ...} on every rank."""
+def plan_structured(
+    prune_cfg, files: ModelFiles, model_config, adapter: tuple[dict, dict], dist_info, input_norms=None
+) -> dict:
+    """Collective: {"heads_kept": [[...] per layer], "neurons_kept": [[...] per layer], ...} on every rank.
+    `input_norms` (module name -> (in,) norms of `calibration_modules`): required by head_score activation."""
+    if prune_cfg.head_score == "activation" and input_norms is None:
+        raise ValueError("head_score 'activation' needs the calibration norms of calibration_modules(config)")
     shape = model_shape(model_config)
     mine = {
-        layer: _layer_scores(prune_cfg, files, shape, adapter, layer)
+        layer: _layer_scores(prune_cfg, files, shape, adapter, layer, input_norms)
         for layer in range(dist_info.rank, shape.n_layer, dist_info.world_size)
     }
     scores = {}
@@ -330,7 +357,7 @@ def write_remote_code(target_dir: Path) -> None:
 
 
 def prune_structured(
-    prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, log=logger.info
+    prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, log=logger.info, input_norms=None
 ) -> dict:
     """Collective. Writes the physically smaller model to `target`; returns the report (with the plan)."""
     from transformers import AutoConfig
@@ -342,7 +369,7 @@ def prune_structured(
     model_config = AutoConfig.from_pretrained(base_dir)
     shape = check_structured_request(prune_cfg, model_config)  # refuse impossible requests before any work
     family = shape.family
-    plan = plan_structured(prune_cfg, files, model_config, adapter, dist_info)
+    plan = plan_structured(prune_cfg, files, model_config, adapter, dist_info, input_norms)
     n_heads = sum(len(h) for h in plan["heads_removed"])
     n_neurons = sum(len(n) for n in plan["neurons_removed"])
     log(

@@ -116,34 +116,43 @@ def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
 
 
 def prune_model(cfg: Config, base_model: str, adapter, pruned_dir: Path, ctx: finetune.RunContext) -> None:
-    """The stage-1 weights pruned into `pruned_dir` (a complete model directory, written atomically); score
-    `activation` first runs calibration examples from the training split through the stage-1 model."""
+    """The stage-1 weights pruned into `pruned_dir` (a complete model directory, written atomically); an
+    `activation` score first runs calibration examples from the training split through the stage-1 model."""
     log(f"pruning ({cfg.prune.method}) -> {pruned_dir}")
     dist_info = ctx.dist_info
+    norms = calibration_norms(cfg, base_model, ctx) if cfg.prune.calibrates else None
     if cfg.prune.method == "unstructured":
-        norms = None
-        if cfg.prune.score == "activation":
-            from transformers import AutoConfig
-
-            from dsee_dist.pruning.calibration import input_norms
-            from dsee_dist.pruning.targets import prunable_matrices
-
-            matrices = prunable_matrices(AutoConfig.from_pretrained(base_model), cfg.prune.modules)
-            norms = input_norms(
-                ctx.out_dir / STAGE1 / "adapter",
-                base_model,
-                list(dict.fromkeys(m.module for m in matrices)),
-                ctx.train_split,
-                ctx.tokenizer.pad_token_id,
-                dist_info,
-                num_examples=cfg.prune.calibration_examples,
-                batch_size=cfg.train.micro_batch_size,
-            )
         prune_unstructured(
             cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log, input_norms=norms
         )
     else:
-        prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log)
+        prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log, input_norms=norms)
+
+
+def calibration_norms(cfg: Config, base_model: str, ctx: finetune.RunContext) -> dict:
+    """Collective: the input norms the activation score needs (of the matrices pruned, or of the output
+    projections that heads and neurons write through), from `prune.calibration_examples` training examples."""
+    from transformers import AutoConfig
+
+    from dsee_dist.pruning.calibration import input_norms
+    from dsee_dist.pruning.structured import calibration_modules
+    from dsee_dist.pruning.targets import prunable_matrices
+
+    model_config = AutoConfig.from_pretrained(base_model)
+    if cfg.prune.method == "unstructured":
+        modules = list(dict.fromkeys(m.module for m in prunable_matrices(model_config, cfg.prune.modules)))
+    else:
+        modules = calibration_modules(model_config)
+    return input_norms(
+        ctx.out_dir / STAGE1 / "adapter",
+        base_model,
+        modules,
+        ctx.train_split,
+        ctx.tokenizer.pad_token_id,
+        ctx.dist_info,
+        num_examples=cfg.prune.calibration_examples,
+        batch_size=cfg.train.micro_batch_size,
+    )
 
 
 def export_final(out_dir: Path) -> None:

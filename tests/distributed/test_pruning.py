@@ -15,7 +15,7 @@ from dsee_dist.dsee.adapter import read_adapter
 from dsee_dist.models.loading import load_tokenizer
 from dsee_dist.pruning.calibration import input_norms
 from dsee_dist.pruning.model_files import ModelFiles
-from dsee_dist.pruning.structured import plan_structured
+from dsee_dist.pruning.structured import calibration_modules, plan_structured
 from dsee_dist.pruning.unstructured import prune_unstructured
 from dsee_dist.recipes.export import build_model_from_checkpoint
 from tests.distributed.launch import TINY_RUN, read_metrics, run_training
@@ -194,21 +194,32 @@ def test_pruned_entries_stay_zero_through_training_and_resume(unstructured_runs)
         torch.testing.assert_close(final_resumed[key], final_full[key], atol=1e-5, rtol=1e-5)
 
 
-def test_structured_scores_match_single_process_and_export_reloads(tmp_path):
+@pytest.mark.parametrize("head_score", ["delta", "activation"])
+def test_structured_scores_match_single_process_and_export_reloads(tmp_path, head_score):
     out = tmp_path / "structured"
-    run_training(2, out, *STRUCTURED)
+    proc = run_training(2, out, *STRUCTURED, f"prune.head_score={head_score}", "prune.calibration_examples=24")
     cfg = _run_config(out)
     files = ModelFiles(out / "base_model")
-    single = plan_structured(
-        cfg.prune,
-        files,
-        AutoConfig.from_pretrained(out / "base_model"),
-        read_adapter(out / "stage1" / "adapter"),
-        SINGLE,
-    )
+    model_config = AutoConfig.from_pretrained(out / "base_model")
+    norms = None
+    if head_score == "activation":  # ZeRO-3 stage 1, then the calibration on 2 ranks
+        assert "calibration: input norms of 4 modules over 24 training examples" in proc.stdout + proc.stderr
+        train_split, _ = load_splits(cfg, load_tokenizer(out / "base_model"), out)
+        modules = calibration_modules(model_config)
+        norms = input_norms(
+            out / "stage1" / "adapter",
+            str(out / "base_model"),
+            modules,
+            train_split,
+            0,
+            SINGLE,
+            num_examples=24,
+            batch_size=4,
+        )
+    single = plan_structured(cfg.prune, files, model_config, read_adapter(out / "stage1" / "adapter"), SINGLE, norms)
     distributed = json.loads((out / "pruned_base" / "dsee_pruning.json").read_text())["plan"]
     for key in ("head_scores", "neuron_scores"):
-        torch.testing.assert_close(torch.tensor(distributed[key]), torch.tensor(single[key]), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(torch.tensor(distributed[key]), torch.tensor(single[key]), atol=1e-5, rtol=1e-5)
     assert distributed["heads_removed"] == single["heads_removed"]
     assert distributed["neurons_removed"] == single["neurons_removed"]
 

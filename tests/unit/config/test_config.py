@@ -140,7 +140,17 @@ def test_cli_malformed_yaml(tmp_path):
                 "prune.calibration_examples=0",
                 "prune.retrain_steps=1",
             ],
-            "prune.calibration_examples must be >= 1 for score activation",
+            "prune.calibration_examples must be >= 1 for the activation score",
+        ),
+        (
+            [
+                "prune.method=structured",
+                "prune.mlp_ratio=0.25",
+                "prune.head_score=activation",
+                "prune.calibration_examples=0",
+                "prune.retrain_steps=1",
+            ],
+            "prune.calibration_examples must be >= 1 for the activation score",
         ),
         (
             [

@@ -5,7 +5,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsee_dist.models.pruned_gpt2 import PrunedGPT2Config, PrunedGPT2LMHeadModel
 from dsee_dist.pruning.flops import compare, flops_per_token
-from dsee_dist.pruning.scores import element_scores, head_scores, lowest, neuron_scores
+from dsee_dist.pruning.scores import element_scores, head_scores, lowest, neuron_scores, output_column_scores
 
 
 def test_element_scores_follow_their_definitions():
@@ -33,6 +33,17 @@ def test_head_and_neuron_scores_sum_the_right_rows_and_columns():
     n = neuron_scores(fc, proj, None, None, "delta")
     assert torch.isclose(n[3], fc[3].abs().sum() + proj[:, 3].abs().sum())
     assert lowest(torch.tensor([3.0, 1.0, 1.0, 0.5]), 2) == [1, 3]  # ties: the lower index goes first
+
+
+def test_output_column_scores_weigh_each_column_by_its_input_norm():
+    g = torch.Generator().manual_seed(2)
+    w0, delta, norm = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g), torch.rand(6, generator=g)
+    per_head = output_column_scores(w0, delta, norm, width=2)  # 3 heads of 2 columns
+    for h in range(3):
+        cols = slice(2 * h, 2 * h + 2)
+        assert torch.isclose(per_head[h], ((w0 + delta)[:, cols].abs() * norm[cols]).sum())
+    per_neuron = output_column_scores(w0, None, norm, width=1)
+    assert torch.allclose(per_neuron, w0.abs().sum(dim=0) * norm)
 
 
 def _counted_flops(model, seq: int) -> int:

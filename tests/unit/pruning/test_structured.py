@@ -77,6 +77,32 @@ def test_removed_heads_and_neurons_are_the_lowest_scoring(tmp_path):
         assert sorted(plan["neurons_removed"][i]) == sorted(per_neuron.argsort()[:64].tolist())
 
 
+def test_activation_scores_remove_what_writes_least_into_the_residual(tmp_path):
+    base_dir, _, base, adapted = stage1_outputs(tmp_path, targets=("c_attn", "mlp.c_proj"))
+    g = torch.Generator().manual_seed(5)
+    norms = {}
+    for i in range(2):
+        norms[f"transformer.h.{i}.attn.c_proj"] = torch.rand(32, generator=g) + 0.5
+        norms[f"transformer.h.{i}.mlp.c_proj"] = torch.rand(128, generator=g) + 0.5
+    silent = [3, 17, 40, 41, 77, 90, 101, 127]  # neurons of layer 0 whose inputs are zero: they write nothing
+    norms["transformer.h.0.mlp.c_proj"][silent] = 0.0
+    norms["transformer.h.0.attn.c_proj"][2 * HEAD_DIM : 3 * HEAD_DIM] = 0.0  # head 2 of layer 0 likewise
+    cfg = PruneConfig(method="structured", heads_removed=1, mlp_ratio=1 / 16, head_score="activation")
+    plan = prune_structured(
+        cfg, str(base_dir), read_adapter(tmp_path / "adapter"), tmp_path / "pruned", SINGLE, lambda m: None, norms
+    )["plan"]
+    assert plan["heads_removed"][0] == [2] and plan["neurons_removed"][0] == silent
+    attn_out = weight_out_in(base.transformer.h[1].attn.c_proj).detach()  # not adapted: W0
+    per_head = (attn_out.abs().sum(0) * norms["transformer.h.1.attn.c_proj"]).view(4, HEAD_DIM).sum(1)
+    assert plan["heads_removed"][1] == per_head.argsort()[:1].tolist()
+    mlp_out = dsee_layers(adapted)["transformer.h.1.mlp.c_proj"]  # adapted: W0 + dW
+    merged = (weight_out_in(mlp_out.base) + mlp_out.delta_weight()).detach()
+    per_neuron = merged.abs().sum(0) * norms["transformer.h.1.mlp.c_proj"]
+    assert plan["neurons_removed"][1] == sorted(per_neuron.argsort()[:8].tolist())
+    with pytest.raises(ValueError, match="needs the calibration norms"):
+        prune_structured(cfg, str(base_dir), read_adapter(tmp_path / "adapter"), tmp_path / "p2", SINGLE)
+
+
 def test_remote_code_config_and_plain_gpt2_for_mlp_only(tmp_path):
     _prune(tmp_path, mlp_ratio=0.25)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")  # uniform width: plain transformers
