@@ -184,27 +184,60 @@ def _limit(split: TokenizedSplit, n: int) -> TokenizedSplit:
     return split if n <= 0 else TokenizedSplit(split.input_ids[:n], split.labels[:n])
 
 
+HELD_OUT_FRACTION = 0.05  # of the training data, evaluated on when data.eval_path is not given
+
+
+def _too_few(n: int, what: str) -> DSEEError:
+    return DSEEError(
+        f"data.train_path has only {n} {what}; too few to hold out an evaluation set (give data.eval_path)"
+    )
+
+
+def hold_out_mrs(pairs: list[tuple[str, str]], fraction: float) -> tuple[list, list]:
+    """(train, held-out) E2E pairs: the last distinct MRs, with every reference each has anywhere in the
+    file, until at least `fraction` of the pairs (and one MR) are held out; no MR is in both, so the
+    evaluation loss is on inputs training never saw."""
+    mrs = list(dict.fromkeys(mr for mr, _ in pairs))
+    per_mr: dict[str, int] = {}
+    for mr, _ in pairs:
+        per_mr[mr] = per_mr.get(mr, 0) + 1
+    held: set[str] = set()
+    n_held = 0
+    for mr in reversed(mrs):
+        if held and n_held >= fraction * len(pairs):
+            break
+        held.add(mr)
+        n_held += per_mr[mr]
+    if len(held) == len(mrs):
+        raise _too_few(len(mrs), "distinct MRs")
+    return [p for p in pairs if p[0] not in held], [p for p in pairs if p[0] in held]
+
+
 def _build_splits(
     cfg: Config, tokenizer, train_source: str, eval_source: str | None
 ) -> tuple[TokenizedSplit, TokenizedSplit]:
     fmt, block = cfg.data.format, cfg.data.block_size
 
-    def load(source: str) -> TokenizedSplit:
-        if fmt == "text":
-            return pack_text(Path(source).read_text(encoding="utf-8"), tokenizer, block)
-        pairs = read_jsonl(Path(source)) if fmt == "jsonl" else read_e2e(source)
+    def read(source: str) -> list[tuple[str, str]]:
+        return read_jsonl(Path(source)) if fmt == "jsonl" else read_e2e(source)
+
+    def tokenize(pairs: list[tuple[str, str]]) -> TokenizedSplit:
         return tokenize_pairs(pairs_to_texts(pairs, fmt), tokenizer, block)
 
-    train = load(train_source)
-    if eval_source:
-        evals = load(eval_source)
-    else:  # hold out the last 5 % (at least one example) of the training data
-        n_eval = max(1, math.ceil(0.05 * len(train)))
+    if fmt == "text":
+        train = pack_text(Path(train_source).read_text(encoding="utf-8"), tokenizer, block)
+        evals = pack_text(Path(eval_source).read_text(encoding="utf-8"), tokenizer, block) if eval_source else None
+    elif eval_source:
+        train, evals = tokenize(read(train_source)), tokenize(read(eval_source))
+    elif fmt in ("e2e", "synthetic_e2e"):  # hold out whole MRs: their other references would leak into training
+        train_pairs, eval_pairs = hold_out_mrs(read(train_source), HELD_OUT_FRACTION)
+        train, evals = tokenize(train_pairs), tokenize(eval_pairs)
+    else:
+        train, evals = tokenize(read(train_source)), None
+    if evals is None:  # hold out the last 5 % (at least one example) of the training data
+        n_eval = max(1, math.ceil(HELD_OUT_FRACTION * len(train)))
         if len(train) <= n_eval:
-            raise DSEEError(
-                f"data.train_path has only {len(train)} examples; too few to hold out an evaluation set "
-                f"(give data.eval_path)"
-            )
+            raise _too_few(len(train), "examples")
         evals = TokenizedSplit(train.input_ids[-n_eval:], train.labels[-n_eval:])
         train = TokenizedSplit(train.input_ids[:-n_eval], train.labels[:-n_eval])
     return _limit(train, cfg.data.max_train_examples), _limit(evals, cfg.data.max_eval_examples)
@@ -221,7 +254,7 @@ def load_splits(cfg: Config, tokenizer, out_dir: Path) -> tuple[TokenizedSplit, 
             "train": _file_fingerprint(train_source),
             "eval": _file_fingerprint(eval_source) if eval_source else None,
             "max": [cfg.data.max_train_examples, cfg.data.max_eval_examples],
-            "v": 1,
+            "v": 2,
         },
         sort_keys=True,
     )

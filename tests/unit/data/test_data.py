@@ -94,6 +94,28 @@ def test_collate_pads_and_masks(tokenizer):
     assert (batch["labels"][1, 3:] == data.IGNORE_INDEX).all()
 
 
+def test_e2e_without_eval_path_holds_out_whole_mrs(tokenizer, tmp_path):
+    from dsee_dist.config import load_config
+    from tests.conftest import REPO
+
+    # 9 MRs of 4 references each, Pub 8 with a fifth one earlier in the file (among Pub 7's): 5 % of the 37 pairs
+    # is 1.85, so the last MR is held out with all 5 of its references, not the last 2 rows of the file
+    rows = [
+        (f"name[Pub {m}], food[Thai]", f"Pub {m} serves Thai food, version {r}.") for m in range(9) for r in range(4)
+    ]
+    rows.insert(30, ("name[Pub 8], food[Thai]", "A late reference of Pub 8."))
+    csv_path = tmp_path / "train.csv"
+    write_csv(rows, csv_path)
+    cfg = load_config(REPO / "configs/quickstart.yaml", ["data.format=e2e", f"data.train_path={csv_path}"])
+    train, evals = data.load_splits(cfg, tokenizer, tmp_path / "out")
+    assert len(train) == 32 and len(evals) == 5
+    decoded = [tokenizer.decode(ids) for ids in evals.input_ids]
+    assert all(text.startswith("name[Pub 8]") for text in decoded)
+    assert not any(tokenizer.decode(ids).startswith("name[Pub 8]") for ids in train.input_ids)
+    with pytest.raises(DSEEError, match="only 1 distinct MRs; too few to hold out"):
+        data.hold_out_mrs(rows[:4], 0.05)
+
+
 def test_jsonl_and_text_formats_load_through_the_cache(tokenizer, tmp_path):
     import json
 
