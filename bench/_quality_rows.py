@@ -64,8 +64,8 @@ ROWS: dict[str, Row] = {
         ),
         Row(
             "dsee-s25",
-            "dsee, then 25 % of attention heads (GQA-aware) and 25 % of MLP neurons removed, re-tuned, "
-            "physically smaller export",
+            "dsee, then 25 % of attention heads (GQA-aware) and 25 % of MLP neurons removed by what they write "
+            "(output-projection columns x calibration input norm), re-tuned, physically smaller export",
             "dsee",
             {
                 "prune": {
@@ -73,7 +73,7 @@ ROWS: dict[str, Row] = {
                     "uniform_per_layer": True,
                     "head_ratio": 0.25,
                     "mlp_ratio": 0.25,
-                    "head_score": "delta",
+                    "head_score": "activation",
                 }
             },
             lr_from="dsee",
