@@ -82,6 +82,21 @@ def _single_process_prune(out: Path, target: Path, input_norms=None) -> None:
     )
 
 
+def _single_process_norms(out: Path, modules: list[str], num_examples: int) -> dict[str, torch.Tensor]:
+    """The calibration norms of a finished two-stage run `out`, collected again in this one process."""
+    train_split, _ = load_splits(_run_config(out), load_tokenizer(out / "base_model"), out)
+    return input_norms(
+        out / "stage1" / "adapter",
+        str(out / "base_model"),
+        modules,
+        train_split,
+        0,
+        SINGLE,
+        num_examples=num_examples,
+        batch_size=4,
+    )
+
+
 @pytest.fixture(scope="module")
 def unstructured_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("unstructured")
@@ -119,21 +134,10 @@ def test_activation_scores_by_row_at_world_size_2_match_a_single_process_prune(t
         "prune.retrain_steps=1",
     )
     assert "calibration: input norms of 8 modules over 24 training examples" in proc.stdout + proc.stderr
-    cfg = _run_config(out)
-    train_split, _ = load_splits(cfg, load_tokenizer(out / "base_model"), out)
     modules = [
         f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     ]
-    norms = input_norms(
-        out / "stage1" / "adapter",
-        str(out / "base_model"),
-        modules,
-        train_split,
-        0,
-        SINGLE,
-        num_examples=24,
-        batch_size=4,
-    )
+    norms = _single_process_norms(out, modules, num_examples=24)
     _single_process_prune(out, tmp_path / "single", norms)
     distributed, single = _weights(out / "pruned_base"), _weights(tmp_path / "single")
     for key, w in single.items():
@@ -204,18 +208,7 @@ def test_structured_scores_match_single_process_and_export_reloads(tmp_path, hea
     norms = None
     if head_score == "activation":  # ZeRO-3 stage 1, then the calibration on 2 ranks
         assert "calibration: input norms of 4 modules over 24 training examples" in proc.stdout + proc.stderr
-        train_split, _ = load_splits(cfg, load_tokenizer(out / "base_model"), out)
-        modules = calibration_modules(model_config)
-        norms = input_norms(
-            out / "stage1" / "adapter",
-            str(out / "base_model"),
-            modules,
-            train_split,
-            0,
-            SINGLE,
-            num_examples=24,
-            batch_size=4,
-        )
+        norms = _single_process_norms(out, calibration_modules(model_config), num_examples=24)
     single = plan_structured(cfg.prune, files, model_config, read_adapter(out / "stage1" / "adapter"), SINGLE, norms)
     distributed = json.loads((out / "pruned_base" / "dsee_pruning.json").read_text())["plan"]
     for key in ("head_scores", "neuron_scores"):
