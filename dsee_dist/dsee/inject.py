@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from dsee_dist.dsee.layer import DSEELayer, base_shape, is_conv1d, slice_rows
+from dsee_dist.dsee.layer import DSEELayer, PruneMask, base_shape, is_conv1d, slice_rows
 from dsee_dist.dsee.support import matrix_generator
 from dsee_dist.errors import ConfigError
 from dsee_dist.models.families import family_of, model_shape
@@ -194,22 +194,56 @@ def dsee_layers(model: nn.Module) -> dict[str, DSEELayer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DSEELayer)}
 
 
+def _numel(param: nn.Parameter) -> int:
+    return getattr(param, "ds_numel", None) or param.numel()  # partitioned ZeRO-3 tensors look empty
+
+
+def _prune_mask_params(model: nn.Module) -> set[int]:
+    return {id(p) for m in model.modules() if isinstance(m, PruneMask) for p in m.parameters()}
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) counts; correct under ZeRO-3, where partitioned tensors look empty."""
+    """(trainable, total) model parameters; correct under ZeRO-3. The frozen 0/1 keep masks of a pruned
+    model's stage 2 are bookkeeping, not weights, and count in neither (see `count_prune_mask_entries`)."""
+    masks = _prune_mask_params(model)
     trainable = total = 0
     for param in model.parameters():
-        n = getattr(param, "ds_numel", None) or param.numel()
+        if id(param) in masks:
+            continue
+        n = _numel(param)
         total += n
         if param.requires_grad:
             trainable += n
     return trainable, total
 
 
+def count_prune_mask_entries(model: nn.Module) -> tuple[int, int]:
+    """(kept, total) entries of the keep masks attached to the model's DSEE layers; (0, 0) without masks.
+    `kept` is read from the local tensors, so under ZeRO-3 it is only known after gathering: this function
+    reports it as -1 when any mask is partitioned."""
+    kept = total = 0
+    for module in model.modules():
+        if not isinstance(module, PruneMask):
+            continue
+        total += _numel(module.mask)
+        if module.mask.numel() != _numel(module.mask):
+            kept = -1
+        elif kept >= 0:
+            kept += int(module.mask.count_nonzero())
+    return kept, total
+
+
 def parameter_summary(model: nn.Module) -> str:
     trainable, total = count_parameters(model)
     layers = dsee_layers(model)
     n_sparse = sum(layer.num_sparse for layer in layers.values())
-    return (
+    summary = (
         f"trainable params: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%) "
         f"in {len(layers)} DSEE layers ({n_sparse:,} sparse values)"
     )
+    kept, mask_total = count_prune_mask_entries(model)
+    if mask_total:
+        summary += f"; keep masks over {mask_total:,} adapted weights (not counted above)"
+        if kept >= 0:
+            summary += f", {kept:,} kept ({100.0 * kept / mask_total:.2f}%)"
+    return summary

@@ -6,6 +6,7 @@ import torch
 from dsee_dist.dsee.inject import (
     check_num_sparse,
     count_parameters,
+    count_prune_mask_entries,
     find_targets,
     inject_dsee,
     mark_only_adapters_trainable,
@@ -102,6 +103,24 @@ def test_everything_but_adapters_is_frozen_and_counted():
     assert sum(p.numel() for p in trainable) == 2 * per_layer
     assert count_parameters(model) == (2 * per_layer, total_before + 2 * per_layer)
     assert "4 sparse values" not in parameter_summary(model) and "(8 sparse values)" in parameter_summary(model)
+
+
+def test_keep_masks_are_not_counted_as_model_parameters():
+    model = tiny_gpt2()
+    specs = find_targets(model, ["c_attn"], ["q", "v"])
+    layers = inject_dsee(model, specs, {}, rank=2, alpha=4, dropout=0.0, seed=0)
+    mark_only_adapters_trainable(model)
+    before = count_parameters(model)
+    layer = next(iter(layers.values()))
+    keep = torch.ones(len(layer.slices), layer.slice_size, layer.in_features, dtype=torch.bool)
+    keep[0, :, :8] = False  # 32 rows x 8 columns of the q slice pruned
+    layer.attach_prune_mask(keep)
+    assert count_parameters(model) == before
+    mask_total = 2 * 32 * 32
+    assert count_prune_mask_entries(model) == (mask_total - 32 * 8, mask_total)
+    summary = parameter_summary(model)
+    assert f"of {before[1]:,} " in summary
+    assert f"keep masks over {mask_total:,} adapted weights (not counted above), {mask_total - 256:,} kept" in summary
 
 
 def test_adapter_init_is_identical_for_the_same_seed_and_name():
