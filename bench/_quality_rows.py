@@ -61,6 +61,7 @@ ROWS: dict[str, Row] = {
             "dsee",
             {"prune": {"method": "unstructured", "score": "activation", "ratio": 0.5, "grouping": "row"}},
             lr_from="dsee",
+            multi_seed=True,
         ),
         Row(
             "dsee-s25",
@@ -77,6 +78,7 @@ ROWS: dict[str, Row] = {
                 }
             },
             lr_from="dsee",
+            multi_seed=True,
         ),
     ]
 }

@@ -459,7 +459,7 @@ class Bench:
             stage1 = self.reuse_stage1(row, seed, config, run_dir) if "prune" in row.overrides else None
             print(
                 f"row {name} seed {seed}: training {config['train']['max_steps']} steps at lr {lr_info['lr']:g}"
-                + (f" (stage 1 is {stage1['row']}-s{seed}'s finished run)" if stage1 else ""),
+                + (f" (stage 1 is {stage1['stage1_what']})" if stage1 else ""),
                 flush=True,
             )
             record.update(run_training(config, run_dir, self.s.device))
@@ -472,7 +472,7 @@ class Bench:
             )
             if stage1:  # the row's training is stage 1's plus its own (pruning, stage 2, export)
                 record.update(
-                    stage1_from=f"{stage1['row']}-s{seed}",
+                    stage1_from=stage1["stage1_from"],
                     trainable_params=stage1["trainable_params"],
                     train_wall_s=round(stage1["train_wall_s"] + record["train_wall_s"], 1),
                     train_cpu_s=round((stage1.get("train_cpu_s") or 0.0) + record["train_cpu_s"], 1),
@@ -496,28 +496,45 @@ class Bench:
         return record
 
     def reuse_stage1(self, row, seed: int, config: dict, run_dir: Path) -> dict | None:
-        """A pruning row's stage 1 is exactly the dsee row's training (same config but for `prune`); when that
-        row is finished and its run is still here, its adapter becomes this run's finished stage 1 (the
-        two-stage recipe recognises a finished stage by its adapter/), saving one training per pruning row.
-        Returns the dsee row's record, or None (stage 1 is then trained)."""
+        """A pruning row's stage 1 is exactly the dsee row's training (same config but for `prune`). When the
+        dsee row of this seed is finished and a copy of that training is still here (the dsee row's own run,
+        or the finished stage 1 of another pruning row of this seed), its adapter becomes this run's
+        finished stage 1 (the two-stage recipe recognises a finished stage by its adapter/), saving one
+        training per pruning row. The times counted for stage 1 are the dsee row's recorded ones (the same
+        training). Returns the dsee row's record with `stage1_from` (the row whose training is reused) and
+        `stage1_what`, or None (stage 1 is then trained)."""
         from dsee_dist.dsee.adapter import ADAPTER_CONFIG
 
-        source = self.row_dir(row.lr_from, seed)
-        adapter = source / "run" / "adapter"
-        if not (source / "row.json").is_file() or not (adapter / ADAPTER_CONFIG).is_file():
-            return None
-        source_config = yaml_load(source / "run" / "config.yaml")
-        mine = {k: v for k, v in config.items() if k != "prune"}
-        if _without_output(mine) != _without_output(source_config):
-            return None
+        dsee_row = self.row_dir(row.lr_from, seed) / "row.json"
         target = run_dir / "stage1"
-        if not (target / "adapter" / ADAPTER_CONFIG).is_file():
-            with atomic_directory(target) as tmp:
-                shutil.copytree(adapter, tmp / "adapter")
-                for name in ("metrics.jsonl", "support.safetensors", "config.resolved.yaml"):
-                    if (source / "run" / name).is_file():
-                        shutil.copy2(source / "run" / name, tmp / name)
-        return json.loads((source / "row.json").read_text())
+        if not dsee_row.is_file():
+            return None
+        mine = _without_output({k: v for k, v in config.items() if k != "prune"})
+        for source, run, stage1, what in self.stage1_candidates(row, seed):
+            if not (stage1 / "adapter" / ADAPTER_CONFIG).is_file() or not (run / "config.yaml").is_file():
+                continue
+            theirs = {k: v for k, v in yaml_load(run / "config.yaml").items() if k != "prune"}
+            if _without_output(theirs) != mine:
+                continue
+            if not (target / "adapter" / ADAPTER_CONFIG).is_file():
+                with atomic_directory(target) as tmp:
+                    shutil.copytree(stage1 / "adapter", tmp / "adapter")
+                    for name in ("metrics.jsonl", "support.safetensors", "config.resolved.yaml"):
+                        if (stage1 / name).is_file():
+                            shutil.copy2(stage1 / name, tmp / name)
+            return {**json.loads(dsee_row.read_text()), "stage1_from": source, "stage1_what": f"{source}'s {what}"}
+        return None
+
+    def stage1_candidates(self, row, seed: int):
+        """(row and seed, its run directory with the config.yaml, the stage-1 directory in it, what it is) of
+        every training of this seed that may equal `row`'s stage 1: the dsee row's run, then the other
+        pruning rows' stage 1."""
+        dsee_run = self.row_dir(row.lr_from, seed) / "run"
+        yield f"{row.lr_from}-s{seed}", dsee_run, dsee_run, "finished run"
+        for other in ROWS.values():
+            if other.name != row.name and other.lr_from == row.lr_from and "prune" in other.overrides:
+                run = self.row_dir(other.name, seed) / "run"
+                yield f"{other.name}-s{seed}", run, run / "stage1", "finished stage 1"
 
     def decode(self, model_dir: Path) -> tuple[list[str], dict]:
         import torch

@@ -200,7 +200,7 @@ def test_gpt2_pipeline_dsee_row(tiny_models, tmp_path, capsys):
     assert len((results / "rows" / "dsee-s42" / "outputs.txt").read_text().splitlines()) == 5
 
 
-def test_pruning_row_takes_the_finished_dsee_run_as_its_stage_1(tiny_models, tmp_path, capsys):
+def test_pruning_rows_take_a_finished_copy_of_the_dsee_training_as_their_stage_1(tiny_models, tmp_path, capsys):
     results = tmp_path / "results"
     out = _run(tiny_models["llama"], _small_train_csv(tmp_path), results, "dsee,dsee-u50", capsys)
     assert "(stage 1 is dsee-s42's finished run)" in out
@@ -218,6 +218,16 @@ def test_pruning_row_takes_the_finished_dsee_run_as_its_stage_1(tiny_models, tmp
     (entry,) = [e for e in json.loads((results / "quality.json").read_text())["rows"] if e["row"] == "dsee-u50"]
     assert entry["nonzero_flops_per_token"] == pruned["flops_per_token"] - 2 * pruned["sparsity"]["zeros"]
     assert f"({entry['nonzero_flops_per_token'] / 1e6:.1f} nonzero)" in (results / "table.md").read_text()
+    # with the dsee row's run gone, the next pruning row of the seed takes dsee-u50's finished stage 1
+    stage1_bytes = same.read_bytes()
+    shutil.rmtree(results / "rows" / "dsee-s42" / "run")
+    out = _run(tiny_models["llama"], _small_train_csv(tmp_path), results, "dsee,dsee-u50,dsee-s25", capsys)
+    assert "(stage 1 is dsee-u50-s42's finished stage 1)" in out
+    structured = json.loads((results / "rows" / "dsee-s25-s42" / "row.json").read_text())
+    assert structured["stage1_from"] == "dsee-u50-s42" and structured["train_wall_s"] > dsee["train_wall_s"]
+    run25 = results / "rows" / "dsee-s25-s42" / "run"
+    assert "stage 1 of 2" not in (run25 / "train.log").read_text()
+    assert (run25 / "stage1" / "adapter" / "adapter_model.safetensors").read_bytes() == stage1_bytes
 
 
 def test_decoding_time_leaves_out_the_seconds_the_table_was_paused(tmp_path, monkeypatch):
