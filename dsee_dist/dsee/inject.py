@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from dsee_dist.dsee.layer import DSEELayer, PruneMask, base_shape, is_conv1d, slice_rows
 from dsee_dist.dsee.support import matrix_generator
+from dsee_dist.engine import distributed
 from dsee_dist.errors import ConfigError
 from dsee_dist.models.families import family_of, model_shape
 
@@ -217,20 +218,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def count_prune_mask_entries(model: nn.Module) -> tuple[int, int]:
+def count_prune_mask_entries(model: nn.Module) -> tuple[int | None, int]:
     """(kept, total) entries of the keep masks attached to the model's DSEE layers; (0, 0) without masks.
-    `kept` is read from the local tensors, so under ZeRO-3 it is only known after gathering: this function
-    reports it as -1 when any mask is partitioned."""
-    kept = total = 0
-    for module in model.modules():
-        if not isinstance(module, PruneMask):
-            continue
-        total += _numel(module.mask)
-        if module.mask.numel() != _numel(module.mask):
-            kept = -1
-        elif kept >= 0:
-            kept += int(module.mask.count_nonzero())
-    return kept, total
+    `kept` is None when a mask is partitioned (ZeRO-3): its values are then only known after gathering."""
+    masks = [m.mask for m in model.modules() if isinstance(m, PruneMask)]
+    total = sum(_numel(mask) for mask in masks)
+    if any(distributed.is_partitioned(mask) for mask in masks):
+        return None, total
+    return sum(int(mask.count_nonzero()) for mask in masks), total
 
 
 def parameter_summary(model: nn.Module) -> str:
@@ -244,6 +239,6 @@ def parameter_summary(model: nn.Module) -> str:
     kept, mask_total = count_prune_mask_entries(model)
     if mask_total:
         summary += f"; keep masks over {mask_total:,} adapted weights (not counted above)"
-        if kept >= 0:
+        if kept is not None:
             summary += f", {kept:,} kept ({100.0 * kept / mask_total:.2f}%)"
     return summary
