@@ -2,23 +2,27 @@
 input feature of every prunable module, over the tokens of a few training examples, run through the
 stage-1 model (the base with its adapter), so the norms are those the tuned model sees.
 
-Each rank runs its share of the examples (spread evenly over the training split, every world_size-th)
-through its own copy of the stage-1 model; the per-feature sums of squares are all-reduced, so every rank
-gets the same norms at any world size. Padding never counts (the attention mask selects the tokens).
+The model is the one training builds (recipes/two_stage.py sets it up like a training stage, with the
+stage-1 adapter): under ZeRO-3 it stays partitioned and DeepSpeed gathers one layer at a time inside each
+forward, so no rank ever holds the whole base; every rank then runs the same number of forwards (a rank
+with fewer examples repeats one and drops its sums). Below ZeRO-3 every rank holds the model anyway.
+
+Each rank runs its share of the examples (spread evenly over the training split, every world_size-th);
+the per-feature sums of squares are all-reduced, so every rank gets the same norms at any world size.
+Padding never counts (the attention mask selects the tokens).
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import math
 
 import torch
 
 from dsee_dist.data import dataset as data
-from dsee_dist.dsee.adapter import load_adapted_model
 from dsee_dist.dsee.layer import base_shape
 from dsee_dist.engine import distributed
-from dsee_dist.models.loading import end_zero3_init
+from dsee_dist.engine.zero import is_partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +34,22 @@ def calibration_indices(num_examples: int, split_size: int) -> list[int]:
     return [i * split_size // n for i in range(n)]
 
 
+def held_fraction(model: torch.nn.Module) -> float:
+    """The share of the model's parameter elements this rank holds between forwards (1.0 for a whole
+    model; near 1 / world_size under ZeRO-3, where each rank keeps its partition and the small persistent
+    parameters)."""
+    held = total = 0
+    for p in model.parameters():
+        if is_partitioned(p):  # a released parameter keeps its partition; a persistent one stays whole
+            held += p.data.numel() or p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            held, total = held + p.numel(), total + p.numel()
+    return held / max(total, 1)
+
+
 def input_norms(
-    adapter_dir: Path,
-    base_model: str,
+    model: torch.nn.Module,
     modules: list[str],
     split: data.TokenizedSplit,
     pad_id: int,
@@ -40,42 +57,51 @@ def input_norms(
     *,
     num_examples: int,
     batch_size: int,
+    device: torch.device,
+    lockstep: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per module name, sqrt(sum over calibration tokens of x_j^2) for each input feature j (fp32, CPU).
+    `model`: the stage-1 model, whole or (with `lockstep`, ZeRO-3) the engine's partitioned module.
     Collective: every rank calls it (a rank with no examples contributes zeros)."""
-    device = torch.device(f"cuda:{dist_info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    end_zero3_init()  # a whole model in each rank, also after a ZeRO-3 stage 1 in this process
-    model = load_adapted_model(adapter_dir, base_model, dtype=dtype).to(device)
     sums: dict[str, torch.Tensor] = {}
+    counting = [True]  # False during a lockstep round that only keeps pace with the other ranks
     mask_of_batch: list[torch.Tensor] = []
 
     def hook(name: str):
         def accumulate(_module, inputs):
-            x = inputs[0].float()
-            tokens = x[mask_of_batch[0]]  # (n_tokens, in): padding left out
+            if not counting[0]:
+                return
+            tokens = inputs[0].float()[mask_of_batch[0]]  # (n_tokens, in): padding left out
             total = tokens.square().sum(dim=0)
             sums[name] = sums[name] + total if name in sums else total
 
         return accumulate
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in modules]
     chosen = calibration_indices(num_examples, len(split))
     mine = chosen[dist_info.rank :: dist_info.world_size]
-    logger.info(f"calibration: input norms of {len(modules)} modules over {len(chosen)} training examples")
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    rounds = math.ceil(math.ceil(len(chosen) / dist_info.world_size) / batch_size) if lockstep else len(batches)
+    logger.info(
+        f"calibration: input norms of {len(modules)} modules over {len(chosen)} training examples "
+        f"({100 * held_fraction(model):.0f}% of the model's parameters held on rank {dist_info.rank})"
+    )
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in modules]
+    was_training = model.training
+    model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(mine), batch_size):
-                batch = data.collate(split, mine[start : start + batch_size], pad_id)
+            for i in range(rounds):
+                counting[0] = i < len(batches)
+                batch = data.collate(split, batches[i] if counting[0] else chosen[:1], pad_id)
                 mask = batch["attention_mask"].to(device).bool()
                 mask_of_batch[:] = [mask]
                 model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
     finally:
         for handle in handles:
             handle.remove()
+        model.train(was_training)
     # in_features of each module; a DSEE layer's is its wrapped base's
     widths = [base_shape(getattr(module, "base", module))[1] for module in map(model.get_submodule, modules)]
-    del model
     flat = torch.cat([sums[name].cpu() if name in sums else torch.zeros(n) for name, n in zip(modules, widths)])
     flat = distributed.all_reduce_tensor(flat.double()).float().sqrt()
     return dict(zip(modules, (part.clone() for part in flat.split(widths))))

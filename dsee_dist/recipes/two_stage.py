@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 log = logger.info  # passed to helpers that take a `log` callable
 
 STAGE1, PRUNED, STAGE2, FINAL = "stage1", "pruned_base", "stage2", "final"
+CALIBRATION = "calibration"  # a scratch directory while the activation score calibrates
 
 
 def stage_configs(cfg: Config, out_dir: Path) -> tuple[Config, Config]:
@@ -82,7 +83,7 @@ def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
     cfg1, cfg2 = stage_configs(cfg, out_dir)
     pruned_dir = out_dir / PRUNED
     if cfg.resume is None and dist_info.is_rank_zero:  # a fresh start: nothing of an earlier run is reused
-        for name in (STAGE1, PRUNED, PRUNED + ".partial", STAGE2, FINAL):
+        for name in (STAGE1, CALIBRATION, PRUNED, PRUNED + ".partial", STAGE2, FINAL):
             shutil.rmtree(out_dir / name, ignore_errors=True)
     distributed.barrier()
 
@@ -120,7 +121,7 @@ def prune_model(cfg: Config, base_model: str, adapter, pruned_dir: Path, ctx: fi
     `activation` score first runs calibration examples from the training split through the stage-1 model."""
     log(f"pruning ({cfg.prune.method}) -> {pruned_dir}")
     dist_info = ctx.dist_info
-    norms = calibration_norms(cfg, base_model, ctx) if cfg.prune.calibrates else None
+    norms = calibration_norms(cfg, base_model, adapter, ctx) if cfg.prune.calibrates else None
     if cfg.prune.method == "unstructured":
         prune_unstructured(
             cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log, input_norms=norms
@@ -129,9 +130,13 @@ def prune_model(cfg: Config, base_model: str, adapter, pruned_dir: Path, ctx: fi
         prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log, input_norms=norms)
 
 
-def calibration_norms(cfg: Config, base_model: str, ctx: finetune.RunContext) -> dict:
+def calibration_norms(cfg: Config, base_model: str, adapter, ctx: finetune.RunContext) -> dict:
     """Collective: the input norms the activation score needs (of the matrices pruned, or of the output
-    projections that heads and neurons write through), from `prune.calibration_examples` training examples."""
+    projections that heads and neurons write through), from `prune.calibration_examples` training examples,
+    through the stage-1 model set up as a training stage is (ZeRO-3 keeps the base partitioned)."""
+    import gc
+
+    import torch
     from transformers import AutoConfig
 
     from dsee_dist.pruning.calibration import input_norms
@@ -143,16 +148,33 @@ def calibration_norms(cfg: Config, base_model: str, ctx: finetune.RunContext) ->
         modules = list(dict.fromkeys(m.module for m in prunable_matrices(model_config, cfg.prune.modules)))
     else:
         modules = calibration_modules(model_config)
-    return input_norms(
-        ctx.out_dir / STAGE1 / "adapter",
-        base_model,
-        modules,
-        ctx.train_split,
-        ctx.tokenizer.pad_token_id,
-        ctx.dist_info,
-        num_examples=cfg.prune.calibration_examples,
-        batch_size=cfg.train.micro_batch_size,
-    )
+    scratch = ctx.out_dir / CALIBRATION  # the support written from the adapter; removed afterwards
+    cfg1, _ = stage_configs(cfg, ctx.out_dir)
+    calibration_cfg = dataclasses.replace(cfg1, output=dataclasses.replace(cfg1.output, dir=str(scratch)), resume=None)
+    log(f"calibration: the stage-1 model (base + adapter) set up as for training -> {scratch}")
+    stage = finetune.setup(calibration_cfg, scratch, base_model, ctx, init_adapter=adapter)
+    try:
+        norms = input_norms(
+            stage.engine.module,
+            modules,
+            ctx.train_split,
+            ctx.tokenizer.pad_token_id,
+            ctx.dist_info,
+            num_examples=cfg.prune.calibration_examples,
+            batch_size=cfg.train.micro_batch_size,
+            device=stage.device,
+            lockstep=stage.engine.zero_optimization_stage() == 3,
+        )
+    finally:
+        stage.engine.destroy()
+        del stage
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    distributed.barrier()
+    if ctx.dist_info.is_rank_zero:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return norms
 
 
 def export_final(out_dir: Path) -> None:

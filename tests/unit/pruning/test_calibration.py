@@ -3,7 +3,8 @@
 import torch
 
 from dsee_dist.data.dataset import IGNORE_INDEX, TokenizedSplit
-from dsee_dist.pruning.calibration import calibration_indices, input_norms
+from dsee_dist.dsee.adapter import load_adapted_model
+from dsee_dist.pruning.calibration import calibration_indices, held_fraction, input_norms
 from tests.unit.pruning.helpers import SINGLE, stage1_outputs
 
 MODULES = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"]
@@ -15,9 +16,18 @@ def _split(lengths, vocab=97, seed=3) -> TokenizedSplit:
     return TokenizedSplit(ids, [torch.full_like(x, IGNORE_INDEX) for x in ids])
 
 
-def _norms(adapter_dir, base_dir, split, batch_size, num_examples=8):
+def _norms(adapter_dir, base_dir, split, batch_size, num_examples=8, lockstep=False):
+    model = load_adapted_model(adapter_dir, str(base_dir))
     return input_norms(
-        adapter_dir, str(base_dir), MODULES, split, 0, SINGLE, num_examples=num_examples, batch_size=batch_size
+        model,
+        MODULES,
+        split,
+        0,
+        SINGLE,
+        num_examples=num_examples,
+        batch_size=batch_size,
+        device=torch.device("cpu"),
+        lockstep=lockstep,
     )
 
 
@@ -41,6 +51,10 @@ def test_norms_are_the_stage1_inputs_over_real_tokens_only(tmp_path):
             expected_proj += block.mlp.act(block.mlp.c_fc(mlp_in))[0].square().sum(dim=0)
     torch.testing.assert_close(one_by_one[MODULES[0]], expected_attn.sqrt(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(one_by_one[MODULES[1]], expected_proj.sqrt(), rtol=1e-4, atol=1e-5)
+    # the lockstep rounds of ZeRO-3 add nothing for a single rank
+    for name, norm in _norms(adapter_dir, base_dir, split, batch_size=3, lockstep=True).items():
+        torch.testing.assert_close(norm, padded[name])
+    assert held_fraction(adapted) == 1.0  # a whole model
     # fewer examples: smaller sums (the count is honoured)
     assert float(_norms(adapter_dir, base_dir, split, 2, num_examples=4)[MODULES[0]].sum()) < float(
         one_by_one[MODULES[0]].sum()
