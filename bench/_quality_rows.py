@@ -25,6 +25,7 @@ class Row:
     overrides: dict = field(default_factory=dict)
     lr_from: str | None = None
     multi_seed: bool = False
+    steps_multiple: int = 1  # the row trains this many times the shared step budget (warmup scaled alike)
 
 
 ROWS: dict[str, Row] = {
@@ -79,6 +80,15 @@ ROWS: dict[str, Row] = {
             },
             lr_from="dsee",
             multi_seed=True,
+        ),
+        Row(
+            "dsee-2x",
+            "dsee trained for twice the steps: as many optimizer steps as a pruned row's two stages, the control "
+            "for their longer training (one schedule, warmup 10 % as every row)",
+            "dsee",
+            lr_from="dsee",
+            multi_seed=True,
+            steps_multiple=2,
         ),
     ]
 }
@@ -189,6 +199,13 @@ def row_config(row: Row, **kw) -> dict:
     """The base config with the row's method and keys; pruning rows re-tune as long as stage 1 trained."""
     from dsee_dist.config import merge_nested
 
+    if row.steps_multiple != 1:
+        budget = dict(kw.pop("budget"))
+        budget.update(
+            max_steps=budget["max_steps"] * row.steps_multiple,
+            warmup_steps=budget["warmup_steps"] * row.steps_multiple,
+        )
+        kw["budget"] = budget
     cfg = base_config(method=row.method, **kw)
     cfg = merge_nested(cfg, row.overrides)
     if "prune" in row.overrides:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from bench import quality
-from bench._quality_rows import sparse_budget
+from bench._quality_rows import ROWS, row_config, sparse_budget
 from tests.bench.conftest import SAMPLE
 
 
@@ -190,6 +190,22 @@ def test_every_row_runs_once_before_the_extra_seeds():
     planned = quality.Bench.planned(SimpleNamespace(s=settings))
     assert planned[:4] == [("base", 42), ("dsee", 42), ("full", 42), ("lora", 42)]
     assert planned[4:] == [("dsee", 43), ("lora", 43), ("dsee", 44), ("lora", 44)]
+
+
+def test_the_twice_as_long_control_differs_from_dsee_only_in_its_steps():
+    kw = dict(
+        model_dir="m", train_csv="t", eval_csv="e", out_dir="o", seed=42, lr=2e-3, num_sparse=4,
+        model_type="llama", gpu=False,
+        budget={"micro_batch_size": 4, "grad_accum_steps": 4, "max_steps": 292, "warmup_steps": 29},
+    )  # fmt: skip
+    dsee, control = row_config(ROWS["dsee"], **kw), row_config(ROWS["dsee-2x"], **kw)
+    assert (control["train"]["max_steps"], control["train"]["warmup_steps"]) == (584, 58)
+    # a pruned row trains stage 1 plus as many re-tuning steps: the control's total
+    pruned = row_config(ROWS["dsee-s25"], **kw)
+    assert control["train"]["max_steps"] == pruned["train"]["max_steps"] + pruned["prune"]["retrain_steps"]
+    for cfg in (dsee, control):
+        del cfg["train"]["max_steps"], cfg["train"]["warmup_steps"]
+    assert control == dsee and kw["budget"]["max_steps"] == 292
 
 
 def test_gpt2_pipeline_dsee_row(tiny_models, tmp_path, capsys):
