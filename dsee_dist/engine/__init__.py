@@ -1,7 +1,8 @@
 """The DeepSpeed runtime, behind a small interface. The only package that imports deepspeed.
 
 - `process_group.py`: joining the process group under any launcher; the collectives (`barrier`,
-  `all_reduce_sum`, `on_rank_zero`, ...); lost-peer detection.
+  `all_reduce_sum`, `on_rank_zero`, ...); a rank's share of the work in lockstep (`rank_share`);
+  lost-peer detection.
 - `deepspeed_engine.py`: the DeepSpeed config (engine JSON + the experiment-owned settings), the
   optimizer and `build_engine`.
 - `zero.py`: ZeRO-3 parameter helpers (`gathered`, `full_tensor`, `is_partitioned`, `partitioned_init`).
@@ -37,6 +38,7 @@ from dsee_dist.engine.process_group import (
     init_distributed,
     is_lost_peer,
     on_rank_zero,
+    rank_share,
     shutdown,
 )
 from dsee_dist.engine.zero import full_tensor, gathered, is_partitioned, partitioned_init
@@ -64,6 +66,7 @@ __all__ = [
     "is_partitioned",
     "launch_env",
     "on_rank_zero",
+    "rank_share",
     "optimizer_state_numel",
     "partitioned_init",
     "resolve_deepspeed_json",

@@ -176,6 +176,18 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def rank_share(items: list, rank: int, world_size: int, *, lockstep: bool = False) -> list[tuple[object, bool]]:
+    """This rank's round-robin share of `items` (`items[rank::world_size]`), each paired with True. With
+    `lockstep` (every forward is collective, as under ZeRO-3, where a layer's weights are gathered from all
+    ranks), a rank with fewer items than the busiest rank repeats the last item, paired with False (run it,
+    drop its result), so that every rank runs the same number of rounds."""
+    mine = [(item, True) for item in items[rank::world_size]]
+    if lockstep and items:
+        rounds = -(-len(items) // world_size)
+        mine += [(items[-1], False)] * (rounds - len(mine))
+    return mine
+
+
 def on_rank_zero(fn):
     """Run `fn` on rank 0 only and share its result, or its failure, with every rank, so that no
     rank waits at a barrier for a rank that failed. Results must be picklable."""

@@ -13,7 +13,6 @@ model. Ranks with fewer batches run a copy of their last batch and drop its outp
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -178,8 +177,7 @@ def generate_texts(
     stop_ids = stop_token_ids(tokenizer, settings.stop_at_newline)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     batches = plan_batches(lengths, settings.batch_size)
-    mine = batches[rank::world_size]
-    rounds = math.ceil(len(batches) / world_size) if synced_gpus else len(mine)
+    share = distributed.rank_share(batches, rank, world_size, lockstep=synced_gpus)
     was_training = model.training
     model.eval()
     bar = None
@@ -188,12 +186,11 @@ def generate_texts(
 
         bar = tqdm(total=len(prompts), desc=desc, unit="input", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
     t0, new_tokens, results = time.time(), 0, {}
-    for i in range(rounds):
-        indices = mine[i] if i < len(mine) else (mine[-1] if mine else batches[-1])  # padding round: dropped
+    for indices, counts in share:  # a round that only keeps pace with the other ranks is dropped
         texts, count = _decode_batch(
             model, tokenizer, [prompts[j] for j in indices], settings, stop_ids, device, synced_gpus
         )
-        if i < len(mine):
+        if counts:
             results.update(zip(indices, texts))
             new_tokens += count
             if bar is not None:

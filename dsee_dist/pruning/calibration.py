@@ -5,9 +5,10 @@ stage-1 model (the base with its adapter), so the norms are those the tuned mode
 The model is the one training builds (recipes/two_stage.py sets it up like a training stage, with the
 stage-1 adapter): under ZeRO-3 it stays partitioned and DeepSpeed gathers one layer at a time inside each
 forward, so no rank ever holds the whole base; every rank then runs the same number of forwards (a rank
-with fewer examples repeats one and drops its sums). Below ZeRO-3 every rank holds the model anyway.
+with fewer micro-batches repeats one and drops its sums: `engine.rank_share`). Below ZeRO-3 every rank
+holds the model anyway.
 
-Each rank runs its share of the examples (spread evenly over the training split, every world_size-th);
+The examples are spread evenly over the training split; each rank runs every world_size-th micro-batch;
 the per-feature sums of squares are all-reduced, so every rank gets the same norms at any world size.
 Padding never counts (the attention mask selects the tokens).
 """
@@ -15,7 +16,6 @@ Padding never counts (the attention mask selects the tokens).
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -78,9 +78,8 @@ def input_norms(
         return accumulate
 
     chosen = calibration_indices(num_examples, len(split))
-    mine = chosen[dist_info.rank :: dist_info.world_size]
-    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
-    rounds = math.ceil(math.ceil(len(chosen) / dist_info.world_size) / batch_size) if lockstep else len(batches)
+    batches = [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
+    share = distributed.rank_share(batches, dist_info.rank, dist_info.world_size, lockstep=lockstep)
     logger.info(
         f"calibration: input norms of {len(modules)} modules over {len(chosen)} training examples "
         f"({100 * held_fraction(model):.0f}% of the model's parameters held on rank {dist_info.rank})"
@@ -90,9 +89,9 @@ def input_norms(
     model.eval()
     try:
         with torch.no_grad():
-            for i in range(rounds):
-                counting[0] = i < len(batches)
-                batch = data.collate(split, batches[i] if counting[0] else chosen[:1], pad_id)
+            for indices, counts in share:
+                counting[0] = counts
+                batch = data.collate(split, indices, pad_id)
                 mask = batch["attention_mask"].to(device).bool()
                 mask_of_batch[:] = [mask]
                 model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())

@@ -1,4 +1,5 @@
-"""How many ranks share this node, and each rank's share of the CPU cores."""
+"""How many ranks share this node, each rank's share of the CPU cores, and each rank's share of a list of
+work items (in lockstep or not)."""
 
 import os
 
@@ -59,3 +60,23 @@ def test_a_rank_without_a_gpu_is_refused_in_one_line(clean_env):
         process_group.check_rank_has_gpu(1, 1)
     message = str(err.value)
     assert "\n" not in message and "this node has 1 GPU(s) but 2 ranks" in message and "--num_gpus 1" in message
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [0, 1, 5, 6])
+def test_rank_shares_cover_the_items_once_and_keep_lockstep(world_size, n):
+    items = [f"batch{i}" for i in range(n)]
+    free = [process_group.rank_share(items, r, world_size) for r in range(world_size)]
+    locked = [process_group.rank_share(items, r, world_size, lockstep=True) for r in range(world_size)]
+    # counted items: every item exactly once, in either mode
+    for shares in (free, locked):
+        counted = sorted(item for share in shares for item, counts in share if counts)
+        assert counted == sorted(items)
+    # without lockstep nothing is repeated; with it every rank runs as many rounds as the busiest
+    assert all(counts for share in free for _, counts in share)
+    assert {len(share) for share in locked} == {-(-n // world_size)}
+    # a rank that keeps pace runs a real item (same shapes), after its own ones
+    for share in locked:
+        flags = [counts for _, counts in share]
+        assert flags == sorted(flags, reverse=True)
+        assert all(item in items for item, _ in share)
