@@ -109,26 +109,32 @@ def test_llama_pipeline_rows_and_resume(tiny_models, tmp_path, capsys):
     # exported model is deleted first (a table finished on another machine): its speed comes from its config.
     before = {p: p.stat().st_mtime_ns for p in results.glob("rows/*/row.json")}
     shutil.rmtree(by_row["dsee"]["model_dir"])
-    out = _run(tiny_models["llama"], train_csv, results, "base,dsee,lora,full", capsys)
+    out = _run(tiny_models["llama"], train_csv, results, "base,dsee,lora,full,dsee-2x", capsys)
     assert "row base seed 42: finished earlier, skipped" in out and "row dsee seed 42: finished earlier, skipped" in out
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
     report = json.loads((results / "quality.json").read_text())
     by_row = {r["row"]: r for r in report["records"]}
-    assert set(by_row) == {"base", "dsee", "lora", "full"}
+    assert set(by_row) == {"base", "dsee", "lora", "full", "dsee-2x"}
     assert by_row["lora"]["trainable_params"] == budget["lora_params"]
+    # the control trains dsee for twice the steps (as many as a pruned row's two stages)
+    assert by_row["dsee-2x"]["steps"] == 2 * by_row["dsee"]["steps"] == 6
+    assert by_row["dsee-2x"]["trainable_params"] == budget["dsee_params"]
+    last = (results / "rows" / "dsee-2x-s42" / "run" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last)["step"] == 6
     from transformers import AutoModelForCausalLM
 
     total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).parameters())
     assert by_row["full"]["trainable_params"] == total
     assert "| lora |" in (results / "table.md").read_text()
     speeds = report["speed"]["tokens_per_s"]
-    assert set(speeds) == {"base-s42", "dsee-s42", "lora-s42", "full-s42"} and all(v > 0 for v in speeds.values())
+    assert set(speeds) == {"base-s42", "dsee-s42", "lora-s42", "full-s42", "dsee-2x-s42"}
+    assert all(v > 0 for v in speeds.values())
 
     # --report-only trains nothing (dsee-s25 stays unfinished) and rebuilds the report from the finished rows.
     out = _run(tiny_models["llama"], train_csv, results, "base,dsee,dsee-s25", capsys, "--report-only")
     assert not (results / "rows" / "dsee-s25-s42").exists() and "training" not in out
     report = json.loads((results / "quality.json").read_text())
-    assert {r["row"] for r in report["records"]} == {"base", "dsee", "lora", "full"}
+    assert {r["row"] for r in report["records"]} == {"base", "dsee", "lora", "full", "dsee-2x"}
 
 
 def test_a_stopped_row_checkpoints_and_the_rerun_resumes_it(tiny_models, tmp_path, capsys):
