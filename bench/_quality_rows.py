@@ -200,12 +200,12 @@ def row_config(row: Row, **kw) -> dict:
     from dsee_dist.config import merge_nested
 
     if row.steps_multiple != 1:
-        budget = dict(kw.pop("budget"))
-        budget.update(
-            max_steps=budget["max_steps"] * row.steps_multiple,
-            warmup_steps=budget["warmup_steps"] * row.steps_multiple,
-        )
-        kw["budget"] = budget
+        budget = kw["budget"]
+        kw["budget"] = {
+            **budget,
+            "max_steps": budget["max_steps"] * row.steps_multiple,
+            "warmup_steps": budget["warmup_steps"] * row.steps_multiple,
+        }
     cfg = base_config(method=row.method, **kw)
     cfg = merge_nested(cfg, row.overrides)
     if "prune" in row.overrides:

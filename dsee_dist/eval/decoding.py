@@ -7,7 +7,7 @@ Outputs come back in input order on every rank.
 Under ZeRO-3 (a partitioned model inside a DeepSpeed engine) every rank must run each forward together:
 pass `synced_gpus=True`. transformers' `generate` then keeps every rank stepping until all are done, and
 DeepSpeed gathers one layer's parameters at a time during each forward, so no rank ever holds the whole
-model. Ranks with fewer batches run a copy of their last batch and drop its outputs.
+model. Ranks with fewer batches run a copy of the last batch and drop its outputs (`engine.rank_share`).
 """
 
 from __future__ import annotations
