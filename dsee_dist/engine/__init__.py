@@ -4,7 +4,7 @@
   `all_reduce_sum`, `on_rank_zero`, ...); a rank's share of the work in lockstep (`rank_share`);
   lost-peer detection.
 - `deepspeed_engine.py`: the DeepSpeed config (engine JSON + the experiment-owned settings), the
-  optimizer and `build_engine`.
+  optimizer and `build_engine`; the gradient norm where DeepSpeed keeps none (`trainable_grad_norm`).
 - `zero.py`: ZeRO-3 parameter helpers (`gathered`, `full_tensor`, `is_partitioned`, `partitioned_init`).
 - `shm.py`: shared-memory housekeeping for DeepSpeed's CPU allreduce.
 - `launcher.py`: the `deepspeed` launcher command lines and their environment (no deepspeed import).
@@ -22,7 +22,9 @@ from dsee_dist.engine.deepspeed_engine import (
     build_optimizer,
     inner_optimizer,
     optimizer_state_numel,
+    reports_grad_norm,
     resolve_deepspeed_json,
+    trainable_grad_norm,
     zero_stage,
 )
 from dsee_dist.engine.launcher import deepspeed_command, free_port, launch_env, training_command
@@ -69,8 +71,10 @@ __all__ = [
     "optimizer_state_numel",
     "partitioned_init",
     "rank_share",
+    "reports_grad_norm",
     "resolve_deepspeed_json",
     "shutdown",
+    "trainable_grad_norm",
     "training_command",
     "zero_stage",
 ]

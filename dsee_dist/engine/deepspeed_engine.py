@@ -126,6 +126,21 @@ def optimizer_state_numel(engine) -> int:
     return sum(state["exp_avg"].numel() for state in inner_optimizer(engine).state.values() if "exp_avg" in state)
 
 
+def reports_grad_norm(engine) -> bool:
+    """Whether `engine.get_global_grad_norm()` is measured by DeepSpeed: its ZeRO, fp16 and bf16 optimizers
+    measure the norm before clipping; a plain fp32 ZeRO-0 engine clips with torch and keeps no norm."""
+    return bool(engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
+
+
+def trainable_grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """The L2 norm of the trainable parameters' gradients, on their device (no host sync). Under ZeRO-0 the
+    gradients are averaged over ranks at the accumulation boundary's backward, so this is the global norm."""
+    norms = [torch.linalg.vector_norm(p.grad.float()) for p in module.parameters() if p.grad is not None]
+    if not norms:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def build_optimizer(param_groups, ds_config: dict, lr: float, betas, weight_decay: float):
     offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload == "cpu" and torch.cuda.is_available():

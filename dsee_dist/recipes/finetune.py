@@ -211,6 +211,7 @@ class Stage:
     tokens_real: int = 0  # processed positions that are not padding
     label_counts: list[int] | None = None  # per training example, for the global token count of a step
     prefetched: tuple[int, list[dict]] | None = None  # (step, its micro-batches), collated during the step before
+    grad_norm: torch.Tensor | None = None  # of the last logged step, where DeepSpeed keeps none (fp32 ZeRO-0)
 
 
 def setup(
@@ -371,9 +372,9 @@ def fit(stage: Stage) -> int | None:
     t_last = time.time()
     for step in range(stage.start_step, stage.max_steps):
         lr = stage.optimizer.param_groups[0]["lr"]
-        loss_share = train_step(stage, step)
         done = step + 1
         logged = done % cfg.train.log_every_n_steps == 0 or done == stage.max_steps
+        loss_share = train_step(stage, step, logged=logged)
         # Reduced (a collective and a host sync) only on logged steps; the progress bar keeps the last value.
         loss = float(distributed.all_reduce_tensor(loss_share)) if logged else None
         stage.metrics.advance(loss)
@@ -395,9 +396,10 @@ def fit(stage: Stage) -> int | None:
     return None
 
 
-def train_step(stage: Stage, step: int) -> float:
+def train_step(stage: Stage, step: int, *, logged: bool = False) -> float:
     """One optimizer step on this rank's share of global batch `step`; returns this rank's share of the mean
     token loss over the whole global batch, as a device tensor (summed over ranks it is the mean; no host sync).
+    On a `logged` step the gradient norm is kept in `stage.grad_norm` where DeepSpeed measures none.
 
     The loss is normalised by the global number of labelled tokens (all ranks, all micro-batches), so
     the gradient, and the logged loss, do not depend on how the global batch is split across ranks."""
@@ -415,9 +417,12 @@ def train_step(stage: Stage, step: int) -> float:
     # DeepSpeed divides each backward by grad_accum and averages gradients over ranks: undo both.
     scale = stage.ctx.dist_info.world_size * len(micro_batches) / max(global_tokens, 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=stage.device)
+    own_grad_norm = logged and not distributed.reports_grad_norm(engine)
     for batch in micro_batches:
         loss_sum, _ = token_loss_sum(engine, batch, stage.device, stage.cfg.train.loss_chunk_tokens)
         engine.backward(loss_sum * scale)
+        if own_grad_norm and engine.is_gradient_accumulation_boundary():  # averaged over ranks, not yet clipped
+            stage.grad_norm = distributed.trainable_grad_norm(engine.module)
         engine.step()
         loss_total += loss_sum.detach().double()
     if step + 1 < stage.max_steps:  # the device is still busy with this step's kernels: collate the next one
@@ -457,7 +462,8 @@ def log_optimizer_state(stage: Stage, done: int) -> None:
 
 
 def log_progress(stage: Stage, done: int, loss: float, lr: float, t_last: float) -> float:
-    grad_norm = stage.engine.get_global_grad_norm()
+    grad_norm = stage.engine.get_global_grad_norm() if stage.grad_norm is None else stage.grad_norm
+    stage.grad_norm = None
     now = time.time()
     speed = throughput.interval_metrics(
         stage.engine.module.config,

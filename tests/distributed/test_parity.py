@@ -54,6 +54,17 @@ def test_losses_agree_across_zero_stages_and_world_sizes(runs):
         assert evals == pytest.approx(ref_evals, rel=1e-5)
 
 
+def test_gradient_norms_are_logged_and_agree_with_deepspeeds_own(runs):
+    # ZeRO-2/3 report DeepSpeed's own norm (before clipping); fp32 ZeRO-0 keeps none, so the loop measures it.
+    def norms(name):
+        return [r["grad_norm"] for r in read_metrics(runs[name][0]) if "loss" in r]
+
+    reference = norms("ws2_zero2")
+    assert len(reference) == 6 and all(n is not None and n > 0 for n in reference)
+    for name in RUNS:
+        assert norms(name) == pytest.approx(reference, rel=1e-4), name
+
+
 def test_support_is_computed_once_and_identical_at_any_world_size(runs):
     supports = {name: load_file(str(out / "support.safetensors")) for name, (out, _) in runs.items()}
     ref = supports["ws1_zero0"]
