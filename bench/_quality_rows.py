@@ -48,6 +48,15 @@ ROWS: dict[str, Row] = {
             multi_seed=True,
         ),
         Row(
+            "dsee-mag",
+            "dsee with the magnitude support (the N largest |W0| entries per matrix, the quickstart's choice): "
+            "tells the support choice apart from the implementation when set beside supra",
+            "dsee",
+            {"dsee": {"support": "magnitude"}},
+            lr_from="dsee",
+            multi_seed=True,
+        ),
+        Row(
             "dsee-ref",
             "dsee, support from the reference decomposition loop",
             "dsee",

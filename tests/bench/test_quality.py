@@ -269,3 +269,15 @@ def test_decoding_time_leaves_out_the_seconds_the_table_was_paused(tmp_path, mon
     (tmp_path / quality.PAUSED_FILE).write_text("2.5\n")
     outputs, timing = bench.decode(tmp_path / "model")
     assert outputs == ["out a", "out b"] and timing == {"decode_s": 12.5, "new_tokens": 40}
+
+
+def test_the_magnitude_row_differs_from_dsee_only_in_its_support():
+    kw = dict(
+        model_dir="m", train_csv="t", eval_csv="e", out_dir="o", seed=42, lr=2e-3, num_sparse=4,
+        model_type="llama", gpu=False,
+        budget={"micro_batch_size": 4, "grad_accum_steps": 4, "max_steps": 292, "warmup_steps": 29},
+    )  # fmt: skip
+    dsee, mag = row_config(ROWS["dsee"], **kw), row_config(ROWS["dsee-mag"], **kw)
+    assert (dsee["dsee"]["support"], mag["dsee"]["support"]) == ("decomposition", "magnitude")
+    mag["dsee"]["support"] = "decomposition"
+    assert mag == dsee and ROWS["dsee-mag"].multi_seed and ROWS["dsee-mag"].lr_from == "dsee"
