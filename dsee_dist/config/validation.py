@@ -83,9 +83,30 @@ def _check_data(cfg: Config, problems: list[str]) -> None:
             problems.append(f"data.train_path is required for data.format={d.format}")
         for key in ("train_path", "eval_path"):
             value = getattr(d, key)
-            hub_ok = d.format == "e2e" and _looks_like_hub_name(value or "")
+            hub_ok = d.format != "text" and _looks_like_hub_name(value or "")
             if value and not resolve_path(cfg, value).exists() and not hub_ok:
-                problems.append(f"data.{key} '{value}' does not exist; give the path of a local {d.format} file")
+                problems.append(
+                    f"data.{key} '{value}' does not exist; give a local {d.format} file or directory"
+                    + (" or a hub dataset name" if d.format != "text" else "")
+                )
+    from dsee_dist.data.columns import FORMAT_COLUMNS, ROLES  # light module: no torch at import
+
+    known = FORMAT_COLUMNS.get(d.format, ())
+    for name in d.fields:
+        if name not in known:
+            problems.append(
+                f"data.fields: '{name}' is not a column of data.format={d.format}"
+                + (f"; its columns are: {', '.join(known)}" if known else " (it reads no named columns)")
+            )
+    for name, role in d.roles.items():
+        if role not in ROLES:
+            problems.append(f"data.roles: '{name}' maps to '{role}'; map it to one of: {', '.join(ROLES)}")
+    if d.packing and d.group_by_length:
+        problems.append("data.packing and data.group_by_length are alternatives (packed rows are all near block_size)")
+    if d.packing and d.format == "text":
+        problems.append("data.format=text is packed into full blocks already; leave data.packing false")
+    if d.num_proc < 1:
+        problems.append(f"data.num_proc must be >= 1, got {d.num_proc}")
     if d.block_size < 8:
         problems.append(f"data.block_size must be at least 8, got {d.block_size}")
     for key in ("max_train_examples", "max_eval_examples", "synthetic_train_examples", "synthetic_eval_examples"):

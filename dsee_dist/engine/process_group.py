@@ -205,3 +205,23 @@ def on_rank_zero(fn):
     if error:
         raise DSEEError(error)
     return result
+
+
+def on_local_rank_zero(fn) -> None:
+    """Run `fn` once per node (on its local rank 0) while the node's other ranks wait; a failure on any node is
+    raised on every rank, so that no rank waits for a rank that failed. For work whose result is on disk (the
+    tokenised data cache), written where every rank of the node reads it."""
+    if _world() == 1:
+        fn()
+        return
+    error = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        try:
+            fn()
+        except DSEEError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank as one line
+            error = f"rank {dist.get_rank()} failed: {type(exc).__name__}: {exc}"
+    errors = [e for e in all_gather_object(error) if e]
+    if errors:
+        raise DSEEError(errors[0])

@@ -101,9 +101,12 @@ def plan_batches(prompt_lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def clean_output(text: str) -> str:
-    """The text up to its first newline, stripped (one output line per input)."""
-    return text.split("\n", 1)[0].replace("\r", " ").strip()
+def clean_output(text: str, first_line: bool = True) -> str:
+    """One output line per input: the text up to its first newline (`first_line`, decoding that stops at a
+    newline) or every line joined by single spaces (decoding that stops at EOS only), stripped."""
+    if first_line:
+        return text.split("\n", 1)[0].replace("\r", " ").strip()
+    return " ".join(text.split())
 
 
 @dataclass
@@ -146,7 +149,7 @@ def _decode_batch(
         ends = torch.nonzero(torch.isin(row, stop)).flatten()
         length = int(ends[0]) + 1 if len(ends) else len(row)
         count += length
-        texts.append(clean_output(tokenizer.decode(row[:length], skip_special_tokens=True)))
+        texts.append(clean_output(tokenizer.decode(row[:length], skip_special_tokens=True), settings.stop_at_newline))
     return texts, count
 
 

@@ -1,14 +1,16 @@
-"""Reading E2E references and system outputs in the formats the official E2E scorer accepts.
+"""Reading references and system outputs: E2E's, in the formats the official E2E scorer accepts, and free text.
 
-References: a CSV/TSV with an MR column and a reference column (E2E's `mr,ref`; grouped by MR, the
+E2E references: a CSV/TSV with an MR column and a reference column (E2E's `mr,ref`; grouped by MR, the
 groups in order of each MR's first appearance), or a text file with one reference per line and the
 groups of one MR separated by a blank line (a text file without blank lines holds one reference per
-MR). Outputs: a text file, one line per MR, in the same order.
+MR). Free-text references (any task): JSONL, one input per line (`read_text_references`). Outputs: a text
+file, one line per input, in the same order; an empty line is an empty output.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +109,8 @@ def read_references(path: str | Path) -> References:
 
 
 def read_hypotheses(path: str | Path, num_mrs: int | None = None, refs_path: Path | None = None) -> list[str]:
-    """One output per line; refuses an empty line and, given `num_mrs`, a different number of lines."""
+    """One output per line (an empty line is an empty output: a valid, bad answer, scored as such); given
+    `num_mrs`, refuses a different number of lines."""
     path = Path(path)
     _require_file(path, "outputs")
     lines = path.read_text(encoding="utf-8-sig").split("\n")
@@ -119,13 +122,55 @@ def read_hypotheses(path: str | Path, num_mrs: int | None = None, refs_path: Pat
     if num_mrs is not None and len(lines) != num_mrs:
         where = f" in '{refs_path}'" if refs_path else ""
         raise DSEEError(
-            f"outputs file '{path}' has {len(lines)} lines but there are {num_mrs} MRs{where}: "
-            f"give one output line per MR, in the MRs' order of first appearance"
+            f"outputs file '{path}' has {len(lines)} lines but there are {num_mrs} inputs{where}: "
+            f"give one output line per input, in the inputs' order"
         )
-    for lineno, line in enumerate(lines, 1):
-        if not line:
-            raise DSEEError(
-                f"{path}:{lineno}: empty output line; every MR needs a non-empty output "
-                f"(an empty generation has nothing to score; check the model or decoding settings)"
-            )
     return lines
+
+
+def last_assistant_split(messages: list[dict], where: str) -> tuple[list[dict], str]:
+    """(the conversation before its last assistant turn, that turn's content): a chat row as a generation input
+    and its reference. `messages` are normalised ({role, content}, data/chat.py)."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise DSEEError(f"{where}: needs a user turn before its last assistant turn (the reference)")
+    return messages[:last], messages[last]["content"]
+
+
+def read_text_references(path: str | Path) -> References:
+    """Free-text references from JSONL, one input per line: `references` (a list), `reference`, `output`
+    (alpaca), `completion`, or `messages` / `conversations` (the last assistant turn)."""
+    from dsee_dist.data.chat import normalize_messages
+
+    path = Path(path)
+    _require_file(path, "references")
+    groups = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DSEEError(f"{where}: not a JSON object ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise DSEEError(f"{where}: not a JSON object")
+        if isinstance(row.get("references"), list):
+            refs = [str(r) for r in row["references"]]
+        elif any(k in row for k in ("reference", "output", "completion")):
+            refs = [str(next(row[k] for k in ("reference", "output", "completion") if k in row))]
+        elif "messages" in row or "conversations" in row:
+            messages = normalize_messages(row.get("messages", row.get("conversations")), where)
+            refs = [last_assistant_split(messages, where)[1]]
+        else:
+            raise DSEEError(
+                f"{where}: no reference; give 'references' (a list), 'reference', 'output', 'completion' or "
+                "'messages' (the last assistant turn is the reference)"
+            )
+        refs = [r.strip() for r in refs if r.strip()]
+        if not refs:
+            raise DSEEError(f"{where}: the reference is empty")
+        groups.append(refs)
+    if not groups:
+        raise DSEEError(f"references file '{path}' has no references")
+    return References(groups, None, path)

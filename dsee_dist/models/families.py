@@ -49,6 +49,9 @@ class Family:
     # How a structurally pruned model is written: "llama" (num_attention_heads/head_dim/intermediate_size
     # in the stock config), "gpt2" (n_inner, or the per-layer PrunedGPT2 model), or None (MLP width only).
     structured_config: str | None = None
+    # Whether packed rows (data.packing) stay apart: transformers builds per-example causal masks from restarting
+    # position ids; OPT's decoder makes an all-ones padding mask of its own first, which turns that off.
+    packing: bool = True
 
     def is_fused(self) -> bool:
         return self.fused_qkv is not None
@@ -115,6 +118,7 @@ OPT = Family(
     mlp_in="fc1",
     mlp_out="fc2",
     inner_key="ffn_dim",
+    packing=False,
 )
 GPT_NEOX = Family(
     name="gpt_neox",

@@ -94,7 +94,7 @@ def input_norms(
                 batch = data.collate(split, indices, pad_id)
                 mask = batch["attention_mask"].to(device).bool()
                 mask_of_batch[:] = [mask]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=mask.long())
+                model(**data.model_inputs(batch, device))  # packed rows: each example attends to itself only
     finally:
         for handle in handles:
             handle.remove()

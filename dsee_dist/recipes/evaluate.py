@@ -1,9 +1,13 @@
-"""Score system outputs with the five E2E figures, as the official E2E scorer computes them.
+"""Score system outputs: the five E2E figures, as the official E2E scorer computes them, or, for any other task,
+BLEU, chrF, ROUGE-L and exact match against one or more free-text references per input.
 
     dsee-dist evaluate --refs testset_w_refs.csv --hyp outputs.txt [--out scores.json]
+    dsee-dist evaluate --refs chats.jsonl --hyp outputs.txt
 
 References: the E2E CSV (grouped by MR, in order of first appearance) or the official scorer's text
-format (one reference per line, a blank line between MRs). Outputs: one line per MR, same order.
+format (one reference per line, a blank line between MRs); or JSONL, one input per line, with `references`,
+`reference`, `output`, `completion` or chat `messages` (the last assistant turn): eval/references.py.
+Outputs: one line per input, same order; an empty line is an empty output, scored as such and counted.
 Prints a table and one JSON line; writes the scores (default: OUTPUTS.scores.json beside the outputs).
 """
 
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from dsee_dist.errors import reports_errors
 from dsee_dist.eval.metrics import METRICS, E2EScorer, normalize_metric_names
-from dsee_dist.eval.references import read_hypotheses, read_references
+from dsee_dist.eval.references import read_hypotheses, read_references, read_text_references
+from dsee_dist.eval.text_metrics import TEXT_METRICS, normalize_text_metric_names, score_text
 from dsee_dist.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -31,8 +36,13 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
+def is_free_text(refs_path: Path) -> bool:
+    """JSONL references are free text (any task); CSV/TSV and the official text format are E2E's."""
+    return refs_path.suffix.lower() == ".jsonl"
+
+
 def score_outputs(hyps: list[str], refs, hyp_path: Path, metrics=METRICS, scorer: E2EScorer | None = None) -> dict:
-    """Scores of `hyps` against `refs` (a References) plus what was scored: a dict ready to print and write."""
+    """E2E scores of `hyps` against `refs` (a References) plus what was scored: a dict ready to print and write."""
     own = scorer is None
     scorer = scorer or E2EScorer(metrics)
     try:
@@ -44,6 +54,7 @@ def score_outputs(hyps: list[str], refs, hyp_path: Path, metrics=METRICS, scorer
         "scores": scores,
         "num_mrs": len(refs.groups),
         "num_references": refs.num_references,
+        "empty_outputs": sum(1 for h in hyps if not h),
         "refs": str(refs.path),
         "hyp": str(hyp_path),
         "tokenizer": scorer.tokenizer,
@@ -51,41 +62,74 @@ def score_outputs(hyps: list[str], refs, hyp_path: Path, metrics=METRICS, scorer
     }
 
 
-def evaluate_files(refs_path: Path, hyp_path: Path, metrics=METRICS, scorer: E2EScorer | None = None) -> dict:
+def score_text_outputs(hyps: list[str], refs, hyp_path: Path, metrics=TEXT_METRICS) -> dict:
+    """Free-text scores of `hyps` against `refs` (eval/text_metrics.py), in the same layout as score_outputs."""
+    return {
+        "scores": score_text(hyps, refs.groups, metrics),
+        "num_mrs": len(refs.groups),
+        "num_references": refs.num_references,
+        "empty_outputs": sum(1 for h in hyps if not h),
+        "refs": str(refs.path),
+        "hyp": str(hyp_path),
+        "tokenizer": "sacrebleu 13a (BLEU, chrF); lower-cased whitespace (ROUGE_L)",
+        "unavailable": {},
+    }
+
+
+def evaluate_files(refs_path: Path, hyp_path: Path, metrics=None, scorer: E2EScorer | None = None) -> dict:
+    if is_free_text(refs_path):
+        refs = read_text_references(refs_path)
+        hyps = read_hypotheses(hyp_path, len(refs.groups), refs_path)
+        return score_text_outputs(hyps, refs, hyp_path, metrics or TEXT_METRICS)
     refs = read_references(refs_path)
     hyps = read_hypotheses(hyp_path, len(refs.groups), refs_path)
-    return score_outputs(hyps, refs, hyp_path, metrics, scorer)
+    return score_outputs(hyps, refs, hyp_path, metrics or METRICS, scorer)
 
 
 def report(result: dict, out: Path) -> None:
     """Write the scores JSON (atomically), print the table and one JSON line."""
     write_json_atomic(out, result)
     print(format_table(result))
-    print(json.dumps({**result["scores"], "num_mrs": result["num_mrs"], "scores_file": str(out)}), flush=True)
+    summary = {**result["scores"], "num_mrs": result["num_mrs"], "empty_outputs": result.get("empty_outputs", 0)}
+    print(json.dumps({**summary, "scores_file": str(out)}), flush=True)
 
 
 def format_table(result: dict) -> str:
     lines = [f"{'metric':<8}  score", f"{'-' * 8}  {'-' * 7}"]
     for name, value in result["scores"].items():
         lines.append(f"{name:<8}  {'n/a' if value is None else f'{value:.4f}'}")
-    lines.append(f"{result['num_mrs']} MRs, {result['num_references']} references")
+    lines.append(f"{result['num_mrs']} inputs, {result['num_references']} references")
+    if result.get("empty_outputs"):
+        lines.append(f"{result['empty_outputs']} empty outputs (scored as empty)")
     for name, why in result["unavailable"].items():
         lines.append(f"{name} unavailable: {why}")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--refs", required=True, help="references: E2E CSV (mr,ref) or blank-line-separated text")
-    parser.add_argument("--hyp", required=True, help="outputs: one line per MR, in the MRs' order of first appearance")
+    parser.add_argument(
+        "--refs",
+        required=True,
+        help="references: E2E CSV (mr,ref) or blank-line-separated text; or JSONL of free-text references",
+    )
+    parser.add_argument(
+        "--hyp", required=True, help="outputs: one line per input (per MR, in order of first appearance)"
+    )
     parser.add_argument("--out", help="scores JSON (default: beside the outputs, OUTPUTS.scores.json)")
-    parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    parser.add_argument(
+        "--metrics",
+        help=f"comma-separated subset of {','.join(METRICS)} (E2E) or {','.join(TEXT_METRICS)} (free text)",
+    )
 
 
 @reports_errors("evaluate")
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
-    metrics = normalize_metric_names(args.metrics.split(","))
     hyp_path = Path(args.hyp)
+    metrics = None
+    if args.metrics:
+        normalize = normalize_text_metric_names if is_free_text(Path(args.refs)) else normalize_metric_names
+        metrics = normalize(args.metrics.split(","))
     out = Path(args.out) if args.out else default_scores_path(hyp_path)
     result = evaluate_files(Path(args.refs), hyp_path, metrics)
     for why in result["unavailable"].values():

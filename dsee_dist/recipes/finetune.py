@@ -115,10 +115,6 @@ def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     dist_info = distributed.init_distributed(cfg.deepspeed.timeout_s)
     setup_logging(dist_info.rank)
     out_dir = Path(cfg.output.dir)
-    if dist_info.is_rank_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.resolved.yaml").write_text(dump_yaml(cfg))
-    distributed.barrier()
     torch.manual_seed(cfg.train.seed)
     threads = f"; {torch.get_num_threads()} CPU threads per rank" if distributed.device().type == "cpu" else ""
     logger.info(f"world size {dist_info.world_size}{threads}; output in {out_dir}")
@@ -126,15 +122,43 @@ def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     # transformers' model code takes seconds to import; every rank imports it now, side by side, rather than
     # rank 0 while writing a built-in or GGUF model below and the others only after it, one after the other.
     models.import_model_code()
-    # Data first: a built-in model's tokenizer is trained on it.
-    if cfg.data.format == "synthetic_e2e":
-        distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
-    base_model = prepare_base_model(cfg, out_dir)
-    base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
-    tokenizer = models.load_tokenizer(base_model)
-    train_split, eval_split = data.load_splits(cfg, tokenizer, out_dir)
+    # Nothing is written into a new output directory until the data is known to be good: a data error leaves
+    # no half-made run behind (an existing directory, a resumed run's, is left as it was).
+    created = not out_dir.exists()
+    try:
+        # Data first: a built-in model's tokenizer is trained on it.
+        if cfg.data.format == "synthetic_e2e":
+            distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
+        base_model = prepare_base_model(cfg, out_dir)
+        base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
+        tokenizer = models.load_tokenizer(base_model)
+        if cfg.data.packing:
+            check_packing_supported(base_model)
+        train_split, eval_split = data.load_splits(cfg, tokenizer, out_dir)
+    except DSEEError:  # raised on every rank alike (the data and model steps share their failures)
+        if created and dist_info.is_rank_zero:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if dist_info.is_rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.resolved.yaml").write_text(dump_yaml(cfg))
+    distributed.barrier()
     logger.info(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
     return RunContext(dist_info, out_dir, base_model, tokenizer, train_split, eval_split, preemption)
+
+
+def check_packing_supported(base_model: str) -> None:
+    """data.packing needs a family whose attention keeps packed examples apart (models/families.py)."""
+    from transformers import AutoConfig
+
+    from dsee_dist.models.families import family_of
+
+    family = family_of(AutoConfig.from_pretrained(base_model), required=False)
+    if family is not None and not family.packing:
+        raise DSEEError(
+            f"data.packing is not supported for {family.name} models (its attention would cross packed examples); "
+            "leave data.packing false (data.group_by_length also cuts padding)"
+        )
 
 
 def prepare_base_model(cfg: Config, out_dir: Path) -> str:
@@ -148,7 +172,7 @@ def prepare_base_model(cfg: Config, out_dir: Path) -> str:
 
     def build() -> str:
         train_source, _ = data.data_sources(cfg, out_dir)
-        texts = data.read_training_texts(cfg, train_source)
+        texts = data.read_training_texts(cfg, train_source, out_dir / "cache" / "raw")
         tokenizer = train_bpe_tokenizer(texts, cfg.model.tokenizer_vocab_size)
         path = models.materialize_builtin_model(cfg.model.builtin, tokenizer, cfg.train.seed, out_dir / "base_model")
         logger.info(
@@ -256,7 +280,7 @@ def setup(
         dist_info.rank,
         dist_info.world_size,
         cfg.train.seed,
-        lengths=[len(ids) for ids in ctx.train_split.input_ids] if cfg.data.group_by_length else None,
+        lengths=ctx.train_split.lengths() if cfg.data.group_by_length else None,
     )
     max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
     optimizer = distributed.build_optimizer(

@@ -7,8 +7,10 @@ MODEL is (a) a training checkpoint (a step directory, a checkpoints/ root or a r
 stage and world size), (b) an adapter export (`adapter/`, on the base model it records, or --base-model),
 (c) a merged or pruned export, or (d) a plain Hugging Face model directory. A checkpoint or adapter runs
 with its DSEE layers unmerged. Input: an E2E CSV (its distinct MRs in order of first appearance, in the
-training prompt format `MR ||`) or a text file with one prompt per line. Output: one line per input, in
-input order, written once complete. Several ranks split the inputs and rank 0 writes the file; every rank
+training prompt format `MR ||`) or a text file with one prompt per line; with --chat, a chat JSONL (`messages`
+rows: a final assistant turn is removed and kept as the reference for --score) or a text file with one user
+message per line, each rendered with the model's chat template and its generation prompt. Output: one line per
+input, in input order, written once complete. Several ranks split the inputs and rank 0 writes the file; every rank
 holds the whole model (no DeepSpeed engine here; for ZeRO-3 decoding inside training see
 `dsee_dist/eval/during_training.py`).
 """
@@ -55,6 +57,57 @@ def read_prompts(path: Path, prompt_format: str | None = None) -> tuple[list[str
         raise DSEEError(f"input file '{path}' has no inputs")
     prompts = [e2e_prompt(x) for x in inputs] if prompt_format == "e2e" else list(inputs)
     return inputs, prompts
+
+
+def read_chat_inputs(path: Path, system_prompt: str | None = None) -> tuple[list[list[dict]], list[str] | None]:
+    """(conversations to continue, their references or None): from a chat JSONL (a final assistant turn is the
+    reference) or a text file (one user message per line)."""
+    from dsee_dist.data.chat import normalize_messages
+    from dsee_dist.eval.references import last_assistant_split
+
+    if not path.is_file():
+        raise DSEEError(f"input file '{path}' does not exist")
+    conversations, references = [], []
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
+    if path.suffix.lower() != ".jsonl":
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                raise DSEEError(f"{path}:{lineno}: empty input line; give one user message per line")
+            conversations.append([{"role": "user", "content": line.strip()}])
+        references = None
+    else:
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+                raw = row.get("messages", row.get("conversations"))
+            except (json.JSONDecodeError, AttributeError):
+                raise DSEEError(f"{where}: each line must be a JSON object with 'messages'") from None
+            messages = normalize_messages(raw, where, require_assistant=False)
+            reference = None
+            if messages[-1]["role"] == "assistant":  # the reference; else nothing to compare with
+                messages, reference = last_assistant_split(messages, where)
+            conversations.append(messages)
+            references.append(reference)
+        if any(r is None for r in references):
+            references = None
+    if not conversations:
+        raise DSEEError(f"input file '{path}' has no inputs")
+    if system_prompt:
+        conversations = [
+            c if c[0]["role"] == "system" else [{"role": "system", "content": system_prompt}, *c] for c in conversations
+        ]
+    return conversations, references
+
+
+def render_chat_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]:
+    """Each conversation rendered with the tokenizer's chat template, ending in the assistant's generation prompt."""
+    from dsee_dist.data.chat import require_chat_template
+
+    require_chat_template(tokenizer)
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
 
 # ------------------------------------------------------------------------------ the model
@@ -136,6 +189,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("e2e", "raw"),
         help="e2e: 'MR ||' as in training (default for a CSV); raw: the line as is (default for text)",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="render inputs with the model's chat template: a chat JSONL (a final assistant turn is the reference) "
+        "or one user message per line",
+    )
+    parser.add_argument("--system-prompt", help="with --chat: a system message for conversations that have none")
     parser.add_argument("--max-inputs", type=int, default=0, help="only the first N inputs (0 = all)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument(
@@ -187,6 +247,16 @@ def score_against_input(input_path: Path, output_path: Path, outputs: list[str])
     evaluate.report(result, evaluate.default_scores_path(output_path))
 
 
+def score_against_references(references: list[str], input_path: Path, output_path: Path, outputs: list[str]):
+    """Free-text scores (BLEU, chrF, ROUGE-L, exact match) of chat outputs against their references."""
+    from dsee_dist.eval.references import References
+    from dsee_dist.recipes import evaluate
+
+    refs = References([[r] for r in references], None, input_path)
+    result = evaluate.score_text_outputs(outputs, refs, output_path)
+    evaluate.report(result, evaluate.default_scores_path(output_path))
+
+
 def generate(args: argparse.Namespace) -> None:
     from dsee_dist.engine import distributed
     from dsee_dist.eval.decoding import generate_texts
@@ -194,11 +264,19 @@ def generate(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     # Everything that can be wrong with the request is checked before any rank joins the process group.
     settings = decoding_settings(args)
-    inputs, prompts = read_prompts(Path(args.input), args.prompt_format)
-    if args.max_inputs > 0:
-        inputs, prompts = inputs[: args.max_inputs], prompts[: args.max_inputs]
-    if args.score and not is_table(Path(args.input)):
-        raise DSEEError("--score needs an E2E CSV input with references (mr,ref)")
+    conversations = references = None
+    if args.chat:
+        conversations, references = read_chat_inputs(Path(args.input), args.system_prompt)
+        n = args.max_inputs if args.max_inputs > 0 else len(conversations)
+        conversations, references = conversations[:n], references[:n] if references else None
+        if args.score and references is None:
+            raise DSEEError("--score with --chat needs a chat JSONL whose every row ends with an assistant turn")
+    else:
+        inputs, prompts = read_prompts(Path(args.input), args.prompt_format)
+        if args.max_inputs > 0:
+            inputs, prompts = inputs[: args.max_inputs], prompts[: args.max_inputs]
+        if args.score and not is_table(Path(args.input)):
+            raise DSEEError("--score needs an E2E CSV input with references (mr,ref), or --chat with a chat JSONL")
     if not Path(args.model).exists():
         raise DSEEError(
             f"model '{args.model}' does not exist; give a checkpoint, an adapter export or a model directory"
@@ -212,6 +290,8 @@ def generate(args: argparse.Namespace) -> None:
         stream=sys.stdout,
     )
     model, tokenizer, kind = load_generation_model(args.model, args.base_model, args.dtype)
+    if conversations is not None:
+        prompts = render_chat_prompts(tokenizer, conversations)
     model.to(distributed.device())
     logger.info(
         f"generate: {len(prompts)} inputs from {args.input} with {kind} on {dist_info.world_size} rank(s); "
@@ -236,7 +316,9 @@ def generate(args: argparse.Namespace) -> None:
     if dist_info.is_rank_zero:
         write_lines_atomic(Path(args.output), outputs)
         logger.info(f"generate: {len(outputs)} lines written to {args.output}")
-        if args.score:
+        if args.score and references is not None:
+            score_against_references(references, Path(args.input), Path(args.output), outputs)
+        elif args.score:
             score_against_input(Path(args.input), Path(args.output), outputs)
     distributed.barrier()
 

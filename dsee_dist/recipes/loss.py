@@ -18,6 +18,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from dsee_dist.data.dataset import model_inputs
+
 IGNORE_INDEX = -100
 
 
@@ -103,10 +105,7 @@ def token_loss_sum(model, batch: dict, dev, chunk_tokens: int = 0) -> tuple[torc
     """(sum of next-token cross-entropies over the labelled tokens, their count as a tensor), for one micro-batch.
     `model` is the DeepSpeed engine (or any module returning `.logits`); `chunk_tokens` > 0 chunks the loss."""
     labels = batch["labels"][:, 1:].to(dev, non_blocking=True)
-    inputs = dict(
-        input_ids=batch["input_ids"].to(dev, non_blocking=True),
-        attention_mask=batch["attention_mask"].to(dev, non_blocking=True),
-    )
+    inputs = model_inputs(batch, dev)
     count = (labels != IGNORE_INDEX).sum()
     if not chunk_tokens:
         logits = model(**inputs).logits

@@ -212,3 +212,16 @@ def test_config_imports_neither_torch_nor_deepspeed():
     code = "import sys, dsee_dist.config; print('torch' in sys.modules, 'deepspeed' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_bad_data_fails_with_one_line_and_writes_nothing(tmp_path):
+    """The data is read before anything is written (tests/unit/data has every kind of bad data at the loader)."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n' * 3 + '{"prompt": "a", "completion": ""}\n')
+    message = "train.jsonl, row 4: 'completion' is empty"
+    proc = _run_train(tmp_path, "data.format=jsonl", f"data.train_path={path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsee_dist: error:")]
+    assert len(errors) == 1 and message in errors[0] and "train.jsonl" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # not even config.resolved.yaml

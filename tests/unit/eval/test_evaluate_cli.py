@@ -98,7 +98,8 @@ def test_cli_prints_a_table_and_a_json_line_and_writes_scores_beside_the_outputs
 
 def _bad(tmp_path, capsys, refs, hyp, *extra):
     out = tmp_path / "scores.json"
-    code = evaluate.main(["--refs", str(refs), "--hyp", str(hyp), "--out", str(out), "--metrics", FAST, *extra])
+    metrics = [] if "--metrics" in extra else ["--metrics", FAST]
+    code = evaluate.main(["--refs", str(refs), "--hyp", str(hyp), "--out", str(out), *metrics, *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("dsee-dist evaluate: error: "), err
     assert not out.exists()
@@ -124,13 +125,51 @@ def test_output_count_must_match_the_number_of_mrs(tmp_path, capsys, files):
     refs, hyp = files
     hyp.write_text("one\ntwo\nthree\n")
     err = _bad(tmp_path, capsys, refs, hyp)
-    assert "has 3 lines but there are 2 MRs" in err and "one output line per MR" in err
+    assert "has 3 lines but there are 2 inputs" in err and "one output line per input" in err
 
 
-def test_an_empty_output_line_is_named(tmp_path, capsys, files):
+def test_an_empty_output_is_scored_as_empty_and_counted(tmp_path, files):
+    """A weak model's empty answer is a valid, bad output: the file is scored, not refused."""
     refs, hyp = files
-    hyp.write_text("one\n\n")
-    assert f"{hyp}:2: empty output line" in _bad(tmp_path, capsys, refs, hyp)
+    hyp.write_text("one ref\n\n")
+    result = evaluate.evaluate_files(refs, hyp, ("BLEU",))
+    assert result["empty_outputs"] == 1
+    assert result["scores"]["BLEU"] == compute_bleu(["one ref", ""], read_references(refs).groups)
+
+
+def test_free_text_references_score_with_sacrebleu_rouge_and_exact_match(tmp_path):
+    import sacrebleu
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    rows = [
+        {"references": ["The cat sat on the mat.", "A cat was on the mat."]},
+        {"reference": "Paris is the capital of France."},
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"instruction": "x", "output": "Blue."},
+    ]
+    (tmp_path / "refs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hyps = ["The cat sat on a mat.", "Paris is in France.", "4", ""]
+    (tmp_path / "out.txt").write_text("".join(h + "\n" for h in hyps))
+    result = evaluate.evaluate_files(tmp_path / "refs.jsonl", tmp_path / "out.txt")
+    streams = [
+        ["The cat sat on the mat.", "Paris is the capital of France.", "4", "Blue."],
+        ["A cat was on the mat.", None, None, None],
+    ]
+    scores = result["scores"]
+    assert scores["BLEU"] == pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score)
+    assert scores["chrF"] == pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score)
+    groups = [[r for r in refs if r] for refs in zip(*streams)]
+    rouge = [Rouge().calc_score([h.lower()], [r.lower() for r in g]) for h, g in zip(hyps, groups)]
+    assert scores["ROUGE_L"] == pytest.approx(sum(rouge) / 4) and 0 < scores["ROUGE_L"] < 1
+    assert scores["exact_match"] == 0.25 and result["empty_outputs"] == 1 and result["num_references"] == 5
+
+
+def test_free_text_reference_errors_name_the_line(tmp_path, capsys):
+    (tmp_path / "out.txt").write_text("a\n")
+    (tmp_path / "refs.jsonl").write_text('{"text": "no reference key"}\n')
+    assert f"{tmp_path / 'refs.jsonl'}:1: no reference" in _bad(
+        tmp_path, capsys, tmp_path / "refs.jsonl", tmp_path / "out.txt", "--metrics", "bleu"
+    )
 
 
 def test_a_csv_without_mr_and_ref_columns_is_refused(tmp_path, capsys, files):

