@@ -5,8 +5,7 @@
   lost-peer detection.
 - `deepspeed_engine.py`: the DeepSpeed config (engine JSON + the experiment-owned settings), the
   optimizer and `build_engine`; the gradient norm where DeepSpeed keeps none (`trainable_grad_norm`).
-- `zero.py`: ZeRO-3 parameter helpers (`gathered`, `full_tensor`, `is_partitioned`, `partitioned_init`,
-  `set_leaf_modules`).
+- `zero.py`: ZeRO-3 parameter helpers (`gathered`, `full_tensor`, `is_partitioned`, `partitioned_init`).
 - `shm.py`: shared-memory housekeeping for DeepSpeed's CPU allreduce.
 - `launcher.py`: the `deepspeed` launcher command lines and their environment (no deepspeed import).
 - `checkpoint.py`, `reshard.py`, `preemption.py`: sharded checkpoints, resuming at another world size or
@@ -44,7 +43,7 @@ from dsee_dist.engine.process_group import (
     rank_share,
     shutdown,
 )
-from dsee_dist.engine.zero import full_tensor, gathered, is_partitioned, partitioned_init, set_leaf_modules
+from dsee_dist.engine.zero import full_tensor, gathered, is_partitioned, partitioned_init
 
 __all__ = [
     "LOST_PEER_EXIT_CODE",
@@ -74,7 +73,6 @@ __all__ = [
     "rank_share",
     "reports_grad_norm",
     "resolve_deepspeed_json",
-    "set_leaf_modules",
     "shutdown",
     "trainable_grad_norm",
     "training_command",

@@ -33,17 +33,6 @@ def full_tensor(param: torch.nn.Parameter) -> torch.Tensor:
         return param.detach().to("cpu", copy=True)
 
 
-def set_leaf_modules(model: torch.nn.Module, classes: list[type]) -> None:
-    """Under ZeRO-3, modules of `classes` become leaf modules: DeepSpeed gathers all their parameters (their
-    children's included) on entry. For layers whose forward reads a child's weight directly instead of calling
-    the child (PEFT's Supertuning and SHiRA read `base_layer.weight`). A no-op when nothing is partitioned."""
-    if not any(is_partitioned(p) for p in model.parameters()):
-        return
-    from deepspeed.utils import set_z3_leaf_modules
-
-    set_z3_leaf_modules(model, classes)
-
-
 def partitioned_init(ds_config: dict | None) -> Callable[[], contextlib.AbstractContextManager] | None:
     """Under ZeRO-3, a factory of fresh `deepspeed.zero.Init` contexts (modules created inside one are
     partitioned as they are created); None below stage 3."""

@@ -16,13 +16,13 @@ Only two steps differ and live here:
   (`merged/`, with the base model's tokenizer). Under ZeRO-3 each tensor is gathered one at a time and
   passed to the writer explicitly: PEFT's own `save_pretrained` on a partitioned model writes empty tensors.
 
-ZeRO-3. Supertuning chooses its support from `base_layer.weight.data` when the layer is created, and both
-Supertuning and SHiRA read the base weight directly in their forward (not through the base layer's
-forward, where ZeRO-3 gathers it). Stock PEFT on a partitioned model therefore fails
-(tests/distributed/test_peft_sparse_methods.py asserts how). Here each adapted weight is gathered, one
-matrix at a time, while PEFT's own `update_layer` runs on it (so the support is the one ZeRO-0/2 choose),
-and the adapted layers are ZeRO-3 leaf modules (DeepSpeed gathers all their parameters, the base weight
-included, on entry).
+ZeRO-3. Supertuning chooses its support from `base_layer.weight.data` when the layer is created: on a
+partitioned model that is an empty placeholder, and stock PEFT stops with "sparsity=... leaves no trainable
+entries for a weight with 0 elements" (tests/distributed/test_peft_sparse_methods.py asserts it). Here each
+adapted weight is gathered, one matrix at a time, while PEFT's own `update_layer` runs on it, so the support is
+the one ZeRO-0/2 choose. SHiRA's random mask needs only the shape. In the forward both read
+`base_layer.weight` directly rather than calling the base layer; DeepSpeed's parameter getter gathers it there
+(registering it as an external parameter of the adapted layer), so ZeRO-3 runs equal ZeRO-2's (same test).
 """
 
 from __future__ import annotations
@@ -169,14 +169,13 @@ def _gathered_during_update_layer(layer_cls):
         layer_cls.update_layer = original
 
 
-def _peft_model(model, config, layer_cls, adapted_cls, seed: int):
-    """(PeftModel, trainable parameters) for a PEFT config whose layers read their base weight directly."""
+def _peft_model(model, config, layer_cls, seed: int):
+    """(PeftModel, trainable parameters) for a PEFT config whose layers read their base weight at creation."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)  # LoRA A is drawn from the global generator: the same A on every rank
     with _gathered_during_update_layer(layer_cls):
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
-    distributed.set_leaf_modules(peft_model, [adapted_cls])
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     return peft_model, trainable
 
@@ -185,7 +184,7 @@ def prepare_supra(model, dsee_cfg, seed: int):
     """(PeftModel, trainable parameters): PEFT's Supertuning with `r = dsee.lora_rank` (the Supra hybrid) on
     the target modules, its sparsity chosen so the sparse total equals DSEE's (`supra_budget`)."""
     from peft import SupertuningConfig
-    from peft.tuners.supertuning.layer import Linear, SupertuningLayer
+    from peft.tuners.supertuning.layer import SupertuningLayer
 
     from dsee_dist.dsee.layer import base_shape
 
@@ -209,18 +208,18 @@ def prepare_supra(model, dsee_cfg, seed: int):
         lora_dropout=dsee_cfg.lora_dropout,
         task_type="CAUSAL_LM",
     )
-    return _peft_model(model, config, SupertuningLayer, Linear, seed)
+    return _peft_model(model, config, SupertuningLayer, seed)
 
 
 def prepare_shira(model, dsee_cfg, seed: int):
     """(PeftModel, trainable parameters): PEFT's SHiRA with r = dsee.lora_rank (LoRA's count, r(in + out) per
     matrix, as single entries of a random mask seeded by train.seed: the same mask on every rank)."""
     from peft import ShiraConfig
-    from peft.tuners.shira.layer import Linear, ShiraLayer
+    from peft.tuners.shira.layer import ShiraLayer
 
     names = _linear_targets(model, dsee_cfg, "shira")
     config = ShiraConfig(r=dsee_cfg.lora_rank, target_modules=names, random_seed=seed, task_type="CAUSAL_LM")
-    return _peft_model(model, config, ShiraLayer, Linear, seed)
+    return _peft_model(model, config, ShiraLayer, seed)
 
 
 def prepare_full(model):
