@@ -261,11 +261,12 @@ def _gathered_state(named_params, is_rank_zero: bool) -> dict[str, torch.Tensor]
 
 def save_peft_adapter(peft_model, target: Path, *, base_model: str, is_rank_zero: bool) -> None:
     """Collective. Rank 0 writes a PEFT adapter directory (adapter_model.safetensors + adapter_config.json):
-    the trainable tensors and the adapter's buffers (Supertuning's support indices; never partitioned)."""
-    state = _gathered_state([(n, p) for n, p in peft_model.named_parameters() if p.requires_grad], is_rank_zero)
+    the adapter's parameters and buffers (Supertuning's support indices; never partitioned), found by the
+    tuner's name prefix (lora_, supertuning_, shira_), so a frozen model rebuilt for export writes the same."""
+    prefix = peft_model.base_model.prefix
+    state = _gathered_state([(n, p) for n, p in peft_model.named_parameters() if prefix in n], is_rank_zero)
     if not is_rank_zero:
         return
-    prefix = peft_model.base_model.prefix
     state.update({n: b.detach().cpu() for n, b in peft_model.named_buffers() if prefix in n})
     peft_model.peft_config["default"].base_model_name_or_path = base_model
     with atomic_directory(target) as tmp:

@@ -173,3 +173,26 @@ def test_stock_peft_on_a_zero3_partitioned_model(sparse_runs, tmp_path):
         assert "leaves no trainable entries for a weight with 0 elements" in create["message"]
         for key in ("supertuning_gathered_forward", "shira_forward"):
             assert record[key] == {"ok": True, "result": 0.0}, key  # equals the whole base model's logits
+
+
+@pytest.mark.parametrize("method", list(BUDGET))
+def test_export_of_a_zero3_checkpoint_gives_the_runs_adapter_and_its_merged_model(sparse_runs, method, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dsee_dist.recipes.export import main as export_main
+
+    model_dir, runs, _ = sparse_runs
+    run = runs[f"{method}_zero3"]
+    assert export_main([str(run), "--adapter", str(tmp_path / "adapter"), "--merged", str(tmp_path / "merged")]) == 0
+    written = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    exported = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert set(exported) == set(written)
+    for key, tensor in exported.items():
+        torch.testing.assert_close(tensor, written[key], rtol=0, atol=0, msg=key)
+    ids = torch.arange(1, 17).reshape(2, 8)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        expected = PeftModel.from_pretrained(base, str(run / "adapter")).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-4)
