@@ -57,6 +57,22 @@ ROWS: dict[str, Row] = {
             multi_seed=True,
         ),
         Row(
+            "supra",
+            "PEFT Supertuning's Supra: LoRA r=8 + the largest-|W0| entries on q_proj, v_proj, as many in total as "
+            "dsee's N per matrix (one sparsity: shares by matrix size; PEFT's own layers, same trainer)",
+            "supra",
+            lr_from="supra",
+            multi_seed=True,
+        ),
+        Row(
+            "shira",
+            "PEFT SHiRA: a random sparse support of LoRA r=8's count, r(in + out) entries per matrix, on q_proj, "
+            "v_proj (PEFT's own layers, same trainer)",
+            "shira",
+            lr_from="shira",
+            multi_seed=True,
+        ),
+        Row(
             "dsee-ref",
             "dsee, support from the reference decomposition loop",
             "dsee",
@@ -103,8 +119,16 @@ ROWS: dict[str, Row] = {
 }
 
 # Learning-rate grids, chosen on the held-out MRs (lowest held-out loss). Defaults are used without a grid.
-LR_GRID = {"full": [2e-5, 5e-5, 1e-4], "lora": [5e-4, 1e-3, 2e-3], "dsee": [5e-4, 1e-3, 2e-3]}
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dsee": 1e-3}
+# supra's LoRA part is lora's (whose winner was its grid's upper edge, 2e-3), so its grid is one step higher;
+# shira's entries are added unscaled (scale 1) where dsee's are scaled by alpha / r: a wider grid around 1e-3.
+LR_GRID = {
+    "full": [2e-5, 5e-5, 1e-4],
+    "lora": [5e-4, 1e-3, 2e-3],
+    "dsee": [5e-4, 1e-3, 2e-3],
+    "supra": [1e-3, 2e-3, 4e-3],
+    "shira": [2e-4, 1e-3, 5e-3],
+}
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dsee": 1e-3, "supra": 2e-3, "shira": 1e-3}
 LORA_RANK, LORA_ALPHA = 8, 16.0
 SEEDS = (42, 43, 44)
 

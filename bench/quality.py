@@ -292,8 +292,8 @@ def export_model(row, out_dir: Path) -> Path:
 
     if row.method == "full":
         return out_dir / methods.MERGED_DIR
-    if row.method == "lora":
-        target = out_dir / "lora_merged"
+    if row.method in methods.PEFT_METHODS:  # lora, supra, shira: a PEFT adapter folded into the base
+        target = out_dir / f"{row.method}_merged"
         if not (target / "config.json").is_file():
             methods.merge_peft_adapter(out_dir / methods.PEFT_ADAPTER_DIR, target)
         return target

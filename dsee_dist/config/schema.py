@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-TrainingMethod = Literal["dsee", "lora", "full"]
+TrainingMethod = Literal["dsee", "lora", "supra", "shira", "full"]
 SupportMethod = Literal["decomposition", "magnitude", "random"]
 DecompositionAlgorithm = Literal["fast", "reference"]
 DataFormat = Literal["synthetic_e2e", "e2e", "text", "jsonl", "chat", "instruction"]
@@ -440,7 +440,10 @@ class Config:
         default="dsee",
         metadata={
             "help": "what is trained (recipes/methods.py): dsee = the DSEE update on dsee.target_modules; lora = PEFT "
-            "LoRA of rank dsee.lora_rank on the same modules; full = every weight (baselines, same trainer)"
+            "LoRA of rank dsee.lora_rank on the same modules; supra = PEFT Supertuning's Supra (LoRA of rank "
+            "dsee.lora_rank + the largest-|W| entries, as many in total as dsee.num_sparse per matrix); shira = PEFT "
+            "SHiRA (a random sparse support of LoRA's parameter count); full = every weight (baselines, same "
+            "trainer); supra and shira adapt nn.Linear modules only (not GPT-2's Conv1D)"
         },
     )
     model: ModelConfig = field(default_factory=ModelConfig)

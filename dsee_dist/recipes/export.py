@@ -32,15 +32,46 @@ from dsee_dist.utils.files import atomic_directory
 EXPORT_REPORT = "dsee_export.json"
 
 
-def load_trainable_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 trainable tensors by parameter name, from any ZeRO stage and world size."""
+def load_trainable_tensors(checkpoint_dir: Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """fp32 trainable tensors by parameter name, from any ZeRO stage and world size (`names`: which of a
+    ZeRO-0 checkpoint's tensors are trainable; default DSEE's)."""
     from dsee_dist.engine.reshard import consolidate_trainable_state
 
     if any(checkpoint_dir.glob("*_optim_states.pt")):
         state, _ = consolidate_trainable_state(checkpoint_dir)
         return {name: s["fp32"] for name, s in state.items()}
     module = torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    if names is not None:
+        return {k: v.float() for k, v in module.items() if k in names}
     return {k: v.float() for k, v in module.items() if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "sparse_values")}
+
+
+def build_peft_model_from_checkpoint(checkpoint_dir: Path, cfg, base: str):
+    """(the PeftModel of a method=lora/supra/shira run, trained tensors loaded, in eval mode). Its adapters are
+    rebuilt as the trainer built them (recipes/methods.py: Supra's support from the same base weights, SHiRA's
+    mask from the same seed); a support that differs from the checkpoint's is an error, not a silent load."""
+    from transformers import AutoModelForCausalLM
+
+    from dsee_dist.recipes import methods
+
+    model, params = methods.prepare_trainable(cfg, AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    tensors = load_trainable_tensors(checkpoint_dir, names)
+    missing = sorted(names - set(tensors))
+    if missing:
+        raise DSEEError(f"checkpoint '{checkpoint_dir}' has no tensor {missing[0]} (method={cfg.method})")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in names:
+                if tensors[name].shape != param.shape:
+                    raise DSEEError(
+                        f"checkpoint '{checkpoint_dir}': {name} has shape {tuple(tensors[name].shape)}, the "
+                        f"{cfg.method} adapter rebuilt on '{base}' has {tuple(param.shape)}; pass the run's base model"
+                    )
+                param.copy_(tensors[name])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
 
 
 def build_model_from_checkpoint(checkpoint_dir: Path, base_model: str | None = None):
@@ -62,6 +93,10 @@ def build_model_from_checkpoint(checkpoint_dir: Path, base_model: str | None = N
         raise DSEEError(f"the base model '{base}' recorded in the checkpoint does not exist; pass --base-model")
     register()
     end_zero3_init()  # whole tensors, also in a process that trained under ZeRO-3
+    if getattr(cfg, "method", "dsee") == "full":
+        raise DSEEError(f"checkpoint '{checkpoint_dir}' is of method=full: its model is the run's merged/ directory")
+    if getattr(cfg, "method", "dsee") != "dsee":
+        return build_peft_model_from_checkpoint(checkpoint_dir, cfg, base), cfg, base
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     d = cfg.dsee
     specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
@@ -134,7 +169,11 @@ def export_merged(model, cfg, base: str, target: Path, log=print) -> dict:
     from dsee_dist.pruning.flops import flops_per_token
     from dsee_dist.pruning.unstructured import read_report
 
-    merge_into_base(model)
+    if hasattr(model, "merge_and_unload"):  # a PEFT method's model (lora, supra, shira)
+        model = model.merge_and_unload()
+        model.config.use_cache = True
+    else:
+        merge_into_base(model)
     report = sparsity_report(model, read_report(Path(base)) if Path(base).is_dir() else None)
     report["flops_per_token"] = flops_per_token(model.config, cfg.prune.flops_context)
     save_merged(model, base, Path(target), report)
@@ -173,7 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = resolve_checkpoint(args.checkpoint)
     model, cfg, base = build_model_from_checkpoint(ckpt, args.base_model)
     print(f"[dsee] export: {ckpt} (base {base})", flush=True)
-    if args.adapter:
+    if args.adapter and hasattr(model, "peft_config"):  # lora, supra, shira: a PEFT adapter directory
+        from dsee_dist.recipes.methods import save_peft_adapter
+
+        save_peft_adapter(model, Path(args.adapter), base_model=base, is_rank_zero=True)
+        print(f"[dsee] adapter written to {args.adapter}", flush=True)
+    elif args.adapter:
         from dsee_dist.dsee.adapter import save_adapter
 
         save_adapter(model, Path(args.adapter), base_model=base, dsee_cfg=cfg.dsee, is_rank_zero=True)

@@ -77,6 +77,11 @@ def trained_modules(model, shape: memory.ModelShape, method: str, dsee_cfg) -> l
     """The modules the run trains, as the trainer finds them (dsee.target_modules, fused_slices, exclude)."""
     from dsee_dist.dsee.inject import find_targets
 
+    if method in ("supra", "shira"):
+        raise ConfigError(
+            f"dsee-dist plan has no memory model for method={method} (PEFT's layer composes a dense out x in "
+            f"weight per adapted matrix in every forward); plan method=lora for a lower bound"
+        )
     by_name = {m.name: m for m in memory.linear_modules(shape)}
     if method == "full":
         return [

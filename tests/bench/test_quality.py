@@ -281,3 +281,58 @@ def test_the_magnitude_row_differs_from_dsee_only_in_its_support():
     assert (dsee["dsee"]["support"], mag["dsee"]["support"]) == ("decomposition", "magnitude")
     mag["dsee"]["support"] = "decomposition"
     assert mag == dsee and ROWS["dsee-mag"].multi_seed and ROWS["dsee-mag"].lr_from == "dsee"
+
+
+def _row_kw(model_dir: str, num_sparse: int) -> dict:
+    return dict(
+        model_dir=model_dir, train_csv="t", eval_csv="e", out_dir="o", seed=42, lr=2e-3, num_sparse=num_sparse,
+        model_type="llama", gpu=False,
+        budget={"micro_batch_size": 4, "grad_accum_steps": 4, "max_steps": 292, "warmup_steps": 29},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["supra", "shira"])
+def test_the_peft_sparse_rows_differ_from_lora_only_in_their_method_and_grid(name):
+    from bench._quality_rows import DEFAULT_LR, LR_GRID, SEEDS
+
+    lora, row = row_config(ROWS["lora"], **_row_kw("m", 384)), row_config(ROWS[name], **_row_kw("m", 384))
+    assert row["method"] == name
+    row["method"] = "lora"
+    assert row == lora  # same data, order, budget, schedule, targets, rank and alpha
+    assert ROWS[name].multi_seed and ROWS[name].lr_from == name and SEEDS == (42, 43, 44)
+    grid = LR_GRID[name]
+    assert len(grid) == 3 and grid == sorted(grid) and grid[0] < DEFAULT_LR[name] < grid[-1]
+
+
+def test_the_peft_sparse_rows_train_their_budgets():
+    """On SmolLM2-135M's shapes: supra trains exactly dsee's count (LoRA r=8 + 384 x 60 sparse entries, split
+    by matrix size), shira exactly lora's."""
+    from dsee_dist.recipes import methods
+
+    smollm2 = [(576, 576), (192, 576)] * 30
+    budget = sparse_budget(smollm2, rank=8)
+    supra = methods.supra_budget([r * c for r, c in smollm2], budget["num_sparse"] * budget["matrices"])
+    assert supra["total"] == 384 * 60 and supra["counts"][:2] == [576, 192]
+    assert budget["lora_params"] + supra["total"] == budget["dsee_params"]
+
+
+def test_the_peft_sparse_rows_configs_build_their_budgets_on_a_model(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from bench._quality_rows import adapted_shapes
+    from dsee_dist.config import config_from_dict
+    from dsee_dist.recipes import methods
+
+    model_dir = str(tiny_models["llama"])
+    shapes = adapted_shapes(model_dir)
+    budget = sparse_budget(shapes, rank=8)
+
+    def trainable(name):
+        cfg = config_from_dict(row_config(ROWS[name], **_row_kw(model_dir, budget["num_sparse"])), validate=False)
+        _, params = methods.prepare_trainable(cfg, AutoModelForCausalLM.from_pretrained(model_dir))
+        return sum(p.numel() for p in params)
+
+    supra = methods.supra_budget([r * c for r, c in shapes], budget["num_sparse"] * len(shapes))
+    assert trainable("shira") == trainable("lora") == budget["lora_params"]
+    assert trainable("supra") == budget["lora_params"] + supra["total"]
+    assert abs(supra["total"] - budget["num_sparse"] * len(shapes)) <= 0.03 * budget["num_sparse"] * len(shapes)

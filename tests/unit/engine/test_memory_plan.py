@@ -255,3 +255,20 @@ def test_loss_buffers_planned_within_10_percent_of_allocator_peak(chunk):
     assert abs(planned - measured) / measured < 0.10, (planned, measured)
     if chunk:
         assert measured < plain / 4  # what chunking is for
+
+
+@pytest.mark.parametrize("method", ["supra", "shira"])
+def test_plan_refuses_the_peft_sparse_methods_in_one_line(method):
+    from dsee_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"no memory model for method={method}"):
+        plan_recipe.plan_run(
+            LLAMA_GQA,
+            method=method,
+            dsee_cfg=targets_of(LLAMA_GQA),
+            ds_config={"zero_optimization": {"stage": 2}},
+            world_size=1,
+            micro_batch_size=2,
+            seq_len=32,
+            padded=False,
+        )
