@@ -1,6 +1,7 @@
 """Score system outputs with the five E2E figures, as the official E2E scorer computes them.
 
     dsee-dist evaluate --refs testset_w_refs.csv --hyp outputs.txt [--out scores.json]
+    dsee-dist evaluate --perplexity TEXT_FILE --model SOURCE [--seq-len N]   (recipes/perplexity.py)
 
 References: the E2E CSV (grouped by MR, in order of first appearance) or the official scorer's text
 format (one reference per line, a blank line between MRs). Outputs: one line per MR, same order.
@@ -15,9 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
-from dsee_dist.errors import reports_errors
+from dsee_dist.errors import DSEEError, reports_errors
 from dsee_dist.eval.metrics import METRICS, E2EScorer, normalize_metric_names
 from dsee_dist.eval.references import read_hypotheses, read_references
+from dsee_dist.recipes import perplexity
 from dsee_dist.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -75,14 +77,23 @@ def format_table(result: dict) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--refs", required=True, help="references: E2E CSV (mr,ref) or blank-line-separated text")
-    parser.add_argument("--hyp", required=True, help="outputs: one line per MR, in the MRs' order of first appearance")
-    parser.add_argument("--out", help="scores JSON (default: beside the outputs, OUTPUTS.scores.json)")
+    parser.add_argument("--refs", help="references: E2E CSV (mr,ref) or blank-line-separated text")
+    parser.add_argument("--hyp", help="outputs: one line per MR, in the MRs' order of first appearance")
+    parser.add_argument(
+        "--out", help="scores JSON (default: beside the outputs, OUTPUTS.scores.json; with --perplexity: none)"
+    )
     parser.add_argument("--metrics", default=",".join(METRICS), help=f"comma-separated subset of {','.join(METRICS)}")
+    perplexity.add_arguments(parser)
 
 
 @reports_errors("evaluate")
 def run(args: argparse.Namespace) -> int:
+    if args.perplexity:
+        if args.refs or args.hyp:
+            raise DSEEError("--perplexity scores a model on a text; give it without --refs/--hyp")
+        return perplexity.run(args)
+    if not (args.refs and args.hyp):
+        raise DSEEError("give --refs and --hyp (E2E scoring of outputs) or --perplexity TEXT_FILE --model SOURCE")
     logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
     metrics = normalize_metric_names(args.metrics.split(","))
     hyp_path = Path(args.hyp)
