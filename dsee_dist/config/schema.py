@@ -301,6 +301,15 @@ class PruneConfig:
     group_ratios: dict = field(
         default_factory=dict, metadata={"help": "per-group ratios overriding ratio, e.g. {adapted: 0.3, frozen: 0.2}"}
     )
+    pattern: str | None = field(
+        default=None,
+        metadata={
+            "help": "unstructured N:M sparsity, e.g. '2:4' (quote it in YAML 1.1 tools; this loader reads 2:4 as a "
+            "string): every group of M consecutive input weights of every row of every pruned matrix keeps exactly "
+            "the N highest-scoring (score); replaces ratio, grouping and group_ratios; a matrix whose input width M "
+            "does not divide is left dense and named in the log; null = ratio-based pruning"
+        },
+    )
     calibration_examples: int = field(
         default=128,
         metadata={
@@ -336,6 +345,17 @@ class PruneConfig:
             "exports are stock configs; false ranks over all layers at once (GPT-2 only)"
         },
     )
+
+    @property
+    def nm_pattern(self) -> tuple[int, int] | None:
+        """(N, M) of `pattern`, or None when unset or malformed (validation names a malformed one)."""
+        if self.pattern is None:
+            return None
+        n, sep, m = str(self.pattern).strip().partition(":")
+        if not (sep and n.strip().isdigit() and m.strip().isdigit()):
+            return None
+        n_keep, m_group = int(n), int(m)
+        return (n_keep, m_group) if 1 <= n_keep < m_group else None
 
     @property
     def calibrates(self) -> bool:
