@@ -24,6 +24,7 @@ PruneScore = Literal["delta", "merged", "base", "activation", "random"]
 PruneHeadScore = Literal["delta", "delta+base", "activation"]
 PruneGrouping = Literal["adaptation", "kind", "global", "row"]
 PruneModuleKind = Literal["attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out"]
+HeadRounding = Literal["nearest", "down", "up"]
 KeepBestMetric = Literal["bleu", "rouge_l"]
 
 # The choice lists, for code that needs them as tuples (derived from the types above, never repeated).
@@ -36,6 +37,7 @@ PRUNE_SCORES = typing.get_args(PruneScore)
 PRUNE_HEAD_SCORES = typing.get_args(PruneHeadScore)
 PRUNE_GROUPINGS = typing.get_args(PruneGrouping)
 PRUNE_MODULE_KINDS = typing.get_args(PruneModuleKind)
+HEAD_ROUNDINGS = typing.get_args(HeadRounding)
 
 
 def global_batch_size(micro_batch_size: int, grad_accum_steps: int, world_size: int) -> int:
@@ -322,7 +324,19 @@ class PruneConfig:
     )
     heads_removed: int = field(default=0, metadata={"help": "structured: attention heads removed per layer"})
     head_ratio: float = field(
-        default=0.0, metadata={"help": "structured: share of heads removed per layer (round(head_ratio * heads))"}
+        default=0.0,
+        metadata={
+            "help": "structured: share of heads removed per layer (head_ratio * heads, rounded by head_rounding; "
+            "under grouped-query attention head_ratio * query heads per KV group, rounded, from every group)"
+        },
+    )
+    head_rounding: HeadRounding = field(
+        default="nearest",
+        metadata={
+            "help": "how head_ratio's head count becomes whole heads: nearest (Python's round, halves to even: "
+            "0.5 -> 0, 1.5 -> 2; the behaviour before this key existed), down, up; the log line gives requested "
+            "and removed"
+        },
     )
     mlp_ratio: float = field(default=0.0, metadata={"help": "structured: share of MLP neurons removed per layer"})
     head_score: PruneHeadScore = field(
