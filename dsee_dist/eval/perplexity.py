@@ -88,13 +88,17 @@ def cut_windows(token_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def window_sums(
-    model, windows: torch.Tensor, rank: int = 0, world_size: int = 1, batch_size: int = 1, device=None
+    model, windows: torch.Tensor, rank: int = 0, world_size: int = 1, batch_size: int = 1, device=None, log=None
 ) -> tuple[float, int]:
-    """(sum of token NLLs, tokens predicted) over this rank's windows (windows[rank::world_size])."""
+    """(sum of token NLLs, tokens predicted) over this rank's windows (windows[rank::world_size]). `log`: called
+    with a progress line about every tenth of this rank's windows."""
     device = device or next(model.parameters()).device
     mine = windows[rank::world_size]
     nll, count = 0.0, 0
+    every = max(1, mine.shape[0] // 10)
     for start in range(0, mine.shape[0], batch_size):
+        if log and start and start // every != (start - batch_size) // every:
+            log(f"perplexity: {start} of {mine.shape[0]} windows, running perplexity {math.exp(nll / count):.3f}")
         batch = mine[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits[:, :-1]
         targets = batch[:, 1:]
@@ -108,14 +112,21 @@ def window_sums(
 
 
 def compute_perplexity(
-    model, token_ids: torch.Tensor, seq_len: int, *, rank: int = 0, world_size: int = 1, batch_size: int = 1
+    model,
+    token_ids: torch.Tensor,
+    seq_len: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int = 1,
+    log=None,
 ) -> PerplexityResult:
-    """Collective when world_size > 1 (every rank calls it with the same tokens)."""
+    """Collective when world_size > 1 (every rank calls it with the same tokens). `log`: progress lines."""
     from dsee_dist.engine import distributed
 
     windows = cut_windows(token_ids, seq_len)
     started = time.perf_counter()
-    local_nll, local_count = window_sums(model, windows, rank, world_size, batch_size)
+    local_nll, local_count = window_sums(model, windows, rank, world_size, batch_size, log=log)
     nll, count = distributed.all_reduce_sum([local_nll, float(local_count)])
     mean_nll = nll / count
     return PerplexityResult(

@@ -81,7 +81,13 @@ def run(args: argparse.Namespace) -> int:
         f"on {dist_info.world_size} rank(s)"
     )
     result = perplexity.compute_perplexity(
-        model, token_ids, seq_len, rank=dist_info.rank, world_size=dist_info.world_size, batch_size=args.batch_size
+        model,
+        token_ids,
+        seq_len,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        batch_size=args.batch_size,
+        log=logger.info,
     )
     if dist_info.is_rank_zero:
         payload = {**result.to_dict(), "text": str(args.perplexity), "model": str(args.model)}
