@@ -145,7 +145,11 @@ def format_table(result: PerplexityResult, text: str, model: str) -> str:
         ("perplexity", f"{result.perplexity:.4f}"),
         ("nll/token", f"{result.nll:.6f}"),
         ("windows", f"{result.windows} x {result.seq_len} tokens"),
-        ("scored", f"{result.tokens_scored:,} of {result.text_tokens:,} tokens"),
+        (
+            "tokens",
+            f"{result.windows * result.seq_len:,} of the text's {result.text_tokens:,} in windows, "
+            f"{result.tokens_scored:,} predicted",
+        ),
         ("text", text),
         ("model", model),
     ]
