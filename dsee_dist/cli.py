@@ -1,5 +1,6 @@
 """`dsee-dist` command line: `train --config X.yaml [overrides]`, `export CHECKPOINT --adapter/--merged DIR`,
 `generate MODEL --input X --output Y`, `evaluate --refs R --hyp H`,
+`evaluate --perplexity TEXT --model SOURCE`,
 `models fetch smollm2 DIR`, `quickstart`.
 
 `dsee-dist quickstart` fine-tunes SmolLM2-135M with DSEE on the built-in E2E sample on 2 ranks
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     evaluate_recipe.add_arguments(
         sub.add_parser(
-            "evaluate", help="E2E figures (BLEU, NIST, METEOR, ROUGE-L, CIDEr) of outputs against references"
+            "evaluate",
+            help="E2E figures (BLEU, NIST, METEOR, ROUGE-L, CIDEr) of outputs against references, "
+            "or (--perplexity) a model's perplexity on a text",
         )
     )
     from dsee_dist.models import fetch as fetch_models

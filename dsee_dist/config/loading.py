@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -98,6 +99,26 @@ def build_section(cls: type, data: dict, prefix: str = "") -> Any:
 # YAML files and overrides.
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 integers, which YAML 1.2 dropped: `pattern: 2:4`
+    (prune.pattern) stays the string '2:4' instead of the number 124 (2 x 60 + 4)."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -116,7 +137,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.max_steps=20)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
         if key.startswith("ds."):
             _set_dotted(tree, "deepspeed.overrides." + key[3:], value)
         else:
@@ -145,7 +166,7 @@ def resolve_extends(path: Path, data: dict, seen: tuple = ()) -> dict:
         raise ConfigError(f"config file '{path}' extends itself through '{parent}'; remove the cycle")
     if not parent_path.is_file():
         raise ConfigError(f"config file '{path}' extends '{parent}', which does not exist next to it")
-    base = yaml.safe_load(parent_path.read_text()) or {}
+    base = load_yaml(parent_path.read_text()) or {}
     base = resolve_extends(parent_path, base, seen + (path.resolve(),))
     return merge_nested(base, data)
 
@@ -156,7 +177,7 @@ def _read_yaml(path: Path) -> dict:
             f"config file '{path}' does not exist; pass an existing YAML, e.g. --config configs/quickstart.yaml"
         )
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""

@@ -25,6 +25,7 @@ PruneScore = Literal["delta", "merged", "base", "activation", "random"]
 PruneHeadScore = Literal["delta", "delta+base", "activation"]
 PruneGrouping = Literal["adaptation", "kind", "global", "row"]
 PruneModuleKind = Literal["attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out"]
+HeadRounding = Literal["nearest", "down", "up"]
 KeepBestMetric = Literal["bleu", "rouge_l"]
 
 # The choice lists, for code that needs them as tuples (derived from the types above, never repeated).
@@ -38,6 +39,7 @@ PRUNE_SCORES = typing.get_args(PruneScore)
 PRUNE_HEAD_SCORES = typing.get_args(PruneHeadScore)
 PRUNE_GROUPINGS = typing.get_args(PruneGrouping)
 PRUNE_MODULE_KINDS = typing.get_args(PruneModuleKind)
+HEAD_ROUNDINGS = typing.get_args(HeadRounding)
 
 
 def global_batch_size(micro_batch_size: int, grad_accum_steps: int, world_size: int) -> int:
@@ -357,6 +359,15 @@ class PruneConfig:
     group_ratios: dict = field(
         default_factory=dict, metadata={"help": "per-group ratios overriding ratio, e.g. {adapted: 0.3, frozen: 0.2}"}
     )
+    pattern: str | None = field(
+        default=None,
+        metadata={
+            "help": "unstructured N:M sparsity, e.g. '2:4' (quote it in YAML 1.1 tools; this loader reads 2:4 as a "
+            "string): every group of M consecutive input weights of every row of every pruned matrix keeps exactly "
+            "the N highest-scoring (score); replaces ratio, grouping and group_ratios; a matrix whose input width M "
+            "does not divide is left dense and named in the log; null = ratio-based pruning"
+        },
+    )
     calibration_examples: int = field(
         default=128,
         metadata={
@@ -369,7 +380,19 @@ class PruneConfig:
     )
     heads_removed: int = field(default=0, metadata={"help": "structured: attention heads removed per layer"})
     head_ratio: float = field(
-        default=0.0, metadata={"help": "structured: share of heads removed per layer (round(head_ratio * heads))"}
+        default=0.0,
+        metadata={
+            "help": "structured: share of heads removed per layer (head_ratio * heads, rounded by head_rounding; "
+            "under grouped-query attention head_ratio * query heads per KV group, rounded, from every group)"
+        },
+    )
+    head_rounding: HeadRounding = field(
+        default="nearest",
+        metadata={
+            "help": "how head_ratio's head count becomes whole heads: nearest (Python's round, halves to even: "
+            "0.5 -> 0, 1.5 -> 2; the behaviour before this key existed), down, up; the log line gives requested "
+            "and removed"
+        },
     )
     mlp_ratio: float = field(default=0.0, metadata={"help": "structured: share of MLP neurons removed per layer"})
     head_score: PruneHeadScore = field(
@@ -392,6 +415,17 @@ class PruneConfig:
             "exports are stock configs; false ranks over all layers at once (GPT-2 only)"
         },
     )
+
+    @property
+    def nm_pattern(self) -> tuple[int, int] | None:
+        """(N, M) of `pattern`, or None when unset or malformed (validation names a malformed one)."""
+        if self.pattern is None:
+            return None
+        n, sep, m = str(self.pattern).strip().partition(":")
+        if not (sep and n.strip().isdigit() and m.strip().isdigit()):
+            return None
+        n_keep, m_group = int(n), int(m)
+        return (n_keep, m_group) if 1 <= n_keep < m_group else None
 
     @property
     def calibrates(self) -> bool:

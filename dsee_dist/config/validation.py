@@ -186,6 +186,16 @@ def _check_prune(cfg: Config, problems: list[str]) -> None:
         problems.append(f"prune.heads_removed must be >= 0, got {p.heads_removed}")
     if p.heads_removed and p.head_ratio:
         problems.append("set at most one of prune.heads_removed and prune.head_ratio")
+    if p.pattern is not None:
+        if p.method != "unstructured":
+            problems.append(f"prune.pattern applies to prune.method=unstructured, not {p.method}; remove it")
+        elif p.nm_pattern is None:
+            problems.append(
+                f"prune.pattern must be 'N:M' with whole numbers 1 <= N < M (N of every M consecutive input "
+                f"weights kept, e.g. '2:4'), got {p.pattern!r}"
+            )
+        elif p.group_ratios:
+            problems.append("prune.pattern fixes the share removed (1 - N/M); remove prune.group_ratios")
     if p.method == "unstructured" and not p.modules:
         problems.append("prune.modules is empty; name the module kinds to prune, e.g. [attn_q, attn_v, mlp_in]")
     if p.calibrates and p.calibration_examples < 1:

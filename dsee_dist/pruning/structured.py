@@ -27,13 +27,16 @@ Output: the model directory plus `dsee_pruning.json` (the plan and the report).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
 import torch
 
+from dsee_dist.config.schema import HEAD_ROUNDINGS
 from dsee_dist.dsee.adapter import layer_delta
 from dsee_dist.dsee.layer import row_slots, slice_rows
 from dsee_dist.engine import distributed
@@ -56,12 +59,24 @@ def group_size(shape: ModelShape, layer: int) -> int:
     return shape.heads[layer] // shape.kv_heads[layer]
 
 
+def round_heads(count: float, how: str) -> int:
+    """A fractional head count as whole heads: `nearest` is Python's round (halves to even: 0.5 -> 0, 1.5 -> 2),
+    `down` and `up` floor and ceil (1e-9 absorbs float error: 0.3 x 10 = 3.0000000000000004 is 3)."""
+    if how == "down":
+        return math.floor(count + 1e-9)
+    if how == "up":
+        return math.ceil(count - 1e-9)
+    return round(count)
+
+
 def heads_to_remove(prune_cfg, n_heads: int, n_kv_heads: int | None = None) -> int:
-    """Query heads removed from a layer of n_heads (n_kv_heads KV groups); a multiple of n_kv_heads under GQA."""
+    """Query heads removed from a layer of n_heads (n_kv_heads KV groups); a multiple of n_kv_heads under GQA.
+    From head_ratio: head_ratio x n_heads rounded by prune.head_rounding, or under GQA head_ratio x the query
+    heads of one KV group, rounded, from every group."""
     n_kv = n_kv_heads or n_heads
     group = n_heads // n_kv
     if group == 1:
-        k = prune_cfg.heads_removed or round(prune_cfg.head_ratio * n_heads)
+        k = prune_cfg.heads_removed or round_heads(prune_cfg.head_ratio * n_heads, prune_cfg.head_rounding)
     elif prune_cfg.heads_removed:
         k = prune_cfg.heads_removed
         if k % n_kv:
@@ -71,7 +86,7 @@ def heads_to_remove(prune_cfg, n_heads: int, n_kv_heads: int | None = None) -> i
                 f"use a multiple of {n_kv}"
             )
     else:
-        k = round(prune_cfg.head_ratio * group) * n_kv
+        k = round_heads(prune_cfg.head_ratio * group, prune_cfg.head_rounding) * n_kv
     if k >= n_heads or (group > 1 and k // n_kv >= group):
         raise ConfigError(
             f"prune: removing {k} heads per layer leaves none of the model's {n_heads}; "
@@ -79,6 +94,47 @@ def heads_to_remove(prune_cfg, n_heads: int, n_kv_heads: int | None = None) -> i
             f"prune.head_ratio)"
         )
     return k
+
+
+def describe_head_request(prune_cfg, shape: ModelShape) -> str | None:
+    """One line: the heads head_ratio asks for against those removed, and why they differ (whole heads; under
+    GQA, the same whole number from every KV group), with what the other roundings would remove. None when
+    head_ratio is not used."""
+    ratio, how = prune_cfg.head_ratio, prune_cfg.head_rounding
+    if not ratio:
+        return None
+    if not uniform_per_layer(prune_cfg):
+        requested = ratio * sum(shape.heads)
+        return (
+            f"prune: heads: head_ratio {ratio:g} of {sum(shape.heads)} heads over all layers asks for "
+            f"{requested:g}; removing {round_heads(requested, how)} (whole heads, rounded {how})"
+        )
+    n_heads, n_kv = shape.heads[0], shape.kv_heads[0]
+    group = n_heads // n_kv
+    k = heads_to_remove(prune_cfg, n_heads, n_kv)
+    requested = ratio * n_heads
+    if group > 1:
+        why = (
+            f"heads leave each of the {n_kv} KV groups of {group} query heads equally: {ratio:g} x {group} = "
+            f"{ratio * group:g} per group, rounded {how} to {k // n_kv}"
+        )
+    else:
+        why = f"whole heads: {requested:g} rounded {how}"
+    others = ", ".join(
+        f"{other}: {heads_to_remove_with(prune_cfg, other, n_heads, n_kv)}" for other in HEAD_ROUNDINGS if other != how
+    )
+    return (
+        f"prune: heads: head_ratio {ratio:g} of {n_heads} heads per layer asks for {requested:g}; removing {k} "
+        f"({why}); prune.head_rounding would remove {others}"
+    )
+
+
+def heads_to_remove_with(prune_cfg, how: str, n_heads: int, n_kv: int) -> int | str:
+    """What heads_to_remove gives with prune.head_rounding = `how` ('none left' where it would refuse)."""
+    try:
+        return heads_to_remove(dataclasses.replace(prune_cfg, head_rounding=how), n_heads, n_kv)
+    except ConfigError:
+        return "none left (refused)"
 
 
 def neurons_to_remove(prune_cfg, n_inner: int) -> int:
@@ -90,6 +146,14 @@ def check_structured_request(prune_cfg, model_config) -> ModelShape:
     shape = model_shape(model_config, purpose="structured pruning")
     family = shape.family
     removes_heads = any(heads_to_remove(prune_cfg, shape.heads[i], shape.kv_heads[i]) for i in range(shape.n_layer))
+    removes_neurons = any(neurons_to_remove(prune_cfg, shape.inner[i]) for i in range(shape.n_layer))
+    if uniform_per_layer(prune_cfg) and not (removes_heads or removes_neurons):
+        heads = describe_head_request(prune_cfg, shape)
+        raise ConfigError(
+            "structured pruning would remove nothing from this model"
+            + (f" ({heads.removeprefix('prune: heads: ')})" if heads else "")
+            + "; raise prune.head_ratio or prune.mlp_ratio, or set prune.head_rounding=up"
+        )
     if removes_heads and family.structured_config is None:
         raise ConfigError(
             f"structured pruning of attention heads is not available for {family.name} models: their "
@@ -238,7 +302,9 @@ def plan_structured(
             for i in layers
         ]
     else:  # one ranking over all layers (GPT-2 without GQA only; see check_structured_request)
-        k_heads = prune_cfg.heads_removed * shape.n_layer or round(prune_cfg.head_ratio * sum(shape.heads))
+        k_heads = prune_cfg.heads_removed * shape.n_layer or round_heads(
+            prune_cfg.head_ratio * sum(shape.heads), prune_cfg.head_rounding
+        )
         removed_h = _global_lowest([scores[i]["heads"] for i in layers], k_heads)
         removed_n = (
             _global_lowest([scores[i]["neurons"] for i in layers], round(prune_cfg.mlp_ratio * sum(shape.inner)))
@@ -369,6 +435,9 @@ def prune_structured(
     model_config = AutoConfig.from_pretrained(base_dir)
     shape = check_structured_request(prune_cfg, model_config)  # refuse impossible requests before any work
     family = shape.family
+    head_line = describe_head_request(prune_cfg, shape)
+    if head_line:
+        log(head_line)
     plan = plan_structured(prune_cfg, files, model_config, adapter, dist_info, input_norms)
     n_heads = sum(len(h) for h in plan["heads_removed"])
     n_neurons = sum(len(n) for n in plan["neurons_removed"])

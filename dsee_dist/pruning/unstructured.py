@@ -1,6 +1,8 @@
 """Unstructured pruning of the final weights: the lowest-scoring fraction of each group, ranked globally
-over the group (METHOD.md §3), or of each output row (`grouping: row`, as Wanda), written as a pruned copy
-of the base model.
+over the group (METHOD.md §3), or of each output row (`grouping: row`, as Wanda), or N:M (`pattern: N:M`:
+the N highest-scoring of every M consecutive input weights of every row kept, the pattern sparse tensor
+cores run; a matrix whose input width M does not divide is left dense and named in the log), written as a
+pruned copy of the base model.
 
 Work is split by module: module i is scored and written by rank i % world_size, which reads only that
 module's weight from the base files and keeps only the scores of the modules it owns. The threshold of
@@ -53,6 +55,17 @@ def lowest_per_row(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return pruned
 
 
+def lowest_per_group_of_m(scores: torch.Tensor, n_keep: int, m: int) -> torch.Tensor:
+    """N:M sparsity: True on the m - n_keep lowest scores of every group of m consecutive columns of every row
+    (ties broken by column index), so each group keeps exactly n_keep. The width must be a multiple of m."""
+    rows, width = scores.shape
+    groups = scores.reshape(rows, width // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices[..., : m - n_keep]
+    pruned = torch.zeros_like(groups, dtype=torch.bool)
+    pruned.scatter_(2, order, True)
+    return pruned.reshape(rows, width)
+
+
 def adapted_slice(adapter_config: dict, module: str, rows: tuple) -> int | None:
     """Index of the adapter slice of `module` that contains the row set `rows` ((start, size) or
     (start, size, block, stride)), or None if those rows are not adapted."""
@@ -102,6 +115,7 @@ def prune_unstructured(
     owner = {module: i % dist_info.world_size for i, module in enumerate(modules)}
     mine = [m for m in modules if owner[m] == dist_info.rank]
     groups = {m.name: group_of(m, adapted_rows(adapter_config, m) is not None, prune_cfg.grouping) for m in matrices}
+    by_name = {m.name: m for m in matrices}
 
     # 1. Scores of the modules this rank owns.
     scores: dict[str, dict[str, torch.Tensor]] = {}
@@ -115,24 +129,49 @@ def prune_unstructured(
                 prune_cfg.score, m.rows_of(w0), d, seed=seed, name=m.name, input_norm=norm
             )
 
-    # 2. One global threshold per group, or the lowest of each row (no rank needs another's scores).
+    # 2. One global threshold per group, the lowest of each row, or the lowest of each group of M inputs of a row
+    # (the last two need no other rank's scores).
     pruned: dict[str, torch.Tensor] = {}
     group_stats = {}
     by_row = prune_cfg.grouping == "row"
+    pattern = prune_cfg.nm_pattern
+    dense = [m.name for m in matrices if pattern and m.in_features % pattern[1]]
+    if dense:
+        log(
+            f"prune: pattern {pattern[0]}:{pattern[1]}: {len(dense)} matrices left dense, their input width not a "
+            f"multiple of {pattern[1]}: " + ", ".join(f"{name} ({by_name[name].in_features})" for name in dense)
+        )
     for group in sorted(set(groups.values())):
         order = [m.name for m in matrices if groups[m.name] == group]
         total = sum(m.numel for m in matrices if groups[m.name] == group)
         ratio = prune_cfg.group_ratios.get(group, prune_cfg.ratio)
-        if by_row:
+        if pattern:
+            n_keep, m_group = pattern
+            ratio = 1 - n_keep / m_group
+            k = sum(
+                m.numel * (m_group - n_keep) // m_group
+                for m in matrices
+                if groups[m.name] == group and m.name not in dense
+            )
+            pruned.update(
+                {
+                    name: torch.zeros_like(s, dtype=torch.bool)
+                    if name in dense
+                    else lowest_per_group_of_m(s, n_keep, m_group)
+                    for name, s in scores.get(group, {}).items()
+                }
+            )
+        elif by_row:
             k = sum(m.rows[1] * round(ratio * m.in_features) for m in matrices if groups[m.name] == group)
             pruned.update({name: lowest_per_row(s, ratio) for name, s in scores.get(group, {}).items()})
         else:
             k = round(ratio * total)
             pruned.update(lowest_k_masks(scores.get(group, {}), order, k))
         group_stats[group] = {"ratio": ratio, "pruned": k, "numel": total, "matrices": len(order)}
+        how = f", {pattern[0]} of every {pattern[1]} inputs of a row kept" if pattern else ", per output row" * by_row
         log(
             f"prune: group '{group}': {k:,} of {total:,} entries ({100.0 * k / max(total, 1):.2f}%) "
-            f"over {len(order)} matrices{', per output row' if by_row else ''}, score '{prune_cfg.score}'"
+            f"over {len(order)} matrices{how}, score '{prune_cfg.score}'"
         )
     del scores
 
@@ -167,6 +206,8 @@ def prune_unstructured(
         "method": "unstructured",
         "score": prune_cfg.score,
         "grouping": prune_cfg.grouping,
+        "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
+        "dense_matrices": dense,
         "groups": group_stats,
         "matrices": {m.name: stats[m.name] for m in matrices},
         "total": {"pruned": sum(s["pruned"] for s in stats.values()), "numel": sum(s["numel"] for s in stats.values())},

@@ -3,6 +3,7 @@ BLEU, chrF, ROUGE-L and exact match against one or more free-text references per
 
     dsee-dist evaluate --refs testset_w_refs.csv --hyp outputs.txt [--out scores.json]
     dsee-dist evaluate --refs chats.jsonl --hyp outputs.txt
+    dsee-dist evaluate --perplexity TEXT_FILE --model SOURCE [--seq-len N]   (recipes/perplexity.py)
 
 References: the E2E CSV (grouped by MR, in order of first appearance) or the official scorer's text
 format (one reference per line, a blank line between MRs); or JSONL, one input per line, with `references`,
@@ -19,10 +20,11 @@ import logging
 import sys
 from pathlib import Path
 
-from dsee_dist.errors import reports_errors
+from dsee_dist.errors import DSEEError, reports_errors
 from dsee_dist.eval.metrics import METRICS, E2EScorer, normalize_metric_names
 from dsee_dist.eval.references import read_hypotheses, read_references, read_text_references
 from dsee_dist.eval.text_metrics import TEXT_METRICS, normalize_text_metric_names, score_text
+from dsee_dist.recipes import perplexity
 from dsee_dist.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -108,22 +110,27 @@ def format_table(result: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--refs",
-        required=True,
-        help="references: E2E CSV (mr,ref) or blank-line-separated text; or JSONL of free-text references",
+        "--refs", help="references: E2E CSV (mr,ref) or blank-line-separated text; or JSONL of free-text references"
     )
+    parser.add_argument("--hyp", help="outputs: one line per input (per MR, in order of first appearance)")
     parser.add_argument(
-        "--hyp", required=True, help="outputs: one line per input (per MR, in order of first appearance)"
+        "--out", help="scores JSON (default: beside the outputs, OUTPUTS.scores.json; with --perplexity: none)"
     )
-    parser.add_argument("--out", help="scores JSON (default: beside the outputs, OUTPUTS.scores.json)")
     parser.add_argument(
         "--metrics",
         help=f"comma-separated subset of {','.join(METRICS)} (E2E) or {','.join(TEXT_METRICS)} (free text)",
     )
+    perplexity.add_arguments(parser)
 
 
 @reports_errors("evaluate")
 def run(args: argparse.Namespace) -> int:
+    if args.perplexity:
+        if args.refs or args.hyp:
+            raise DSEEError("--perplexity scores a model on a text; give it without --refs/--hyp")
+        return perplexity.run(args)
+    if not (args.refs and args.hyp):
+        raise DSEEError("give --refs and --hyp (scoring outputs) or --perplexity TEXT_FILE --model SOURCE")
     logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
     hyp_path = Path(args.hyp)
     metrics = None
