@@ -26,12 +26,22 @@ class Row:
     lr_from: str | None = None
     multi_seed: bool = False
     steps_multiple: int = 1  # the row trains this many times the shared step budget (warmup scaled alike)
+    # e2e: trained (and decoded) on "MR ||"; chat: the same pairs as conversations through data.format chat, the
+    # user turn the instruction + MR (dsee_dist.data.encoding.e2e_chat_messages), decoded with the chat template
+    prompt: str = "e2e"
 
 
 ROWS: dict[str, Row] = {
     r.name: r
     for r in [
-        Row("base", "the pretrained model, no tuning (same prompt)", None),
+        Row("base", "the pretrained model, no tuning, prompted with the raw training format 'MR ||'", None),
+        Row(
+            "base-chat",
+            "the pretrained instruct model, no tuning, prompted as it was trained: its chat template around a "
+            "one-line instruction ('Write one sentence describing this restaurant: MR'), greedy",
+            None,
+            prompt="chat",
+        ),
         Row("full", "full fine-tuning", "full", lr_from="full"),
         Row(
             "lora",
@@ -71,6 +81,15 @@ ROWS: dict[str, Row] = {
             "shira",
             lr_from="shira",
             multi_seed=True,
+        ),
+        Row(
+            "dsee-chat",
+            "dsee trained through data.format chat: the same pairs as conversations (user = the instruction + MR, "
+            "assistant = the reference, loss on the assistant turn), decoded with the chat template; same steps, "
+            "seed and learning rate as dsee",
+            "dsee",
+            lr_from="dsee",
+            prompt="chat",
         ),
         Row(
             "dsee-ref",
@@ -130,6 +149,7 @@ LR_GRID = {
 }
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dsee": 1e-3, "supra": 2e-3, "shira": 1e-3}
 LORA_RANK, LORA_ALPHA = 8, 16.0
+CHAT_BLOCK_SIZE = 192  # the e2e rows' 128 plus the chat template's system prompt, role markers and instruction
 SEEDS = (42, 43, 44)
 
 
@@ -241,6 +261,14 @@ def row_config(row: Row, **kw) -> dict:
         }
     cfg = base_config(method=row.method, **kw)
     cfg = merge_nested(cfg, row.overrides)
+    if row.prompt == "chat":  # the same pairs, as conversations (bench/quality.py writes them beside the CSVs)
+        data = cfg["data"]
+        data.update(
+            format="chat",
+            train_path=str(Path(data["train_path"]).with_suffix(".chat.jsonl")),
+            eval_path=str(Path(data["eval_path"]).with_suffix(".chat.jsonl")),
+            block_size=CHAT_BLOCK_SIZE,
+        )
     if "prune" in row.overrides:
         train = cfg["train"]
         cfg["prune"].update(

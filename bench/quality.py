@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import _quality_rows as rows_mod  # noqa: E402
 from bench._quality_rows import DEFAULT_LR, LR_GRID, ROWS, SEEDS  # noqa: E402
+from dsee_dist.data.encoding import e2e_chat_messages  # noqa: E402
 from dsee_dist.engine.launcher import launch_env  # noqa: E402
 from dsee_dist.utils.files import atomic_directory, atomic_path, write_text_atomic  # noqa: E402
 from dsee_dist.utils.signals import install_handlers, restore_handlers  # noqa: E402
@@ -332,6 +333,10 @@ class Bench:
         for key, rows in (("all", pairs), ("train90", train), ("heldout10", held)):
             if not paths[key].is_file():
                 write_pairs(paths[key], rows)
+            chat = paths[key].with_suffix(".chat.jsonl")  # the same pairs as conversations (chat rows)
+            if not chat.is_file():
+                lines = [json.dumps({"messages": e2e_chat_messages(mr, ref)}) + "\n" for mr, ref in rows]
+                write_text_atomic(chat, "".join(lines))
         self.paths = paths
         return {
             "train_pairs": len(pairs),
@@ -482,7 +487,7 @@ class Bench:
         record["model_dir"] = str(model_dir)
         # the architecture, kept beside the row: decoding speed is measured from it when the weights are gone
         write_text_atomic(row_dir / "model_config.json", (Path(model_dir) / "config.json").read_text())
-        outputs, timing = self.decode(model_dir)
+        outputs, timing = self.decode(model_dir, row.prompt)
         write_text_atomic(row_dir / "outputs.txt", "\n".join(outputs) + "\n")
         record.update(timing)
         record["scores"] = self.scorer().score(outputs, self.refs)
@@ -536,7 +541,7 @@ class Bench:
                 run = self.row_dir(other.name, seed) / "run"
                 yield f"{other.name}-s{seed}", run, run / "stage1", "finished stage 1"
 
-    def decode(self, model_dir: Path) -> tuple[list[str], dict]:
+    def decode(self, model_dir: Path, prompt: str = "e2e") -> tuple[list[str], dict]:
         import torch
 
         from bench._quality_decode import decode_mrs, load_decoder
@@ -545,7 +550,13 @@ class Bench:
         model, tokenizer = load_decoder(str(model_dir), self.s.device, dtype)
         paused_before = paused_seconds(self.root)
         outputs, timing = decode_mrs(
-            model, tokenizer, self.mrs, self.s.decoding, self.s.decode_batch_size, max_new_tokens=self.s.max_new_tokens
+            model,
+            tokenizer,
+            self.mrs,
+            self.s.decoding,
+            self.s.decode_batch_size,
+            max_new_tokens=self.s.max_new_tokens,
+            prompt=prompt,
         )
         timing["decode_s"] = round(timing["decode_s"] - (paused_seconds(self.root) - paused_before), 2)
         del model

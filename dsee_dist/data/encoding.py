@@ -27,8 +27,20 @@ PLAIN_INSTRUCTION_PROMPT = (
 )
 
 
+# An instruct model's fair zero-shot prompt for E2E (its chat template around this user message), and the same
+# conversation as chat training data (the reference as the assistant turn).
+E2E_CHAT_INSTRUCTION = "Write one sentence describing this restaurant: {mr}"
+
+
 def e2e_prompt(mr: str) -> str:
     return mr + E2E_SEPARATOR
+
+
+def e2e_chat_messages(mr: str, ref: str | None = None) -> list[dict[str, str]]:
+    """The E2E input as a conversation (one user turn: the instruction and the MR), with the reference as the
+    assistant turn when given."""
+    messages = [{"role": "user", "content": E2E_CHAT_INSTRUCTION.format(mr=mr)}]
+    return messages + ([{"role": "assistant", "content": ref}] if ref is not None else [])
 
 
 def instruction_user_message(instruction: str, input_text: str) -> str:

@@ -117,23 +117,37 @@ def tuned_model(run_dir: Path) -> Path:
     return target
 
 
-def decode(model_dir: Path, mrs: list[str], device: str) -> list[str]:
+def decode(model_dir: Path, mrs: list[str], device: str, chat: bool = False) -> list[str]:
     """Greedy outputs (at most 64 new tokens, stop at EOS or newline), one per MR, as `dsee-dist generate
-    --greedy` writes them."""
-    from dsee_dist.data.dataset import e2e_prompt
+    --greedy` writes them: prompted as in training (`MR ||`) or, with `chat`, through the model's chat template
+    with a one-line instruction (an instruct model's fair zero-shot prompt)."""
+    from dsee_dist.data.encoding import e2e_chat_messages, e2e_prompt
     from dsee_dist.eval.decoding import DecodingSettings, generate_texts
-    from dsee_dist.recipes.generate import load_generation_model
+    from dsee_dist.recipes.generate import load_generation_model, render_chat_prompts
 
     model, tokenizer, _ = load_generation_model(str(model_dir), dtype="bf16" if device == "cuda" else "fp32")
+    if chat:
+        prompts = render_chat_prompts(tokenizer, [e2e_chat_messages(mr) for mr in mrs])
+    else:
+        prompts = [e2e_prompt(mr) for mr in mrs]
     outputs, _ = generate_texts(
         model.to(device),
         tokenizer,
-        [e2e_prompt(mr) for mr in mrs],
+        prompts,
         DecodingSettings().greedy(),
         progress=True,
-        desc=f"generate ({model_dir.name})",
+        desc=f"generate ({model_dir.name}{', chat template' if chat else ''})",
     )
     return [o or "-" for o in outputs]
+
+
+def decoded_once(path: Path, model_dir: Path, mrs: list[str], device: str, chat: bool = False) -> list[str]:
+    """`decode`'s outputs, written to `path`; a rerun reuses a complete file."""
+    outputs = path.read_text().splitlines() if path.is_file() else []
+    if len(outputs) != len(mrs):
+        outputs = decode(model_dir, mrs, device, chat)
+        write_lines(path, outputs)
+    return outputs
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
@@ -177,11 +191,8 @@ def run(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model) if args.model else fetch_model(out_dir)
     refs = read_references(package_file("data", "e2e_sample", "test.csv"))
     t0 = time.perf_counter()
-    base_file = out_dir / "outputs_base.txt"
-    base_outputs = base_file.read_text().splitlines() if base_file.is_file() else []
-    if len(base_outputs) != len(refs.mrs):  # not decoded yet (a rerun reuses them)
-        base_outputs = decode(model_dir, refs.mrs, device)
-        write_lines(base_file, base_outputs)
+    base_outputs = decoded_once(out_dir / "outputs_base.txt", model_dir, refs.mrs, device)
+    chat_outputs = decoded_once(out_dir / "outputs_base_chat.txt", model_dir, refs.mrs, device, chat=True)
     base_decode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_dir = train(out_dir, model_dir, ranks, args.master_port, args.overrides)
@@ -189,10 +200,12 @@ def run(argv: list[str] | None = None) -> int:
     tuned_outputs = decode(tuned_model(run_dir), refs.mrs, device)
     with E2EScorer(metrics=("BLEU", "ROUGE_L")) as scorer:
         before, after = scorer.score(base_outputs, refs.groups), scorer.score(tuned_outputs, refs.groups)
+        before_chat = scorer.score(chat_outputs, refs.groups)
     write_lines(out_dir / "outputs_tuned.txt", tuned_outputs)
     total_s = time.perf_counter() - start
     summary = {
         "before": before,
+        "before_chat_template": before_chat,
         "after": after,
         "test_mrs": len(refs.mrs),
         "ranks": ranks,
@@ -205,10 +218,15 @@ def run(argv: list[str] | None = None) -> int:
 
     print()
     for i in range(SHOWN_MRS):
-        print(f"MR:    {refs.mrs[i]}\n  base:  {base_outputs[i]}\n  tuned: {tuned_outputs[i]}\n")
-    print(f"{len(refs.mrs)} test MRs, greedy decoding    BLEU    ROUGE-L")
-    print(f"  base model (no tuning)          {100 * before['BLEU']:6.2f}  {100 * before['ROUGE_L']:6.2f}")
-    print(f"  DSEE-tuned ({ranks} ranks)            {100 * after['BLEU']:6.2f}  {100 * after['ROUGE_L']:6.2f}")
+        print(f"MR:    {refs.mrs[i]}\n  base (chat):  {chat_outputs[i]}\n  tuned:        {tuned_outputs[i]}\n")
+    print(f"{len(refs.mrs)} test MRs, greedy decoding                         BLEU    ROUGE-L")
+    rows = [
+        ("base model, raw training prompt 'MR ||'", before),
+        ("base model, its chat template + instruction", before_chat),
+        (f"DSEE-tuned ({ranks} ranks), prompt 'MR ||'", after),
+    ]
+    for name, scores in rows:
+        print(f"  {name:<46} {100 * scores['BLEU']:6.2f}  {100 * scores['ROUGE_L']:6.2f}")
     print(f"done in {total_s / 60:.1f} min (training {train_s / 60:.1f} min); outputs, scores and the run in {out_dir}")
     return 0
 

@@ -9,6 +9,11 @@ import pytest
 from tests.conftest import REPO
 
 SAMPLE = REPO / "dsee_dist" / "data" / "e2e_sample"
+# ChatML, as SmolLM2's (without its default system prompt)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def _sample_texts() -> list[str]:
@@ -52,6 +57,8 @@ def save_tiny_model(family: str, target: Path) -> Path:
             pad_token_id=eos,
         )
         model = GPT2LMHeadModel(config)
+    if family == "llama":  # an instruct-looking model: the chat rows render through this template
+        tokenizer.chat_template = CHAT_TEMPLATE
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target

@@ -336,3 +336,45 @@ def test_the_peft_sparse_rows_configs_build_their_budgets_on_a_model(tiny_models
     assert trainable("shira") == trainable("lora") == budget["lora_params"]
     assert trainable("supra") == budget["lora_params"] + supra["total"]
     assert abs(supra["total"] - budget["num_sparse"] * len(shapes)) <= 0.03 * budget["num_sparse"] * len(shapes)
+
+
+def test_the_chat_row_differs_from_dsee_only_in_its_data_format():
+    dsee, chat = row_config(ROWS["dsee"], **_row_kw("m", 384)), row_config(ROWS["dsee-chat"], **_row_kw("m", 384))
+    assert chat["data"] == {
+        **dsee["data"],
+        "format": "chat",
+        "train_path": "t.chat.jsonl",
+        "eval_path": "e.chat.jsonl",
+        "block_size": 192,
+    }
+    chat["data"] = dsee["data"]
+    assert chat == dsee and ROWS["dsee-chat"].lr_from == "dsee" and ROWS["base-chat"].method is None
+
+
+def test_chat_rows_train_on_conversations_and_decode_with_the_chat_template(tiny_models, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from bench._quality_decode import prompts_for
+    from dsee_dist.data.encoding import e2e_chat_messages
+
+    results = tmp_path / "results"
+    _run(tiny_models["llama"], _small_train_csv(tmp_path), results, "base-chat,dsee-chat", capsys)
+    by_row = {r["row"]: r for r in json.loads((results / "quality.json").read_text())["records"]}
+    assert by_row["base-chat"]["prompt"] == by_row["dsee-chat"]["prompt"] == "chat"
+    assert (
+        by_row["dsee-chat"]["trainable_params"]
+        == json.loads((results / "quality.json").read_text())["sparse_budget"]["dsee_params"]
+    )
+    run_config = yaml.safe_load((results / "rows" / "dsee-chat-s42" / "run" / "config.resolved.yaml").read_text())
+    assert run_config["data"]["format"] == "chat" and run_config["data"]["train_path"].endswith(".chat.jsonl")
+    first = json.loads((results / "data" / "train_all.chat.jsonl").read_text().splitlines()[0])
+    with open(results / "data" / "train_all.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert first == {"messages": e2e_chat_messages(row["mr"], row["ref"])}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    (prompt,) = prompts_for(tokenizer, ["name[Aromi]"], "chat")
+    assert (
+        prompt == "<|im_start|>user\nWrite one sentence describing this restaurant: name[Aromi]<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert len((results / "rows" / "base-chat-s42" / "outputs.txt").read_text().splitlines()) == 5

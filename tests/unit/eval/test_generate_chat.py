@@ -4,9 +4,6 @@ reference and scored as free text."""
 
 import json
 
-import pytest
-import torch
-
 from dsee_dist.recipes import generate
 
 CHATS = [
@@ -22,30 +19,6 @@ CHATS = [
         {"role": "assistant", "content": "English."},
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def chat_model(smollm2_dir, tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer and chat template."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("chat-model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_chat_inputs_keep_the_last_assistant_turn_as_reference(tmp_path):
