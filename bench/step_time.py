@@ -168,6 +168,9 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     if not methods or set(methods) - {"full", "lora", "dsee", "supra", "shira"}:
         sys.exit(f"bench/step_time.py: --methods takes full, lora, dsee, supra and shira, not {args.methods!r}")
+    if args.model:  # the family is the model's own (the worker takes it from there as well)
+        model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
+        args.family = "gpt2" if model_type == "gpt2" else "llama"
     if args.family == "gpt2" and not args.model and {"supra", "shira"} & set(methods):
         sys.exit("bench/step_time.py: supra and shira adapt nn.Linear only, not GPT-2's Conv1D; use --family llama")
     per_stage = {}
