@@ -35,3 +35,47 @@ def device_kind(requested: str, script: str, gpu_run: str, cpu_hint: str = "--de
         print(json.dumps({"skipped": "no GPU", **skip_info}))
         return None
     return ("gpu" if has_gpu else "cpu") if requested == "auto" else requested
+
+
+def run_info(device: str) -> dict:
+    """What every results/*.json carries: date (UTC), commit (+dirty), package versions, the device in words."""
+    import datetime
+    import importlib.metadata as md
+    import os
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "deepspeed", "peft"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        commit = commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    if device == "gpu":
+        import torch
+
+        name = f"{torch.cuda.get_device_name(0)} (1 GPU)"
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": commit,
+        "versions": versions,
+        "device_name": name,
+    }
+
+
+def write_result(path, payload: dict, device: str) -> None:
+    """`payload` plus run_info(device) as indented JSON at `path` (folders created)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**run_info(device), **payload}, indent=1) + "\n")

@@ -1,7 +1,13 @@
 """One (family, method, DeepSpeed config) step-time measurement; launched by bench/step_time.py under deepspeed.
 
 GPT-2 (fused c_attn: DSEE on its q and v slices, PEFT LoRA on the fused matrix) or Llama (GQA; DSEE and PEFT
-LoRA on q_proj and v_proj)."""
+LoRA on q_proj and v_proj), random, or a pretrained model from --model (a local Hugging Face directory). supra and
+shira are PEFT's Supertuning (r + as many sparse entries as DSEE's N per matrix in total) and SHiRA (LoRA's count),
+built by recipes/methods.py as the trainer builds them (nn.Linear targets only: not GPT-2's Conv1D).
+
+Memory, per rank: peak RSS of the process (ru_maxrss / VmHWM, model loading included), the peak RSS of the
+training steps alone (VmHWM reset through /proc/self/clear_refs before the first step) and what the steps add
+above the RSS of the built engine; on CUDA, torch.cuda.max_memory_allocated over the steps."""
 
 from __future__ import annotations
 
@@ -127,10 +133,41 @@ def inject_random_dsee_on(model, targets: list[str], rank: int, num_sparse: int)
     return mark_only_adapters_trainable(model)
 
 
+def _proc_status_bytes(key: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc/self/status, in bytes (None where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peft_sparse(model, method: str, targets: list[str], rank: int, num_sparse: int) -> tuple:
+    """(PeftModel, trainable parameters) of PEFT's Supertuning (supra) or SHiRA, as the trainer builds them."""
+    from dsee_dist.config.schema import DSEEConfig
+    from dsee_dist.recipes import methods
+
+    cfg = DSEEConfig(lora_rank=rank, lora_alpha=2 * rank, num_sparse=num_sparse, target_modules=targets)
+    return (methods.prepare_supra if method == "supra" else methods.prepare_shira)(model, cfg, 0)
+
+
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     p = argparse.ArgumentParser()
-    p.add_argument("--method", choices=["full", "lora", "dsee"], required=True)
+    p.add_argument("--method", choices=["full", "lora", "dsee", "supra", "shira"], required=True)
+    p.add_argument("--model", default=None, help="a local Hugging Face directory instead of a random model")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per rank; 0 = cores / ranks on this node")
     p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
     p.add_argument("--n-kv-head", type=int, default=0, help="Llama: key/value heads (GQA); 0 = --n-head")
     p.add_argument("--intermediate", type=int, default=0, help="Llama: MLP width; 0 = 8/3 x hidden, rounded to 64")
@@ -155,7 +192,7 @@ def main() -> None:
     info = distributed.init_distributed()
     if not torch.cuda.is_available():  # one rank per core share: oversubscription makes CPU timings noise
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
     ds = distributed.build_deepspeed_config(
         json.loads(Path(args.ds_config).read_text()),
         {},
@@ -171,7 +208,16 @@ def main() -> None:
 
         models._HF_DS_CONFIG = HfDeepSpeedConfig(ds)
     torch.manual_seed(0)
-    model = build_model(args)
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model.config.use_cache = False
+        args.vocab = model.config.vocab_size
+        args.family = "gpt2" if model.config.model_type == "gpt2" else "llama"
+    else:
+        model = build_model(args)
     targets = ["c_attn"] if args.family == "gpt2" else ["q_proj", "v_proj"]
     if args.method == "full":
         params = [p for p in model.parameters()]
@@ -189,6 +235,8 @@ def main() -> None:
             ),
         )
         params = [p for p in model.parameters() if p.requires_grad]
+    elif args.method in ("supra", "shira"):
+        model, params = peft_sparse(model, args.method, targets, args.rank, args.num_sparse)
     elif args.family == "gpt2":
         params, _ = inject_random_dsee(model, args.rank, args.num_sparse)
     else:
@@ -198,6 +246,11 @@ def main() -> None:
     engine.train()
     dev = distributed.device()
     g = torch.Generator().manual_seed(info.rank)
+    build_peak_rss = _proc_status_bytes("VmHWM")
+    rss_before_steps = _proc_status_bytes("VmRSS")
+    peak_reset = reset_peak_rss()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(args.warmup + args.steps):
         x = torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=g).to(dev)
@@ -216,12 +269,18 @@ def main() -> None:
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     import resource
 
+    steps_peak_rss = _proc_status_bytes("VmHWM") if peak_reset else None
     per_rank = distributed.all_gather_object(
         {
             "grad_bytes_per_step": COMM["grad"] / args.steps,
             "param_bytes_per_step": COMM["param"] / args.steps,
             "model_state_bytes": model_state_bytes(model, engine),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": max(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, build_peak_rss or 0, steps_peak_rss or 0
+            ),
+            "steps_peak_rss_bytes": steps_peak_rss,
+            "steps_added_rss_bytes": steps_peak_rss - rss_before_steps if steps_peak_rss and rss_before_steps else None,
+            "threads": torch.get_num_threads(),
             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         }
     )

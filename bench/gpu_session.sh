@@ -9,11 +9,16 @@
 # installed from ./.whl if that folder exists (wheels for the machine's Python, downloaded beforehand with
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`; DeepSpeed has no wheel on PyPI:
 # `pip wheel --no-deps deepspeed==0.19.8` makes one). Order and budgets (seconds):
-#   1. bench/dsee_layer.py                            one projection: DSEE's sparse update vs PEFT LoRA     60
-#   2. bench/step_time.py --family llama              TinyLlama-1.1B shape, ZeRO-2 and ZeRO-3               200
-#   3. bench/train_loop.py --device gpu               the trainer vs a plain PEFT loop, p90 / median        120
-#   4. bench/step_time.py --family gpt2 --stages 2    GPT-2-medium shape, ZeRO-2                            90
-#   5. bench/memory_plan.py                           plan vs torch.cuda.max_memory_allocated               the rest
+#   1. bench/dsee_layer.py                            one projection: DSEE's sparse paths (autograd, fused,    90
+#                                                     folded, dense, torch.compile) vs PEFT LoRA, Supra, SHiRA
+#   2. bench/step_time.py --family llama --methods    TinyLlama-1.1B shape, ZeRO-2: step time and                150
+#      lora,dsee,supra,shira                          max_memory_allocated of dsee/supra/shira over lora
+#   3. bench/step_time.py --family llama              TinyLlama-1.1B shape, ZeRO-2 and ZeRO-3               200
+#   4. bench/train_loop.py --device gpu               the trainer vs a plain PEFT loop, p90 / median        120
+#   5. bench/step_time.py --family gpt2 --stages 2    GPT-2-medium shape, ZeRO-2                            90
+#   6. bench/train_loop.py --methods                  the trainer with each adapter, over the lora trainer  150
+#      lora,dsee,supra,shira
+#   7. bench/memory_plan.py                           plan vs torch.cuda.max_memory_allocated               the rest
 set -u
 BUDGET=${1:-540}
 RESULTS=${OUT:-$PWD/gpu-results}
@@ -53,9 +58,13 @@ run() {  # run NAME SECONDS CMD...: one benchmark, its output in $RESULTS/NAME.l
   echo "=== $name: exit $rc after $(($(date +%s) - START))s in all"
 }
 
-run dsee_layer 60 python3 bench/dsee_layer.py --device gpu
+run dsee_layer 90 python3 bench/dsee_layer.py --device gpu --out "$RESULTS/dsee_layer.json"
+run step_time_sparse 150 python3 bench/step_time.py --family llama --device gpu --stages 2 \
+  --methods lora,dsee,supra,shira --repeats 2 --steps 10 --out "$RESULTS/step_time_sparse.json"
 run step_time_llama 200 python3 bench/step_time.py --family llama --device gpu --stages 2,3 --repeats 1 --steps 10
 run train_loop 120 python3 bench/train_loop.py --device gpu --repeats 1 --steps 20 --warmup 5
 run step_time_gpt2 90 python3 bench/step_time.py --family gpt2 --device gpu --stages 2 --repeats 1 --steps 10
+run train_loop_sparse 150 python3 bench/train_loop.py --device gpu --methods lora,dsee,supra,shira --repeats 1 \
+  --steps 20 --warmup 5 --out "$RESULTS/train_loop_sparse.json"
 run memory_plan 600 python3 bench/memory_plan.py
 echo "gpu_session: done in $(($(date +%s) - START))s; results in $RESULTS"

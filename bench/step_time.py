@@ -1,7 +1,14 @@
-"""Median optimizer-step time: full fine-tuning vs PEFT LoRA vs DSEE, ZeRO-2 and ZeRO-3, one run.
+"""Median optimizer-step time: full fine-tuning vs PEFT LoRA vs DSEE (and PEFT's Supra and SHiRA), ZeRO-2 and
+ZeRO-3, one run.
 
     python bench/step_time.py [--family gpt2|llama] [--device auto|cpu|gpu] [--ranks N] [--n-layer 4 --n-embd 512
-                              --seq 128 --micro-batch 4] [--rank 8]
+                              --seq 128 --micro-batch 4] [--rank 8] [--methods full,lora,dsee] [--model DIR]
+                              [--threads T] [--out JSON]
+
+SmolLM2-135M, the four adapters side by side (fp32 CPU; README "DSEE vs PEFT's sparse adapters"):
+
+    python bench/step_time.py --device cpu --model /tmp/models-smollm2/smollm2-135m --methods lora,dsee,supra,shira \
+        --stages 2 --ranks 1 --threads 1 --seq 64 --micro-batch 8 --rank 8 --num-sparse 384 --repeats 3 --steps 4
 
 Shapes by device (any of them can be overridden):
 - cpu (2 ranks, fp32): GPT-2 4 x 512, 8 heads; Llama 4 x 512, 8 heads, 2 KV heads, MLP 1408; seq 128,
@@ -21,19 +28,32 @@ backward + optimizer step, measured between barriers after warm-up.
 - dsee: DSEE on the q and v slices of every `c_attn` (GPT-2) or on `q_proj` and `v_proj` (Llama), rank r each,
   N sparse values per matrix.
 
-Last line: JSON with `dsee_over_lora` and `dsee_over_full` for ZeRO-2 at the top level and the same
-figures per stage under `per_stage`.
+- supra: PEFT's Supertuning with r set (LoRA r plus single entries at the largest |W|, as many in total as DSEE's
+  N per matrix: recipes/methods.supra_budget); shira: PEFT's SHiRA (LoRA's count on a random mask). Both built by
+  recipes/methods.py as the trainer builds them; nn.Linear only (Llama, or a --model such as SmolLM2-135M).
+--model DIR: a local Hugging Face model instead of the random one (its own shape; --family is taken from it).
+
+Every launch also reports memory per rank (the highest rank counts): peak RSS of the process, the peak RSS of the
+measured steps (reset before the first step) and what the steps add above the built engine's RSS; on a GPU,
+torch.cuda.max_memory_allocated. With lora among --methods, `over_lora` gives, per method, the median over the
+repeats of its step time and memory divided by lora's in the same repeat (methods run one after another in an
+order alternating per repeat), with the range over the repeats. The CPU has no allocator peak in torch; RSS stands
+for it.
+
+Last line: JSON with `dsee_over_lora` and `dsee_over_full` for ZeRO-2 at the top level (where those methods ran)
+and the same figures per stage under `per_stage`; --out also writes it with the date, commit, versions and device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from _launch import ROOT, device_kind, run_worker
+from _launch import ROOT, device_kind, run_worker, write_result
 
 # Defaults per (family, device): the shapes of the module docstring.
 SHAPES = {
@@ -53,6 +73,54 @@ def resolve_defaults(args) -> None:
     for key, value in {**SHAPES[(args.family, args.device)], **RUN[args.device]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+
+
+def launch_memory(measured: dict) -> dict:
+    """A launch's memory figures, the highest rank's (None where not measured)."""
+    out = {}
+    for key in ("peak_rss_bytes", "steps_peak_rss_bytes", "steps_added_rss_bytes", "peak_gpu_bytes"):
+        values = [r.get(key) for r in measured["per_rank"] if r.get(key) is not None]
+        out[key] = max(values) if values else None
+    out["threads"] = measured["per_rank"][0].get("threads")
+    return out
+
+
+def over_lora(launches: list[dict], methods: list[str]) -> dict:
+    """Per method: the median, min and max over repeats of (its figure / lora's in the same repeat), for the step
+    time and each memory figure."""
+    figures = {
+        "step_time": "median_step_s",
+        "peak_rss": "peak_rss_bytes",
+        "steps_peak_rss": "steps_peak_rss_bytes",
+        "steps_added_rss": "steps_added_rss_bytes",
+        "peak_gpu": "peak_gpu_bytes",
+    }
+    by_repeat: dict[int, dict[str, dict]] = {}
+    for launch in launches:
+        by_repeat.setdefault(launch["repeat"], {})[launch["method"]] = launch
+    out = {}
+    for method in methods:
+        ratios = {}
+        for name, key in figures.items():
+            values = [
+                runs[method][key] / runs["lora"][key]
+                for runs in by_repeat.values()
+                if method in runs and "lora" in runs and runs[method].get(key) and runs["lora"].get(key)
+            ]
+            if values:
+                ratios[name] = {
+                    "median": round(statistics.median(values), 3),
+                    "min": round(min(values), 3),
+                    "max": round(max(values), 3),
+                    "repeats": len(values),
+                }
+        out[method] = ratios
+    return out
+
+
+def strip(per_stage: dict) -> dict:
+    """The per-stage results without the per-launch detail (kept for --out)."""
+    return {stage: {k: v for k, v in r.items() if k != "launches"} for stage, r in per_stage.items()}
 
 
 def main() -> None:
@@ -77,13 +145,18 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=None)
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--num-sparse", default="64")
+    p.add_argument("--methods", default="full,lora,dsee", help="any of full, lora, dsee, supra, shira")
+    p.add_argument("--model", default=None, help="a local Hugging Face directory instead of the random model")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per rank; 0 = cores / ranks")
+    p.add_argument("--out", default=None, help="also write the JSON (with date, commit, versions) here")
     p.add_argument("--steps", default="10")
     p.add_argument(
         "--repeats",
         type=int,
         default=2,
         help="launches per method, in alternating order (full lora dsee, dsee lora full, ...); "
-        "each method keeps its lowest median, which removes most launch-to-launch drift on shared CPUs",
+        "each method keeps its lowest median, which removes most launch-to-launch drift on shared CPUs; "
+        "over_lora takes the median of the per-repeat ratios",
     )
     args = p.parse_args()
     args.device = device_kind(
@@ -92,17 +165,22 @@ def main() -> None:
     if args.device is None:
         return
     resolve_defaults(args)
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods or set(methods) - {"full", "lora", "dsee", "supra", "shira"}:
+        sys.exit(f"bench/step_time.py: --methods takes full, lora, dsee, supra and shira, not {args.methods!r}")
+    if args.model:  # the family is the model's own (the worker takes it from there as well)
+        model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
+        args.family = "gpt2" if model_type == "gpt2" else "llama"
+    if args.family == "gpt2" and not args.model and {"supra", "shira"} & set(methods):
+        sys.exit("bench/step_time.py: supra and shira adapt nn.Linear only, not GPT-2's Conv1D; use --family llama")
     per_stage = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages.split(","):
             ds = ROOT / "configs" / "ds" / f"zero{stage}_{'bf16' if args.bf16 else 'fp32'}.json"
             times = {}
-            order = [
-                m
-                for r in range(args.repeats)
-                for m in (("full", "lora", "dsee") if r % 2 == 0 else ("dsee", "lora", "full"))
-            ]
-            for launch, method in enumerate(order):
+            order = [(r, m) for r in range(args.repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
+            launches = []
+            for launch, (repeat, method) in enumerate(order):
                 result = Path(tmp) / f"{stage}_{method}_{launch}.json"
                 worker_args = [
                     "--method",
@@ -135,6 +213,9 @@ def main() -> None:
                     args.num_sparse,
                     "--steps",
                     args.steps,
+                    "--threads",
+                    args.threads,
+                    *(["--model", args.model] if args.model else []),
                 ]
                 worker_args = [str(a) for a in worker_args]
                 for _attempt in range(2):  # gloo teardown rarely aborts a finished job at exit; retry once
@@ -144,40 +225,69 @@ def main() -> None:
                 if proc.returncode != 0 or not result.is_file():
                     sys.exit(f"bench/step_time.py: {method} under ZeRO-{stage} failed:\n{proc.stderr[-3000:]}")
                 measured = json.loads(result.read_text())
+                memory = launch_memory(measured)
                 print(
                     f"ZeRO-{stage} {method:5s}: median step {measured['median_step_s'] * 1000:8.1f} ms  "
                     f"{measured['tokens_per_s']:9.0f} tokens/s  p90/median {measured['p90_over_median']:.2f}  "
-                    f"trainable {measured['trainable']:,}",
+                    f"trainable {measured['trainable']:,}  peak RSS {memory['peak_rss_bytes'] / 2**20:,.0f} MiB",
                     flush=True,
                 )
+                launches.append({"repeat": repeat, "method": method, **measured, **memory})
                 if method not in times or measured["median_step_s"] < times[method]["median_step_s"]:
                     times[method] = measured
-            per_stage[f"zero{stage}"] = {
-                "dsee_over_lora": round(times["dsee"]["median_step_s"] / times["lora"]["median_step_s"], 3),
-                "dsee_over_full": round(times["dsee"]["median_step_s"] / times["full"]["median_step_s"], 3),
-                "lora_over_full": round(times["lora"]["median_step_s"] / times["full"]["median_step_s"], 3),
-                "median_step_s": {m: round(t["median_step_s"], 5) for m, t in times.items()},
-            }
+            stage_result = {}
+            for a, b in (("dsee", "lora"), ("dsee", "full"), ("lora", "full")):
+                if a in times and b in times:
+                    stage_result[f"{a}_over_{b}"] = round(times[a]["median_step_s"] / times[b]["median_step_s"], 3)
+            stage_result["median_step_s"] = {m: round(t["median_step_s"], 5) for m, t in times.items()}
+            stage_result["trainable"] = {m: t["trainable"] for m, t in times.items()}
+            if "lora" in times:
+                stage_result["over_lora"] = over_lora(launches, methods)
+            stage_result["launches"] = [{k: v for k, v in x.items() if k != "per_rank"} for x in launches]
+            per_stage[f"zero{stage}"] = stage_result
             print(
-                f"ZeRO-{stage}: dsee/lora {per_stage[f'zero{stage}']['dsee_over_lora']}, "
-                f"dsee/full {per_stage[f'zero{stage}']['dsee_over_full']}, "
-                f"lora/full {per_stage[f'zero{stage}']['lora_over_full']}",
+                f"ZeRO-{stage}: "
+                + ", ".join(
+                    f"{k.replace('_over_', '/')} {v}"
+                    for k, v in stage_result.items()
+                    if k.endswith(("_over_lora", "_over_full"))
+                ),
                 flush=True,
             )
+            for method, ratios in stage_result.get("over_lora", {}).items():
+                print(
+                    f"ZeRO-{stage} {method:5s} / lora: "
+                    + ", ".join(f"{k} {v['median']} [{v['min']}-{v['max']}]" for k, v in ratios.items()),
+                    flush=True,
+                )
     top = per_stage.get("zero2") or next(iter(per_stage.values()))
-    print(
-        json.dumps(
+    result = {
+        **{k: top[k] for k in ("dsee_over_lora", "dsee_over_full") if k in top},
+        "family": args.family,
+        "device": args.device,
+        "ranks": args.ranks,
+        "bf16": args.bf16,
+        "per_stage": per_stage,
+    }
+    if args.model:
+        result["model"] = args.model
+    if args.out:
+        write_result(
+            args.out,
             {
-                "dsee_over_lora": top["dsee_over_lora"],
-                "dsee_over_full": top["dsee_over_full"],
-                "family": args.family,
-                "device": args.device,
-                "ranks": args.ranks,
-                "bf16": args.bf16,
-                "per_stage": per_stage,
-            }
+                **result,
+                "methods": methods,
+                "seq": args.seq,
+                "micro_batch": args.micro_batch,
+                "rank": args.rank,
+                "num_sparse": args.num_sparse,
+                "steps": args.steps,
+                "repeats": args.repeats,
+                "threads_per_rank": top["launches"][0].get("threads"),
+            },
+            args.device,
         )
-    )
+    print(json.dumps({k: v for k, v in result.items() if k != "per_stage"} | {"per_stage": strip(per_stage)}))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """The training loop itself against a plain PyTorch + PEFT LoRA loop on the same model and batch shape, one run.
 
     python bench/train_loop.py [--device auto|cpu|gpu] [--model DIR] [--steps 30 --warmup 5]
-                               [--micro-batch 16 --seq 64] [--rank 8] [--methods lora,dsee]
+                               [--micro-batch 16 --seq 64] [--rank 8] [--methods lora,dsee,supra,shira]
+                               [--threads T] [--out JSON]
 
 - trainer: `python -m dsee_dist.train` as a user runs it (1 process, ZeRO-2 DeepSpeed engine, the recipe's
   loss, prefetch and logging), once per method: `lora` (PEFT's LoRA layers on q_proj/v_proj, r) and `dsee`
-  (DSEE on the same matrices, r + N sparse, magnitude support so setup stays short). Logged every step
-  (train.log_every_n_steps=1), so metrics.jsonl holds each step's wall time.
+  (DSEE on the same matrices, r + N sparse, magnitude support so setup stays short), `supra` (PEFT's Supertuning:
+  r plus as many sparse entries as dsee's N per matrix in total) and `shira` (PEFT's SHiRA, LoRA's count), the
+  last two as recipes/methods.py builds them. Logged every step (train.log_every_n_steps=1), so metrics.jsonl
+  holds each step's wall time. Each trainer run's peak RSS is read from the kernel when it exits (wait4).
 - plain: the smallest loop that trains the same thing: transformers' model with PEFT LoRA, torch AdamW,
   `model(input_ids, labels)`, backward, step, zero_grad, a device sync per step to time it.
 
@@ -21,7 +24,10 @@ shape's vocabulary; --layers and --hidden shrink it):
 Without a CUDA GPU, `--device gpu` prints one line saying it was skipped.
 
 Last line: JSON with `median_step_s` and `p90_over_median` per loop and `trainer_over_plain` per method (the
-trainer's median step over the plain loop's).
+trainer's median step over the plain loop's). With lora among --methods, `over_lora` adds, per method, the median
+(and range) over the repeats of its trainer's median step and peak RSS divided by lora's trainer's in the same
+repeat. --threads sets OMP_NUM_THREADS for the trainer and torch's threads for the plain loop (1 keeps a shared
+machine's timings usable); --out writes the JSON with the date, commit, versions and device.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _launch import device_kind  # noqa: E402
+from _launch import device_kind, write_result  # noqa: E402
 from step_time import SHAPES as STEP_TIME_SHAPES  # noqa: E402
 
 # step_time.py's Llama shapes (TinyLlama-1.1B on GPU, a small one on CPU) in LlamaConfig's key names
@@ -112,8 +118,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer_steps(method: str, model_dir: Path, text: Path, out_dir: Path, args) -> list[float]:
-    """Per-step wall times of `python -m dsee_dist.train` (one process) after the warm-up steps."""
+def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, int]:
+    """(exit status, peak RSS in bytes) of `cmd`, its output in `log`: the child's own rusage, from wait4."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def trainer_steps(method: str, model_dir: Path, text: Path, out_dir: Path, args) -> tuple[list[float], int]:
+    """(per-step wall times after the warm-up steps, peak RSS in bytes) of `python -m dsee_dist.train`, one
+    process."""
     config = {
         "method": method,
         "model": {"path": str(model_dir), "dropout": 0.0},
@@ -151,21 +167,20 @@ def trainer_steps(method: str, model_dir: Path, text: Path, out_dir: Path, args)
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "dsee_dist.train", "--config", str(config_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    log = out_dir.with_suffix(".log")
+    returncode, peak_rss = run_measured(
+        [sys.executable, "-m", "dsee_dist.train", "--config", str(config_path)], env, log
     )
-    if proc.returncode != 0:
-        sys.exit(f"bench/train_loop.py: the trainer ({method}) failed:\n{proc.stderr[-3000:]}")
+    if returncode != 0:
+        sys.exit(f"bench/train_loop.py: the trainer ({method}) failed:\n{log.read_text()[-3000:]}")
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "step_time_s" in row]
     padding = max(row["padding_fraction"] for row in steps)
     if padding > 0:
         sys.exit(f"bench/train_loop.py: the trainer's batches were padded ({padding:.1%}); expected fixed length")
-    return [row["step_time_s"] for row in steps if row["step"] > args.warmup]
+    return [row["step_time_s"] for row in steps if row["step"] > args.warmup], peak_rss
 
 
 def plain_steps(model_dir: Path, text: Path, args) -> list[float]:
@@ -216,7 +231,13 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--num-sparse", type=int, default=64)
-    p.add_argument("--methods", default="lora,dsee", help="trainer runs, compared each with the plain loop")
+    p.add_argument(
+        "--methods",
+        default="lora,dsee",
+        help="trainer runs (lora, dsee, supra, shira, full), each against the plain loop",
+    )
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of every loop; 0 = torch's default")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON (with date, commit, versions) here")
     p.add_argument(
         "--repeats",
         type=int,
@@ -236,8 +257,12 @@ def main() -> None:
         shape["num_hidden_layers"] = args.layers
     if args.hidden:
         shape.update(hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden))
-    if not set(methods) <= {"lora", "dsee", "full"}:
-        sys.exit(f"bench/train_loop.py: --methods takes lora, dsee and full, not {args.methods!r}")
+    if not set(methods) <= {"lora", "dsee", "supra", "shira", "full"}:
+        sys.exit(f"bench/train_loop.py: --methods takes lora, dsee, supra, shira and full, not {args.methods!r}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         text = tmp / "train.txt"
@@ -245,36 +270,74 @@ def main() -> None:
         write_text(text, words=max(4000, 8 * args.micro_batch * (args.warmup + args.steps) * args.seq // 2))
         model_dir = args.model or random_llama_dir(tmp / "model", shape, text)
         loops: dict[str, dict] = {}
+        per_repeat: list[dict[str, dict]] = []
         for repeat in range(args.repeats):  # alternating order; each loop keeps its lowest median
             order = ["plain", *methods] if repeat % 2 == 0 else [*methods[::-1], "plain"]
+            per_repeat.append({})
             for name in order:
                 if name == "plain":
                     measured = summary(plain_steps(model_dir, text, args))
                 else:
-                    measured = summary(trainer_steps(name, model_dir, text, tmp / f"run_{name}_{repeat}", args))
+                    times, peak_rss = trainer_steps(name, model_dir, text, tmp / f"run_{name}_{repeat}", args)
+                    measured = {**summary(times), "peak_rss_bytes": peak_rss}
+                per_repeat[-1][name] = measured
                 label = "plain PEFT loop" if name == "plain" else f"trainer ({name})"
+                rss = (
+                    f"  peak RSS {measured['peak_rss_bytes'] / 2**20:,.0f} MiB" if "peak_rss_bytes" in measured else ""
+                )
                 print(
                     f"{label:16s}: median step {measured['median_step_s'] * 1000:8.1f} ms  "
-                    f"p90/median {measured['p90_over_median']:.2f}",
+                    f"p90/median {measured['p90_over_median']:.2f}{rss}",
                     flush=True,
                 )
                 if name not in loops or measured["median_step_s"] < loops[name]["median_step_s"]:
                     loops[name] = measured
     ratios = {m: round(loops[m]["median_step_s"] / loops["plain"]["median_step_s"], 3) for m in methods}
     print(", ".join(f"trainer {m} / plain LoRA loop: {r}" for m, r in ratios.items()), flush=True)
-    print(
-        json.dumps(
-            {
-                "trainer_over_plain": ratios,
-                "loops": loops,
-                "device": args.device,
-                "model": str(args.model) if args.model else f"random llama {shape}",
-                "repeats": args.repeats,
-                "micro_batch": args.micro_batch,
-                "seq": args.seq,
-            }
-        )
-    )
+    result = {
+        "trainer_over_plain": ratios,
+        "loops": loops,
+        "device": args.device,
+        "model": str(args.model) if args.model else f"random llama {shape}",
+        "repeats": args.repeats,
+        "micro_batch": args.micro_batch,
+        "seq": args.seq,
+    }
+    if "lora" in methods:
+        result["over_lora"] = over_lora(per_repeat, methods)
+        for m, r in result["over_lora"].items():
+            print(
+                f"trainer {m} / trainer lora: "
+                + ", ".join(f"{k} {v['median']} [{v['min']}-{v['max']}]" for k, v in r.items()),
+                flush=True,
+            )
+    if args.out:
+        extra = {
+            "per_repeat": per_repeat,
+            "threads": args.threads or None,
+            "rank": args.rank,
+            "num_sparse": args.num_sparse,
+        }
+        write_result(args.out, {**result, **extra}, args.device)
+    print(json.dumps(result))
+
+
+def over_lora(per_repeat: list[dict[str, dict]], methods: list[str]) -> dict:
+    """Per method: median, min and max over the repeats of its trainer's median step and peak RSS divided by the lora
+    trainer's of the same repeat."""
+    out = {}
+    for method in methods:
+        out[method] = {}
+        for name, key in (("step_time", "median_step_s"), ("peak_rss", "peak_rss_bytes")):
+            values = [run[method][key] / run["lora"][key] for run in per_repeat if method in run and "lora" in run]
+            if values:
+                out[method][name] = {
+                    "median": round(statistics.median(values), 3),
+                    "min": round(min(values), 3),
+                    "max": round(max(values), 3),
+                    "repeats": len(values),
+                }
+    return out
 
 
 if __name__ == "__main__":

@@ -15,6 +15,17 @@ For a frozen weight W0 (out x in) and each adapted row block ("slice") s of it:
 Both GPT-2's `Conv1D` (weight stored in x out) and `nn.Linear` (out x in) are wrapped; all
 matrices here use the (out x in) convention, and `Conv1D` weights are transposed at the edges.
 No ranks, no files: distributed concerns live elsewhere.
+
+The sparse update S x has two implementations, chosen per device type by `SPARSE_UPDATE_PATH` (measured by
+bench/dsee_layer.py; `set_sparse_update_path` changes it):
+- "autograd": B A x through two linears, then S x as a gather of N input columns times the values, scatter-added
+  into the N output rows, each op differentiated by autograd. Its backward fills an input-sized zero tensor for
+  the gather's gradient and adds it to the low-rank branch's input gradient.
+- "fused": `LowRankSparseDelta`, one autograd function doing the same forward ops (bitwise the same output) and
+  one backward that scatter-adds the sparse part of the input gradient straight into the low-rank part's (an
+  N-column buffer instead of an input-sized one), with every gradient computed by the same additions in the same
+  order as autograd's (bitwise the same gradients). Used without
+  dropout on the low-rank branch (with dropout the two branches read different inputs: "autograd").
 """
 
 from __future__ import annotations
@@ -30,6 +41,61 @@ try:  # GPT-2's transposed linear layer
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover - transformers is a hard dependency
     Conv1D = None
+
+
+# Per device type (x.device.type): "fused" or "autograd" (module docstring); other devices use "autograd".
+# CPU: "autograd", as fast as "fused" within the noise on SmolLM2-135M's q_proj/v_proj (bench/dsee_layer.py
+# --shapes smollm2, paired per-iteration ratio fused/autograd 1.00 and 1.03, README); CUDA: not measured yet.
+SPARSE_UPDATE_PATH = {"cpu": "autograd", "cuda": "autograd"}
+SPARSE_UPDATE_PATHS = ("autograd", "fused")
+
+
+def set_sparse_update_path(device_type: str, path: str) -> None:
+    """Choose how DSEE layers apply S x on `device_type` ("cpu", "cuda", ...): "fused" or "autograd"."""
+    if path not in SPARSE_UPDATE_PATHS:
+        raise ValueError(f"sparse update path {path!r}: choose one of {', '.join(SPARSE_UPDATE_PATHS)}")
+    SPARSE_UPDATE_PATH[device_type] = path
+
+
+class LowRankSparseDelta(torch.autograd.Function):
+    """B A x + S x (unscaled) in one op, for x (..., in), A (r' x in), B (out x r'), S's N values at (rows, cols).
+
+    Forward: the two low-rank matmuls, then the gather of x's N columns, times the values, scatter-added into the
+    matmul's output (the same ops as the "autograd" path). Backward: grad_x = (g B) A with g's N gathered rows
+    times the values scatter-added into it in place (summed per column first); grad_A = (g B)^T x,
+    grad_B = g^T (A x), grad_values = the token sum of g's gathered rows times x's gathered columns."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, placed_b, values, rows, cols):
+        low = F.linear(x, lora_a)  # (..., r')
+        delta = F.linear(low, placed_b)  # (..., out)
+        picked = x.index_select(-1, cols)  # (..., N)
+        delta.index_add_(-1, rows, picked * values)
+        ctx.save_for_backward(x, low, lora_a, placed_b, values, rows, cols, picked)
+        return delta
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, low, lora_a, placed_b, values, rows, cols, picked = ctx.saved_tensors
+        need_x, need_a, need_b, need_v = ctx.needs_input_grad[:4]
+        grad_rows = grad.index_select(-1, rows)  # (..., N)
+        grad_low = grad.matmul(placed_b) if need_x or need_a else None  # (..., r')
+        grad_x = grad_a = grad_b = grad_v = None
+        if need_x:
+            # Entries sharing a column are summed first (as autograd's zero-filled buffer sums them), then added
+            # to the low-rank part once per column: the same additions in the same order as the "autograd" path.
+            unique_cols, inverse = torch.unique(cols, return_inverse=True)
+            per_col = grad_rows.new_zeros(*grad_rows.shape[:-1], unique_cols.numel())
+            per_col.index_add_(-1, inverse, grad_rows * values)
+            grad_x = grad_low.matmul(lora_a)
+            grad_x.index_add_(-1, unique_cols, per_col)
+        if need_a:
+            grad_a = grad_low.reshape(-1, grad_low.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+        if need_b:
+            grad_b = grad.reshape(-1, grad.shape[-1]).t().mm(low.reshape(-1, low.shape[-1]))
+        if need_v:
+            grad_v = (grad_rows * picked).reshape(-1, values.numel()).sum(0)
+        return grad_x, grad_a, grad_b, grad_v, None, None
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -227,6 +293,14 @@ class DSEELayer(nn.Module):
         x = x.to(self.lora_a.dtype)
         if self.prune_mask is not None:
             return torch.add(result, self._masked_delta(x).to(result.dtype), alpha=self.scaling)
+        if (
+            self.sparse_values is not None
+            and isinstance(self.lora_dropout, nn.Identity)
+            and SPARSE_UPDATE_PATH.get(x.device.type) == "fused"
+        ):
+            rows, cols = self.sparse_index
+            delta = LowRankSparseDelta.apply(x, self.lora_a, self._placed_lora_b(), self.sparse_values, rows, cols)
+            return torch.add(result, delta.to(result.dtype), alpha=self.scaling)
         # B A drop(x) for every slice, over the full output dimension: (..., out)
         delta = F.linear(F.linear(self.lora_dropout(x), self.lora_a), self._placed_lora_b())
         if self.sparse_values is not None:

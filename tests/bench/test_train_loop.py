@@ -48,3 +48,24 @@ def test_gpu_path_without_gpu_is_one_line():
     assert proc.returncode == 0
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and "skipped" in lines[0] and json.loads(lines[1]) == {"skipped": "no GPU"}
+
+
+def test_supra_and_shira_trainers_are_compared_with_lora(tmp_path):
+    out = tmp_path / "loop.json"
+    proc = run_bench(
+        "--device", "cpu", "--layers", "1", "--hidden", "64", "--steps", "2", "--warmup", "1", "--repeats", "1",
+        "--methods", "lora,supra,shira", "--threads", "1", "--num-sparse", "8", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["loops"]) == {"plain", "lora", "supra", "shira"}
+    assert set(result["over_lora"]) == {"lora", "supra", "shira"}
+    for method in ("supra", "shira"):
+        ratios = result["over_lora"][method]
+        run = result["per_repeat"][0]
+        assert ratios["step_time"]["median"] == pytest.approx(
+            run[method]["median_step_s"] / run["lora"]["median_step_s"], abs=1e-3
+        )
+        assert run[method]["peak_rss_bytes"] > 100 * 2**20  # a whole trainer process: torch, DeepSpeed, the model
+        assert ratios["peak_rss"]["median"] == pytest.approx(1.0, abs=0.5)
+    assert {"date", "commit", "versions", "device_name"} <= set(result)
