@@ -183,7 +183,10 @@ def write_gguf(model, tokenizer, target: Path, gguf_type: str = "f16", name: str
     tmp = target.with_name(target.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), arch)
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name or getattr(config, "_name_or_path", "") or config.model_type)
+    name = name or Path(getattr(config, "_name_or_path", "") or config.model_type).name
+    # transformers' GGUF reader takes a `llama` file whose name is exactly "mistral" for a mistral architecture
+    # that gguf has no tensor names for; a Mistral is a Llama to llama.cpp.
+    writer.add_name(name if name != "mistral" else "mistral-dsee")
     writer.add_file_type(
         {
             "f32": gguf.LlamaFileType.ALL_F32,
