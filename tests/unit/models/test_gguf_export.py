@@ -176,3 +176,26 @@ def test_cli_writes_gguf_of_a_model_directory_and_refuses_gpt2(tmp_path, tokeniz
         "'gpt2' is not one; export it with --merged and convert it with llama.cpp's own convert_hf_to_gguf.py"
     ]
     assert not (tmp_path / "gpt2.gguf").exists() and not (tmp_path / "gpt2.gguf.partial").exists()
+
+
+def test_the_projects_structured_pruning_output_round_trips(tmp_path, tokenizer):
+    """dsee_dist.pruning.structured on the tiny GQA Llama (9 -> 6 heads of 8 in 72, MLP 96 -> 72), its embedding
+    grown to the test tokenizer's size (the family table's models have a 97-token vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    from dsee_dist.config import PruneConfig
+    from dsee_dist.dsee.adapter import read_adapter
+    from dsee_dist.pruning.structured import prune_structured
+    from tests.unit.models.family_models import SINGLE, stage1
+
+    base_dir, adapter_dir, _, _ = stage1(tmp_path, "llama_gqa")
+    cfg = PruneConfig(method="structured", head_ratio=0.25, mlp_ratio=0.25)
+    prune_structured(cfg, str(base_dir), read_adapter(adapter_dir), tmp_path / "pruned", SINGLE, log=lambda m: None)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32).eval()
+    pruned.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    assert (pruned.config.num_attention_heads, pruned.config.head_dim, pruned.config.intermediate_size) == (6, 8, 72)
+    write_gguf(pruned, tokenizer, tmp_path / "gguf" / "pruned.gguf", "f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="pruned.gguf", dtype=torch.float32)
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(ids).logits, pruned(ids).logits, atol=1e-5, rtol=0)
