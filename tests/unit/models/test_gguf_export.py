@@ -199,3 +199,56 @@ def test_the_projects_structured_pruning_output_round_trips(tmp_path, tokenizer)
     ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(ids).logits, pruned(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_is_merged_on_the_fly_into_the_gguf(tmp_path, tokenizer):
+    """`dsee-dist export CKPT --gguf`: a (ZeRO-0 layout) DSEE checkpoint on a tiny Llama, merged in memory; the
+    GGUF computes what the adapted model computes."""
+    import copy
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from dsee_dist.config import Config
+    from dsee_dist.dsee.inject import dsee_layers, find_targets, inject_dsee
+    from dsee_dist.dsee.placement import SUPPORT_FILE
+    from dsee_dist.engine.checkpoint import MANIFEST, TRAINER_STATE
+    from dsee_dist.recipes.export import main
+    from tests.unit.models.family_models import magnitude_support
+
+    base = tiny("llama_q8", len(tokenizer))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    cfg = Config()
+    cfg.dsee.lora_rank, cfg.dsee.lora_alpha, cfg.dsee.num_sparse = 4, 8.0, 6
+    cfg.dsee.target_modules, cfg.dsee.fused_slices = ["q_proj", "v_proj"], []
+    adapted = copy.deepcopy(base)
+    specs = find_targets(adapted, cfg.dsee.target_modules, [])
+    support = magnitude_support(adapted, specs, cfg.dsee.num_sparse)
+    inject_dsee(adapted, specs, support, rank=4, alpha=8.0, dropout=0.0, seed=cfg.train.seed)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if name.endswith(("lora_b", "sparse_values")):
+                p.normal_(0, 0.2)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    module = {
+        f"{n}.{k}": p.detach().clone()
+        for n, layer in dsee_layers(adapted).items()
+        for k, p in layer.adapter_params().items()
+    }
+    torch.save({"module": module}, ckpt / "mp_rank_00_model_states.pt")
+    save_file({k: v.contiguous() for k, v in support.items()}, str(ckpt / SUPPORT_FILE))
+    state = {"step": 2, "world_size": 1, "zero_stage": 0, "base_model": str(tmp_path / "base"), "config": cfg.to_dict()}
+    (ckpt / TRAINER_STATE).write_text(json.dumps(state))
+    (ckpt / MANIFEST).write_text("{}")
+
+    assert main([str(ckpt), "--gguf", str(tmp_path / "out" / "run.gguf"), "--gguf-type", "f32"]) == 0
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="run.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = adapted.eval()(ids).logits
+        assert (expected - base(ids).logits).abs().max() > 1e-3  # the update is not negligible
+        torch.testing.assert_close(back(ids).logits, expected, atol=1e-5, rtol=0)
