@@ -3,6 +3,12 @@ peak RSS, for the dense SmolLM2 export and (when given) a structurally pruned on
 
     python bench/llamacpp.py --dense /tmp/models-smollm2/smollm2-135m [--pruned runs/s25/final] \
         [--types f16 q8_0] [--prompt-tokens 128 --new-tokens 64 --repeats 3 --threads 2]
+    python bench/llamacpp.py --dense DIR --pruned-shape 0.25 0.25   # no trained pruned model at hand
+
+`--pruned-shape HEADS MLP` stands in for a trained structurally pruned model: the dense model pruned with
+dsee-s25's settings (that fraction of heads and MLP neurons removed per layer, by `bench/inference.py`'s
+`build_smollm2_pair`: a random DSEE update, so its outputs mean nothing; its shapes, and so its size and
+speed, are a trained dsee-s25's).
 
 Each model directory is exported with `dsee-dist export DIR --gguf ...` into a temporary folder. Every
 measurement runs in a fresh process (so peak RSS is that model's: the process's maximum resident set, Python
@@ -73,6 +79,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dense", required=True, help="the dense model directory (e.g. SmolLM2-135M)")
     parser.add_argument("--pruned", help="a structurally pruned export directory (dsee-s25)")
+    parser.add_argument("--pruned-shape", nargs=2, type=float, metavar=("HEADS", "MLP"), help="see above")
     parser.add_argument("--types", nargs="+", default=["f16", "q8_0"], choices=["f32", "f16", "q8_0"])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -88,8 +95,14 @@ def main() -> int:
     except ImportError:
         print("llama.cpp absent: pip install llama-cpp-python (docs/GGUF.md); nothing measured")
         return 0
-    models = {"dense": args.dense, **({"pruned": args.pruned} if args.pruned else {})}
     with tempfile.TemporaryDirectory() as tmp:
+        models = {"dense": args.dense, **({"pruned": args.pruned} if args.pruned else {})}
+        if args.pruned_shape and not args.pruned:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from inference import build_smollm2_pair
+
+            _, pruned_dir = build_smollm2_pair(Path(args.dense), *args.pruned_shape, Path(tmp) / "shape")
+            models["pruned-shape"] = str(pruned_dir)
         files = {}
         for name, model_dir in models.items():
             for gguf_type in args.types:
@@ -115,13 +128,21 @@ def main() -> int:
             )
     device = f"{cpu_name()}, {args.threads} threads"
     print(f"llama-cpp-python {llama_cpp.__version__}; {device}; prompt {args.prompt_tokens}, new {args.new_tokens}")
-    print(f"{'model':8} {'type':5} {'file MiB':>9} {'pp tok/s':>9} {'tg tok/s':>9} {'peak RSS MiB':>13}")
+    print(f"{'model':13} {'type':5} {'file MiB':>9} {'pp tok/s':>9} {'tg tok/s':>9} {'peak RSS MiB':>13}")
     for r in rows:
         print(
-            f"{r['model']:8} {r['type']:5} {r['file_mib']:9.1f} {r['pp_tok_s']:9.1f} {r['tg_tok_s']:9.1f} "
+            f"{r['model']:13} {r['type']:5} {r['file_mib']:9.1f} {r['pp_tok_s']:9.1f} {r['tg_tok_s']:9.1f} "
             f"{r['peak_rss_mib']:13.0f}"
         )
-    if not args.pruned:
+    dense = {r["type"]: r for r in rows if r["model"] == "dense"}
+    for r in rows:
+        if r["model"] != "dense":
+            d = dense[r["type"]]
+            print(
+                f"{r['model']} / dense, {r['type']}: generation {r['tg_tok_s'] / d['tg_tok_s']:.2f}x, prompt "
+                f"{r['pp_tok_s'] / d['pp_tok_s']:.2f}x, file {r['file_mib'] / d['file_mib']:.3f}x"
+            )
+    if not args.pruned and not args.pruned_shape:
         print("no --pruned model given: the dense rows only")
     print(json.dumps({"llama_cpp_python": llama_cpp.__version__, "device": device, "rows": rows}))
     return 0
