@@ -2,6 +2,8 @@
 
     dsee-dist export runs/x/checkpoints/step_00000400 --adapter out/adapter --merged out/merged
     dsee-dist export runs/x --merged out/merged        # the newest complete checkpoint of a run
+    dsee-dist export runs/x --gguf out/model.gguf --gguf-type q8_0   # for llama.cpp / ollama
+    dsee-dist export out/pruned --gguf out/pruned.gguf  # a merged or pruned export directory
 
 Runs in one process on CPU, whatever the ZeRO stage and world size the checkpoint was written with:
 the trainable tensors are reassembled from DeepSpeed's per-rank files, the frozen base comes from the
@@ -10,8 +12,10 @@ holds W0 + (alpha/r)(B A + S) in every adapted matrix and loads with plain
 `transformers.AutoModelForCausalLM.from_pretrained`. After pruning (a stage-2 checkpoint), the base is
 the pruned one and the mask is applied to the merged weight, so the stated sparsity is the real one
 (`dsee_export.json` reports it per matrix); a structurally pruned export carries its modeling file and
-loads with `trust_remote_code=True` or `dsee_dist.models.pruned_gpt2.load_pruned_model`. Outputs are written to
-a temporary name and renamed when complete.
+loads with `trust_remote_code=True` or `dsee_dist.models.pruned_gpt2.load_pruned_model`. `--gguf` writes the
+merged model (or a merged / pruned export directory given as the source) as one GGUF file for llama.cpp
+(Llama-family models only: dsee_dist.models.gguf_export). Outputs are written to a temporary name and renamed
+when complete.
 """
 
 from __future__ import annotations
@@ -163,17 +167,24 @@ def sparsity_report(model, pruning: dict | None) -> dict:
     }
 
 
-def export_merged(model, cfg, base: str, target: Path, log=print) -> dict:
-    """Merge a model from `build_model_from_checkpoint` (pruning masks applied to the merged weights) and
-    write it with `dsee_export.json`: the real sparsity of every prunable matrix and the FLOPs per token."""
-    from dsee_dist.pruning.flops import flops_per_token
-    from dsee_dist.pruning.unstructured import read_report
-
+def merge_model(model):
+    """The plain merged model of one from `build_model_from_checkpoint` (pruning masks applied)."""
     if hasattr(model, "merge_and_unload"):  # a PEFT method's model (lora, supra, shira)
         model = model.merge_and_unload()
         model.config.use_cache = True
     else:
         merge_into_base(model)
+    return model
+
+
+def export_merged(model, cfg, base: str, target: Path, log=print):
+    """Merge a model from `build_model_from_checkpoint` (pruning masks applied to the merged weights) and
+    write it with `dsee_export.json`: the real sparsity of every prunable matrix and the FLOPs per token.
+    Returns (the report, the merged model)."""
+    from dsee_dist.pruning.flops import flops_per_token
+    from dsee_dist.pruning.unstructured import read_report
+
+    model = merge_model(model)
     report = sparsity_report(model, read_report(Path(base)) if Path(base).is_dir() else None)
     report["flops_per_token"] = flops_per_token(model.config, cfg.prune.flops_context)
     save_merged(model, base, Path(target), report)
@@ -182,7 +193,36 @@ def export_merged(model, cfg, base: str, target: Path, log=print) -> dict:
         f"merged model written to {target}: {total['zeros']:,} of {total['numel']:,} prunable weights are zero "
         f"({100 * total['sparsity']:.2f}%), {report['flops_per_token']['total'] / 1e6:.2f} MFLOPs per token"
     )
-    return report
+    return report, model
+
+
+def is_model_directory(path: str) -> bool:
+    """A Hugging Face model directory (a merged or pruned export), not a checkpoint or a run."""
+    return (Path(path) / "config.json").is_file()
+
+
+def check_gguf_directory(model_dir: Path) -> None:
+    """Refuse a model directory GGUF export cannot write, from its config.json alone (nothing loaded)."""
+    from types import SimpleNamespace
+
+    from dsee_dist.models.gguf_export import gguf_arch
+
+    gguf_arch(SimpleNamespace(**json.loads((model_dir / "config.json").read_text())))
+
+
+def export_gguf(model, tokenizer_dir: str, target: Path, gguf_type: str, log=print) -> dict:
+    """Write a merged model and the tokenizer of `tokenizer_dir` as one GGUF file."""
+    from transformers import AutoTokenizer
+
+    from dsee_dist.models.gguf_export import write_gguf
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DSEEError(f"GGUF export needs the model's tokenizer, and '{tokenizer_dir}' has none ({exc})") from None
+    summary = write_gguf(model, tokenizer, Path(target), gguf_type, name=Path(tokenizer_dir).name)
+    log(f"GGUF written to {target}: {summary['arch']}, {gguf_type}, {summary['bytes'] / 2**20:.1f} MiB")
+    return summary
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -202,15 +242,38 @@ def resolve_checkpoint(path: str) -> Path:
 @reports_errors("export")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dsee-dist export", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="a checkpoint directory, a checkpoints/ root, or a run's output.dir")
+    parser.add_argument(
+        "checkpoint",
+        help="a checkpoint directory, a checkpoints/ root, or a run's output.dir; with --gguf alone also a merged "
+        "or pruned export directory",
+    )
     parser.add_argument("--adapter", help="write the adapter-only export here")
     parser.add_argument("--merged", help="write the merged Hugging Face model here")
+    parser.add_argument("--gguf", help="write the merged model as one GGUF file here (Llama-family models)")
+    parser.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
     parser.add_argument("--base-model", help="base model directory (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
-    if not args.adapter and not args.merged:
-        raise DSEEError("nothing to do: give --adapter DIR and/or --merged DIR")
+
+    def log(message: str) -> None:
+        print(f"[dsee] {message}", flush=True)
+
+    if not args.adapter and not args.merged and not args.gguf:
+        raise DSEEError("nothing to do: give --adapter DIR and/or --merged DIR (or --gguf FILE)")
+    if is_model_directory(args.checkpoint):  # a merged or pruned export: only --gguf applies
+        if args.adapter or args.merged:
+            raise DSEEError(f"'{args.checkpoint}' is a model directory, not a checkpoint: only --gguf applies to it")
+        check_gguf_directory(Path(args.checkpoint))
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32)
+        export_gguf(model, args.checkpoint, Path(args.gguf), args.gguf_type, log=log)
+        return 0
     ckpt = resolve_checkpoint(args.checkpoint)
     model, cfg, base = build_model_from_checkpoint(ckpt, args.base_model)
+    if args.gguf:  # refused before anything is written
+        from dsee_dist.models.gguf_export import gguf_arch
+
+        gguf_arch(model.config if not hasattr(model, "peft_config") else model.base_model.model.config)
     print(f"[dsee] export: {ckpt} (base {base})", flush=True)
     if args.adapter and hasattr(model, "peft_config"):  # lora, supra, shira: a PEFT adapter directory
         from dsee_dist.recipes.methods import save_peft_adapter
@@ -223,5 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         save_adapter(model, Path(args.adapter), base_model=base, dsee_cfg=cfg.dsee, is_rank_zero=True)
         print(f"[dsee] adapter written to {args.adapter}", flush=True)
     if args.merged:
-        export_merged(model, cfg, base, Path(args.merged), log=lambda m: print(f"[dsee] {m}", flush=True))
+        _, model = export_merged(model, cfg, base, Path(args.merged), log=log)
+    elif args.gguf:
+        model = merge_model(model)
+    if args.gguf:
+        export_gguf(model, base, Path(args.gguf), args.gguf_type, log=log)
     return 0
