@@ -257,7 +257,7 @@ def test_decoding_time_leaves_out_the_seconds_the_table_was_paused(tmp_path, mon
     row's decode_s (and so its tokens/s) is the time spent decoding, not the time the table was stopped."""
     import bench._quality_decode as quality_decode
 
-    def decode_while_paused_for_7_5_s(model, tokenizer, mrs, decoding, batch_size, max_new_tokens=64):
+    def decode_while_paused_for_7_5_s(model, tokenizer, mrs, decoding, batch_size, max_new_tokens=64, prompt="e2e"):
         (tmp_path / quality.PAUSED_FILE).write_text("10.0\n")  # 2.5 s from an earlier pause, 7.5 s now
         return [f"out {mr}" for mr in mrs], {"decode_s": 20.0, "new_tokens": 40}
 
