@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import socket
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -342,7 +343,7 @@ def load_splits(cfg: Config, tokenizer, out_dir: Path) -> tuple[TokenizedSplit, 
             logger.info(f"data: using cached tokenisation {cache}")
             return
         logger.info(f"data: tokenising {train_source}" + (f" and {eval_source}" if eval_source else ""))
-        work = cache.with_name(f"{cache.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # one per node
+        work = cache.with_name(f"{cache.name}.tmp-{socket.gethostname()}-{uuid.uuid4().hex[:8]}")  # one per node
         shutil.rmtree(work, ignore_errors=True)
         try:
             train, evals = _build_splits(cfg, tokenizer, train_source, eval_source, work)
