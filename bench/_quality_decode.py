@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from dsee_dist.data.encoding import e2e_chat_messages, e2e_prompt
+from dsee_dist.data.encoding import e2e_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -40,24 +40,16 @@ def load_decoder(model_dir: str, device: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def prompts_for(tokenizer, mrs: list[str], prompt: str) -> list[str]:
-    """e2e: "MR ||" (the training format); chat: the tokenizer's chat template around the one-line instruction,
-    ending in the assistant's generation prompt."""
-    if prompt == "chat":
-        from dsee_dist.recipes.generate import render_chat_prompts
-
-        return render_chat_prompts(tokenizer, [e2e_chat_messages(mr) for mr in mrs])
-    return [e2e_prompt(mr) for mr in mrs]
-
-
 def decode_mrs(
     model, tokenizer, mrs: list[str], decoding: str, batch_size: int, max_new_tokens: int = 64, prompt: str = "e2e"
 ) -> tuple[list[str], dict]:
-    """One output line per MR (prompted as `prompts_for` says) with dsee_dist.eval.decoding, and its timing."""
+    """One output line per MR (prompt "e2e": "MR ||" as in training, or "chat": the chat template around the
+    instruction; dsee_dist.recipes.generate.e2e_prompts) with dsee_dist.eval.decoding, and its timing."""
     from dsee_dist.eval.decoding import generate_texts
+    from dsee_dist.recipes.generate import e2e_prompts
 
     settings = decoding_settings(decoding, max_new_tokens, batch_size)
-    outputs, stats = generate_texts(model, tokenizer, prompts_for(tokenizer, mrs, prompt), settings)
+    outputs, stats = generate_texts(model, tokenizer, e2e_prompts(tokenizer, mrs, prompt == "chat"), settings)
     outputs = [o or "-" for o in outputs]  # an empty generation still gets a line (scored as one token)
     return outputs, {
         "decode_s": round(stats.seconds, 2),

@@ -128,11 +128,6 @@ class TokenizedSplit:
             return np.array([int((lab[1:] != IGNORE_INDEX).sum()) for lab in self.labels], dtype=np.int64)
         return self._dataset.data.column("n_labels").to_numpy()
 
-    def num_label_tokens(self) -> int:
-        if self._dataset is None:
-            return sum(int((lab != IGNORE_INDEX).sum()) for lab in self.labels)
-        return sum(int((np.asarray(lab) != IGNORE_INDEX).sum()) for lab in self._dataset["labels"])
-
 
 # ------------------------------------------------------------------------------ sources
 

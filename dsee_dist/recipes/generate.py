@@ -110,6 +110,16 @@ def render_chat_prompts(tokenizer, conversations: list[list[dict]]) -> list[str]
     return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
 
+def e2e_prompts(tokenizer, mrs: list[str], chat: bool = False) -> list[str]:
+    """E2E inputs as prompts: `MR ||` (the training format) or, with `chat`, the tokenizer's chat template around
+    the one-line instruction (an instruct model's fair zero-shot prompt), ending in the generation prompt."""
+    from dsee_dist.data.encoding import e2e_chat_messages, e2e_prompt
+
+    if chat:
+        return render_chat_prompts(tokenizer, [e2e_chat_messages(mr) for mr in mrs])
+    return [e2e_prompt(mr) for mr in mrs]
+
+
 # ------------------------------------------------------------------------------ the model
 
 

@@ -121,19 +121,14 @@ def decode(model_dir: Path, mrs: list[str], device: str, chat: bool = False) -> 
     """Greedy outputs (at most 64 new tokens, stop at EOS or newline), one per MR, as `dsee-dist generate
     --greedy` writes them: prompted as in training (`MR ||`) or, with `chat`, through the model's chat template
     with a one-line instruction (an instruct model's fair zero-shot prompt)."""
-    from dsee_dist.data.encoding import e2e_chat_messages, e2e_prompt
     from dsee_dist.eval.decoding import DecodingSettings, generate_texts
-    from dsee_dist.recipes.generate import load_generation_model, render_chat_prompts
+    from dsee_dist.recipes.generate import e2e_prompts, load_generation_model
 
     model, tokenizer, _ = load_generation_model(str(model_dir), dtype="bf16" if device == "cuda" else "fp32")
-    if chat:
-        prompts = render_chat_prompts(tokenizer, [e2e_chat_messages(mr) for mr in mrs])
-    else:
-        prompts = [e2e_prompt(mr) for mr in mrs]
     outputs, _ = generate_texts(
         model.to(device),
         tokenizer,
-        prompts,
+        e2e_prompts(tokenizer, mrs, chat),
         DecodingSettings().greedy(),
         progress=True,
         desc=f"generate ({model_dir.name}{', chat template' if chat else ''})",

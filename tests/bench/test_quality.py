@@ -354,8 +354,8 @@ def test_the_chat_row_differs_from_dsee_only_in_its_data_format():
 def test_chat_rows_train_on_conversations_and_decode_with_the_chat_template(tiny_models, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from bench._quality_decode import prompts_for
     from dsee_dist.data.encoding import e2e_chat_messages
+    from dsee_dist.recipes.generate import e2e_prompts
 
     results = tmp_path / "results"
     _run(tiny_models["llama"], _small_train_csv(tmp_path), results, "base-chat,dsee-chat", capsys)
@@ -372,7 +372,7 @@ def test_chat_rows_train_on_conversations_and_decode_with_the_chat_template(tiny
         row = next(csv.DictReader(f))
     assert first == {"messages": e2e_chat_messages(row["mr"], row["ref"])}
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    (prompt,) = prompts_for(tokenizer, ["name[Aromi]"], "chat")
+    (prompt,) = e2e_prompts(tokenizer, ["name[Aromi]"], chat=True)
     assert (
         prompt == "<|im_start|>user\nWrite one sentence describing this restaurant: name[Aromi]<|im_end|>\n"
         "<|im_start|>assistant\n"
