@@ -24,10 +24,18 @@ def launch_env(env: dict | None = None) -> dict:
 
 
 def free_port() -> int:
-    """A TCP port free on this host right now (for MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on this host right now (for MASTER_PORT). Chosen on the dual-stack wildcard address, where
+    torch's TCPStore listens, so that a port busy only there (e.g. an IPv6 socket of an earlier store) is not
+    offered; IPv4 loopback where the host has no IPv6."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", 0))
+            return s.getsockname()[1]
+    except OSError:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
 
 def deepspeed_command(ranks: int, target: list[str], *, master_port: int | None = None) -> list[str]:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dsee_dist.engine.launcher import free_port
 from dsee_dist.engine.shm import unlink_cpu_shm_segments
 from dsee_dist.errors import DSEEError
 
@@ -74,12 +73,21 @@ def init_distributed(timeout_s: float = 1800) -> DistInfo:
         # Plain `python -m dsee_dist.train`: a world of one.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        alone = "MASTER_PORT" not in os.environ
+    else:
+        alone = False
     if not dist.is_initialized():
         backend = get_accelerator().communication_backend_name()
         if backend == "ccl":  # the CPU accelerator's default needs oneCCL; gloo ships with torch
             backend = "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if alone:
+            # The kernel picks the store's port as it listens: no window in which another process can take a
+            # port chosen beforehand (EADDRINUSE). MASTER_PORT then names this job (shared-memory segments).
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], 0, 1, is_master=True, timeout=timeout)
+            os.environ["MASTER_PORT"] = str(store.port)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if get_accelerator().device_name() == "cuda":

@@ -80,3 +80,31 @@ def test_rank_shares_cover_the_items_once_and_keep_lockstep(world_size, n):
         flags = [counts for _, counts in share]
         assert flags == sorted(flags, reverse=True)
         assert all(item in items for item, _ in share)
+
+
+def test_a_world_of_one_listens_on_the_port_it_names(tmp_path):
+    """Plain `python -m dsee_dist.train`: the store's port is picked by the kernel as it listens (a port chosen
+    beforehand can be taken in between: EADDRINUSE, here forced by offering a taken one), and MASTER_PORT names
+    the port listened on."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = (
+        "import os, socket, torch, torch.distributed as dist\n"
+        "from dsee_dist.engine import launcher, process_group\n"
+        "taken = socket.socket(socket.AF_INET6); taken.bind(('::', 0)); taken.listen()\n"
+        "launcher.free_port = process_group.free_port = lambda: taken.getsockname()[1]  # a port already taken\n"
+        "info = process_group.init_distributed()\n"
+        "t = torch.ones(1); dist.all_reduce(t)\n"
+        "s = socket.socket(socket.AF_INET6); s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+        "try:\n"
+        "    s.bind(('::', int(os.environ['MASTER_PORT']))); print('FREE')\n"
+        "except OSError:\n"
+        "    print('BUSY', info.rank, info.world_size, t.item())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-4:] == ["BUSY", "0", "1", "1.0"]
