@@ -13,12 +13,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _dsee_model import inject_random_dsee  # noqa: E402
+from _launch import end_rank  # noqa: E402
 
 from dsee_dist.engine import checkpoint, distributed  # noqa: E402
 
 
-def main() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--method", choices=["full", "dsee"], required=True)
     p.add_argument("--ds-config", required=True)
@@ -30,16 +30,12 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--num-sparse", type=int, default=16)
     p.add_argument("--local_rank", type=int, default=None)
-    args = p.parse_args()
-    info = distributed.init_distributed()
-    ds = distributed.build_deepspeed_config(
-        json.loads(Path(args.ds_config).read_text()),
-        {},
-        micro_batch_size=1,
-        grad_accum_steps=1,
-        grad_clip=1.0,
-        world_size=info.world_size,
-    )
+    return p.parse_args()
+
+
+def stepped_engine(args, ds: dict) -> tuple:
+    """(engine, trainable parameters, bytes of DSEE's support indices) after one optimizer step (which creates
+    the optimizer state) on a random GPT-2 of the requested shape."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -55,13 +51,12 @@ def main() -> None:
     engine, _, _ = distributed.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
     x = torch.randint(0, args.vocab, (1, 16))
     engine.backward(engine(input_ids=x, labels=x).loss)
-    engine.step()  # creates the optimizer state
-    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 partitions look empty
-    lp_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
-    # what must be saved to continue exactly: working weights + fp32 master + two Adam moments
-    state_bytes = lp_bytes + n_trainable * 4 * 3
+    engine.step()
+    return engine, params, index_bytes
 
-    out = Path(args.out)
+
+def timed_save_and_load(engine, out: Path, info) -> tuple[Path, float, float]:
+    """(checkpoint path, save seconds, load seconds), each timed between barriers."""
     distributed.barrier()
     t0 = time.perf_counter()
     path = checkpoint.save_checkpoint(
@@ -72,7 +67,27 @@ def main() -> None:
     t0 = time.perf_counter()
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
     distributed.barrier()
-    load_s = time.perf_counter() - t0
+    return path, save_s, time.perf_counter() - t0
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = parse_args()
+    info = distributed.init_distributed()
+    ds = distributed.build_deepspeed_config(
+        json.loads(Path(args.ds_config).read_text()),
+        {},
+        micro_batch_size=1,
+        grad_accum_steps=1,
+        grad_clip=1.0,
+        world_size=info.world_size,
+    )
+    engine, params, index_bytes = stepped_engine(args, ds)
+    n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 partitions look empty
+    lp_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params)
+    # what must be saved to continue exactly: working weights + fp32 master + two Adam moments
+    state_bytes = lp_bytes + n_trainable * 4 * 3
+    path, save_s, load_s = timed_save_and_load(engine, Path(args.out), info)
     if info.is_rank_zero:
         ckpt_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         Path(args.out, "result.json").write_text(
@@ -87,8 +102,8 @@ def main() -> None:
                 }
             )
         )
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_rank(0)

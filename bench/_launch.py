@@ -1,10 +1,12 @@
-"""Shared by the benchmarks: run one worker script as a real multi-rank `deepspeed` job."""
+"""Shared by the benchmarks: run one worker script as a real multi-rank `deepspeed` job, end a worker's rank the
+way the trainer's ranks end, and record what every results/*.json carries."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -16,6 +18,18 @@ def run_worker(script: str, ranks: int, *args: str) -> subprocess.CompletedProce
 
     cmd = deepspeed_command(ranks, [str(ROOT / "bench" / script), *args])
     return subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=ROOT)
+
+
+def end_rank(code: int = 0) -> NoReturn:
+    """End a worker rank as `python -m dsee_dist.train` ends its ranks: the process group destroyed, then
+    `exit_process` (streams flushed, no interpreter teardown). Returning from main instead lets gloo's background
+    threads abort a finished rank at exit ("terminate called without an active exception", status 250), and the
+    launcher then reports the finished job as failed."""
+    from dsee_dist.engine import distributed
+    from dsee_dist.recipes.finetune import exit_process  # on main it lives here (issue 40 moves it to engine/)
+
+    distributed.shutdown()
+    exit_process(code)
 
 
 def device_kind(requested: str, script: str, gpu_run: str, cpu_hint: str = "--device cpu", **skip_info) -> str | None:

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _dsee_model import inject_random_dsee  # noqa: E402
+from _launch import end_rank  # noqa: E402
 
 from dsee_dist.engine import distributed  # noqa: E402
 
@@ -162,8 +163,7 @@ def peft_sparse(model, method: str, targets: list[str], rank: int, num_sparse: i
     return (methods.prepare_supra if method == "supra" else methods.prepare_shira)(model, cfg, 0)
 
 
-def main() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning)
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--method", choices=["full", "lora", "dsee", "supra", "shira"], required=True)
     p.add_argument("--model", default=None, help="a local Hugging Face directory instead of a random model")
@@ -185,8 +185,12 @@ def main() -> None:
     p.add_argument("--result", required=True)
     p.add_argument("--local_rank", type=int, default=None)
     p.add_argument("--count-comm", action="store_true", help="count collective bytes during the measured steps")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def join_and_configure(args) -> tuple:
+    """(DistInfo, DeepSpeed config): the process group joined (collectives wrapped first with --count-comm), CPU
+    threads set, and under ZeRO-3 the config handed to transformers so that models are built partitioned."""
     if args.count_comm:
         count_collectives()
     info = distributed.init_distributed()
@@ -207,21 +211,30 @@ def main() -> None:
         from transformers.integrations import HfDeepSpeedConfig
 
         models._HF_DS_CONFIG = HfDeepSpeedConfig(ds)
-    torch.manual_seed(0)
-    if args.model:
-        from transformers import AutoModelForCausalLM
+    return info, ds
 
-        dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
-        model.config.use_cache = False
-        args.vocab = model.config.vocab_size
-        args.family = "gpt2" if model.config.model_type == "gpt2" else "llama"
-    else:
-        model = build_model(args)
+
+def load_model(args, ds: dict):
+    """The random model of the requested shape, or --model (then --vocab and --family become the model's)."""
+    torch.manual_seed(0)
+    if not args.model:
+        return build_model(args)
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    model.config.use_cache = False
+    args.vocab = model.config.vocab_size
+    args.family = "gpt2" if model.config.model_type == "gpt2" else "llama"
+    return model
+
+
+def adapt(model, args) -> tuple:
+    """(model, trainable parameters) for --method: q and v adapted (GPT-2's fused c_attn, Llama's q/v_proj)."""
     targets = ["c_attn"] if args.family == "gpt2" else ["q_proj", "v_proj"]
     if args.method == "full":
-        params = [p for p in model.parameters()]
-    elif args.method == "lora":
+        return model, [p for p in model.parameters()]
+    if args.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(
@@ -234,20 +247,20 @@ def main() -> None:
                 lora_dropout=0.0,
             ),
         )
-        params = [p for p in model.parameters() if p.requires_grad]
-    elif args.method in ("supra", "shira"):
-        model, params = peft_sparse(model, args.method, targets, args.rank, args.num_sparse)
-    elif args.family == "gpt2":
-        params, _ = inject_random_dsee(model, args.rank, args.num_sparse)
-    else:
-        params = inject_random_dsee_on(model, targets, args.rank, args.num_sparse)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    engine, _, _ = distributed.build_engine(model, optimizer, None, ds)
-    engine.train()
+        return model, [p for p in model.parameters() if p.requires_grad]
+    if args.method in ("supra", "shira"):
+        return peft_sparse(model, args.method, targets, args.rank, args.num_sparse)
+    if args.family == "gpt2":
+        return model, inject_random_dsee(model, args.rank, args.num_sparse)[0]
+    return model, inject_random_dsee_on(model, targets, args.rank, args.num_sparse)
+
+
+def timed_steps(engine, args, info) -> tuple[list[float], dict]:
+    """(seconds of each measured step, RSS readings around the steps): warm-up, then --steps steps, each between
+    barriers; collectives counted during the measured ones."""
     dev = distributed.device()
     g = torch.Generator().manual_seed(info.rank)
-    build_peak_rss = _proc_status_bytes("VmHWM")
-    rss_before_steps = _proc_status_bytes("VmRSS")
+    rss = {"build_peak": _proc_status_bytes("VmHWM"), "before_steps": _proc_status_bytes("VmRSS")}
     peak_reset = reset_peak_rss()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -266,24 +279,39 @@ def main() -> None:
         distributed.barrier()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    rss["steps_peak"] = _proc_status_bytes("VmHWM") if peak_reset else None
+    return times, rss
+
+
+def rank_figures(args, model, engine, rss: dict) -> dict:
+    """This rank's traffic, model state, memory and threads."""
     import resource
 
-    steps_peak_rss = _proc_status_bytes("VmHWM") if peak_reset else None
-    per_rank = distributed.all_gather_object(
-        {
-            "grad_bytes_per_step": COMM["grad"] / args.steps,
-            "param_bytes_per_step": COMM["param"] / args.steps,
-            "model_state_bytes": model_state_bytes(model, engine),
-            "peak_rss_bytes": max(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, build_peak_rss or 0, steps_peak_rss or 0
-            ),
-            "steps_peak_rss_bytes": steps_peak_rss,
-            "steps_added_rss_bytes": steps_peak_rss - rss_before_steps if steps_peak_rss and rss_before_steps else None,
-            "threads": torch.get_num_threads(),
-            "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        }
-    )
+    steps_peak, before = rss["steps_peak"], rss["before_steps"]
+    return {
+        "grad_bytes_per_step": COMM["grad"] / args.steps,
+        "param_bytes_per_step": COMM["param"] / args.steps,
+        "model_state_bytes": model_state_bytes(model, engine),
+        "peak_rss_bytes": max(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss["build_peak"] or 0, steps_peak or 0
+        ),
+        "steps_peak_rss_bytes": steps_peak,
+        "steps_added_rss_bytes": steps_peak - before if steps_peak and before else None,
+        "threads": torch.get_num_threads(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+    }
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = parse_args()
+    info, ds = join_and_configure(args)
+    model, params = adapt(load_model(args, ds), args)
+    engine, _, _ = distributed.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
+    engine.train()
+    times, rss = timed_steps(engine, args, info)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    per_rank = distributed.all_gather_object(rank_figures(args, model, engine, rss))
     if info.is_rank_zero:
         median = statistics.median(times)
         Path(args.result).write_text(
@@ -298,8 +326,8 @@ def main() -> None:
                 }
             )
         )
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
     main()
+    end_rank(0)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _launch import device_kind  # noqa: E402
+from _launch import device_kind, end_rank  # noqa: E402
 
 GPT2_SMALL = {
     "model_type": "gpt2",
@@ -303,9 +303,9 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="measure the small CPU cases (allocator peaks) instead")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.one:
+    if args.one:  # the measuring process: it joined a process group (gloo on CPU), so it ends as a rank does
         print(json.dumps(measure(json.loads(Path(args.one).read_text()))))
-        return
+        end_rank(0)
     if device_kind("cpu" if args.cpu else "gpu", "memory_plan.py", "the GPU measurement", "--cpu") is None:
         return
     import torch

@@ -1,0 +1,30 @@
+"""Test-only bench worker: join the process group (gloo on CPU, as the bench workers do), run a few collectives,
+write this rank's marker file, then end through the bench workers' exit path (bench/_launch.end_rank).
+
+    deepspeed --num_gpus 2 tests/bench/exit_worker.py --out DIR
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from _launch import end_rank  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--local_rank", type=int, default=None)
+    args = p.parse_args()
+    from dsee_dist.engine import distributed
+
+    info = distributed.init_distributed()
+    total = distributed.all_reduce_sum([info.rank + 1])[0]
+    distributed.barrier()
+    Path(args.out, f"rank{info.rank}").write_text(f"{int(total)}\n")
+
+
+if __name__ == "__main__":
+    main()
+    end_rank(0)
