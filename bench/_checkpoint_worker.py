@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import end_rank  # noqa: E402
 from _dsee_model import inject_random_dsee  # noqa: E402
-from _launch import end_rank  # noqa: E402
 
 from dsee_dist.engine import checkpoint, distributed  # noqa: E402
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import end_rank  # noqa: E402
 from _dsee_model import inject_random_dsee  # noqa: E402
-from _launch import end_rank  # noqa: E402
 
 from dsee_dist.engine import distributed  # noqa: E402
 
@@ -116,22 +116,6 @@ def build_model(args):
         use_cache=False,
     )
     return LlamaForCausalLM(config)
-
-
-def inject_random_dsee_on(model, targets: list[str], rank: int, num_sparse: int) -> list:
-    """DSEE (alpha = 2r) on whole `targets` matrices with a random support; returns the trainable parameters."""
-    from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable
-    from dsee_dist.dsee.support import matrix_generator, select_support
-
-    specs = find_targets(model, targets, [])
-    support = {
-        s.name: select_support(
-            torch.zeros(s.out_features, s.in_features), num_sparse, "random", generator=matrix_generator(0, s.name)
-        )
-        for s in specs
-    }
-    inject_dsee(model, specs, support, rank=rank, alpha=2 * rank, dropout=0.0, seed=0)
-    return mark_only_adapters_trainable(model)
 
 
 def _proc_status_bytes(key: str) -> int | None:
@@ -250,9 +234,8 @@ def adapt(model, args) -> tuple:
         return model, [p for p in model.parameters() if p.requires_grad]
     if args.method in ("supra", "shira"):
         return peft_sparse(model, args.method, targets, args.rank, args.num_sparse)
-    if args.family == "gpt2":
-        return model, inject_random_dsee(model, args.rank, args.num_sparse)[0]
-    return model, inject_random_dsee_on(model, targets, args.rank, args.num_sparse)
+    slices = ["q", "v"] if args.family == "gpt2" else []  # GPT-2: the q and v thirds of c_attn; Llama: whole
+    return model, inject_random_dsee(model, args.rank, args.num_sparse, targets=targets, fused_slices=slices)[0]
 
 
 def timed_steps(engine, args, info) -> tuple[list[float], dict]:

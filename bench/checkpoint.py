@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from _launch import ROOT, run_worker
+from _common import ROOT, worker_result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="2")
     p.add_argument("--ranks", type=int, default=2)
@@ -30,39 +29,32 @@ def main() -> None:
     p.add_argument("--n-embd", default="1024")
     p.add_argument("--n-head", default="16")
     p.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temporary directory)")
-    args = p.parse_args()
-    results = {}
+    return p.parse_args()
+
+
+def measure(args, method: str, out: Path) -> dict:
+    """One launch of bench/_checkpoint_worker.py: its figures, with bytes_over_state, and their line printed."""
+    ds = ROOT / "configs" / "ds" / f"zero{args.stage}_fp32.json"
+    shape = ["--n-layer", args.n_layer, "--n-embd", args.n_embd, "--n-head", args.n_head]
+    worker_args = ["--method", method, "--ds-config", ds, "--out", out, *shape]
+    r = worker_result(
+        "_checkpoint_worker.py", args.ranks, worker_args, out / "result.json", f"bench/checkpoint.py: {method} failed"
+    )
+    r["bytes_over_state"] = r["checkpoint_bytes"] / (r["trainable_state_bytes"] + r["index_bytes"])
+    print(
+        f"{method:5s}: {r['trainable_params']:>12,} trainable  "
+        f"checkpoint {r['checkpoint_bytes'] / 2**20:10.1f} MiB  "
+        f"({r['bytes_over_state']:.3f}x trainable state + indices)  "
+        f"save {r['save_s']:7.3f}s  load {r['load_s']:7.3f}s",
+        flush=True,
+    )
+    return r
+
+
+def main() -> None:
+    args = parse_args()
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for method in ("dsee", "full"):
-            out = Path(tmp) / method
-            proc = run_worker(
-                "_checkpoint_worker.py",
-                args.ranks,
-                "--method",
-                method,
-                "--ds-config",
-                str(ROOT / "configs" / "ds" / f"zero{args.stage}_fp32.json"),
-                "--out",
-                str(out),
-                "--n-layer",
-                args.n_layer,
-                "--n-embd",
-                args.n_embd,
-                "--n-head",
-                args.n_head,
-            )
-            if proc.returncode != 0 or not (out / "result.json").is_file():
-                sys.exit(f"bench/checkpoint.py: {method} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads((out / "result.json").read_text())
-            r["bytes_over_state"] = r["checkpoint_bytes"] / (r["trainable_state_bytes"] + r["index_bytes"])
-            results[method] = r
-            print(
-                f"{method:5s}: {r['trainable_params']:>12,} trainable  "
-                f"checkpoint {r['checkpoint_bytes'] / 2**20:10.1f} MiB  "
-                f"({r['bytes_over_state']:.3f}x trainable state + indices)  "
-                f"save {r['save_s']:7.3f}s  load {r['load_s']:7.3f}s",
-                flush=True,
-            )
+        results = {method: measure(args, method, Path(tmp) / method) for method in ("dsee", "full")}
     summary = {
         "dsee_bytes_over_state": round(results["dsee"]["bytes_over_state"], 4),
         "save_time_ratio": round(results["dsee"]["save_s"] / results["full"]["save_s"], 4),

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _launch import device_kind, write_result  # noqa: E402
+from _common import device_kind, write_result  # noqa: E402
 
 from dsee_dist.dsee import layer as dsee_layer  # noqa: E402
 from dsee_dist.dsee.layer import DSEELayer  # noqa: E402

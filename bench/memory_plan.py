@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _launch import device_kind, end_rank  # noqa: E402
+from _common import device_kind, end_rank  # noqa: E402
+from _dsee_model import inject_random_dsee  # noqa: E402
 
 GPT2_SMALL = {
     "model_type": "gpt2",
@@ -227,8 +228,6 @@ def run_steps(spec: dict, ds: dict, dev, loss_fn) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable
-    from dsee_dist.dsee.support import matrix_generator, select_support
     from dsee_dist.engine import distributed
     from dsee_dist.models import loading
 
@@ -244,16 +243,9 @@ def run_steps(spec: dict, ds: dict, dev, loss_fn) -> None:
     config.use_cache = False
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    specs = find_targets(model, spec["targets"], spec["fused_slices"])
-    support = {
-        name: select_support(
-            torch.zeros(rows[1], s.in_features), spec["num_sparse"], "random", generator=matrix_generator(0, name)
-        )
-        for s in specs
-        for rows, name in zip(s.slices, s.matrix_names())
-    }
-    inject_dsee(model, specs, support, rank=spec["rank"], alpha=2 * spec["rank"], dropout=0.0, seed=0)
-    params = mark_only_adapters_trainable(model)
+    params, _ = inject_random_dsee(
+        model, spec["rank"], spec["num_sparse"], targets=spec["targets"], fused_slices=spec["fused_slices"]
+    )
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -48,12 +48,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from _launch import ROOT, device_kind, run_worker, write_result
+from _common import ROOT, alternating, device_kind, keep_lowest, spread, worker_result, write_result
 
 # Defaults per (family, device): the shapes of the module docstring.
 SHAPES = {
@@ -108,12 +107,7 @@ def over_lora(launches: list[dict], methods: list[str]) -> dict:
                 if method in runs and "lora" in runs and runs[method].get(key) and runs["lora"].get(key)
             ]
             if values:
-                ratios[name] = {
-                    "median": round(statistics.median(values), 3),
-                    "min": round(min(values), 3),
-                    "max": round(max(values), 3),
-                    "repeats": len(values),
-                }
+                ratios[name] = spread(values)
         out[method] = ratios
     return out
 
@@ -123,7 +117,7 @@ def strip(per_stage: dict) -> dict:
     return {stage: {k: v for k, v in r.items() if k != "launches"} for stage, r in per_stage.items()}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--family", choices=["gpt2", "llama"], default="gpt2")
     p.add_argument(
@@ -158,13 +152,11 @@ def main() -> None:
         "each method keeps its lowest median, which removes most launch-to-launch drift on shared CPUs; "
         "over_lora takes the median of the per-repeat ratios",
     )
-    args = p.parse_args()
-    args.device = device_kind(
-        args.device, "step_time.py", f"the GPU step-time benchmark ({args.family}, bf16)", family=args.family
-    )
-    if args.device is None:
-        return
-    resolve_defaults(args)
+    return p.parse_args()
+
+
+def checked_methods(args) -> list[str]:
+    """--methods as a list, after checking each against the family (taken from --model where given)."""
     methods = [m for m in args.methods.split(",") if m]
     if not methods or set(methods) - {"full", "lora", "dsee", "supra", "shira"}:
         sys.exit(f"bench/step_time.py: --methods takes full, lora, dsee, supra and shira, not {args.methods!r}")
@@ -173,93 +165,81 @@ def main() -> None:
         args.family = "gpt2" if model_type == "gpt2" else "llama"
     if args.family == "gpt2" and not args.model and {"supra", "shira"} & set(methods):
         sys.exit("bench/step_time.py: supra and shira adapt nn.Linear only, not GPT-2's Conv1D; use --family llama")
+    return methods
+
+
+def worker_args(args, method: str, ds: Path, result: Path) -> list:
+    """bench/_step_worker.py's command line for one launch."""
+    shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, n_kv_head=args.n_kv_head or 0)
+    shape.update(intermediate=args.intermediate or 0, vocab=args.vocab, seq=args.seq, micro_batch=args.micro_batch)
+    shape.update(rank=args.rank, num_sparse=args.num_sparse, steps=args.steps, threads=args.threads)
+    out = ["--method", method, "--family", args.family, "--ds-config", ds, "--result", result]
+    for key, value in shape.items():
+        out += [f"--{key.replace('_', '-')}", value]
+    return out + (["--model", args.model] if args.model else [])
+
+
+def measure_stage(args, stage: str, methods: list[str], tmp: Path) -> tuple[dict, list[dict]]:
+    """(each method's launch with the lowest median step, every launch) of one ZeRO stage, methods alternating."""
+    ds = ROOT / "configs" / "ds" / f"zero{stage}_{'bf16' if args.bf16 else 'fp32'}.json"
+    best, launches = {}, []
+    for launch, (repeat, method) in enumerate(alternating(methods, args.repeats)):
+        result = Path(tmp) / f"{stage}_{method}_{launch}.json"
+        failure = f"bench/step_time.py: {method} under ZeRO-{stage} failed"
+        # one retry, for a launch that fails for a passing reason (the workers' own exit is _common.end_rank's)
+        measured = worker_result(
+            "_step_worker.py", args.ranks, worker_args(args, method, ds, result), result, failure, 2
+        )
+        memory = launch_memory(measured)
+        print(
+            f"ZeRO-{stage} {method:5s}: median step {measured['median_step_s'] * 1000:8.1f} ms  "
+            f"{measured['tokens_per_s']:9.0f} tokens/s  p90/median {measured['p90_over_median']:.2f}  "
+            f"trainable {measured['trainable']:,}  peak RSS {memory['peak_rss_bytes'] / 2**20:,.0f} MiB",
+            flush=True,
+        )
+        launches.append({"repeat": repeat, "method": method, **measured, **memory})
+        keep_lowest(best, method, measured)
+    return best, launches
+
+
+def stage_summary(stage: str, best: dict, launches: list[dict], methods: list[str]) -> dict:
+    """One stage's ratios, medians, trainable counts, over_lora and launches; its lines printed."""
+    out = {}
+    for a, b in (("dsee", "lora"), ("dsee", "full"), ("lora", "full")):
+        if a in best and b in best:
+            out[f"{a}_over_{b}"] = round(best[a]["median_step_s"] / best[b]["median_step_s"], 3)
+    out["median_step_s"] = {m: round(t["median_step_s"], 5) for m, t in best.items()}
+    out["trainable"] = {m: t["trainable"] for m, t in best.items()}
+    if "lora" in best:
+        out["over_lora"] = over_lora(launches, methods)
+    out["launches"] = [{k: v for k, v in x.items() if k != "per_rank"} for x in launches]
+    pairs = ", ".join(
+        f"{k.replace('_over_', '/')} {v}" for k, v in out.items() if k.endswith(("_over_lora", "_over_full"))
+    )
+    print(f"ZeRO-{stage}: {pairs}", flush=True)
+    for method, ratios in out.get("over_lora", {}).items():
+        print(
+            f"ZeRO-{stage} {method:5s} / lora: "
+            + ", ".join(f"{k} {v['median']} [{v['min']}-{v['max']}]" for k, v in ratios.items()),
+            flush=True,
+        )
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    args.device = device_kind(
+        args.device, "step_time.py", f"the GPU step-time benchmark ({args.family}, bf16)", family=args.family
+    )
+    if args.device is None:
+        return
+    resolve_defaults(args)
+    methods = checked_methods(args)
     per_stage = {}
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages.split(","):
-            ds = ROOT / "configs" / "ds" / f"zero{stage}_{'bf16' if args.bf16 else 'fp32'}.json"
-            times = {}
-            order = [(r, m) for r in range(args.repeats) for m in (methods if r % 2 == 0 else methods[::-1])]
-            launches = []
-            for launch, (repeat, method) in enumerate(order):
-                result = Path(tmp) / f"{stage}_{method}_{launch}.json"
-                worker_args = [
-                    "--method",
-                    method,
-                    "--family",
-                    args.family,
-                    "--ds-config",
-                    str(ds),
-                    "--result",
-                    str(result),
-                    "--n-layer",
-                    args.n_layer,
-                    "--n-embd",
-                    args.n_embd,
-                    "--n-head",
-                    args.n_head,
-                    "--n-kv-head",
-                    args.n_kv_head or 0,
-                    "--intermediate",
-                    args.intermediate or 0,
-                    "--vocab",
-                    args.vocab,
-                    "--seq",
-                    args.seq,
-                    "--micro-batch",
-                    args.micro_batch,
-                    "--rank",
-                    args.rank,
-                    "--num-sparse",
-                    args.num_sparse,
-                    "--steps",
-                    args.steps,
-                    "--threads",
-                    args.threads,
-                    *(["--model", args.model] if args.model else []),
-                ]
-                worker_args = [str(a) for a in worker_args]
-                for _attempt in range(2):  # gloo teardown rarely aborts a finished job at exit; retry once
-                    proc = run_worker("_step_worker.py", args.ranks, *worker_args)
-                    if proc.returncode == 0 and result.is_file():
-                        break
-                if proc.returncode != 0 or not result.is_file():
-                    sys.exit(f"bench/step_time.py: {method} under ZeRO-{stage} failed:\n{proc.stderr[-3000:]}")
-                measured = json.loads(result.read_text())
-                memory = launch_memory(measured)
-                print(
-                    f"ZeRO-{stage} {method:5s}: median step {measured['median_step_s'] * 1000:8.1f} ms  "
-                    f"{measured['tokens_per_s']:9.0f} tokens/s  p90/median {measured['p90_over_median']:.2f}  "
-                    f"trainable {measured['trainable']:,}  peak RSS {memory['peak_rss_bytes'] / 2**20:,.0f} MiB",
-                    flush=True,
-                )
-                launches.append({"repeat": repeat, "method": method, **measured, **memory})
-                if method not in times or measured["median_step_s"] < times[method]["median_step_s"]:
-                    times[method] = measured
-            stage_result = {}
-            for a, b in (("dsee", "lora"), ("dsee", "full"), ("lora", "full")):
-                if a in times and b in times:
-                    stage_result[f"{a}_over_{b}"] = round(times[a]["median_step_s"] / times[b]["median_step_s"], 3)
-            stage_result["median_step_s"] = {m: round(t["median_step_s"], 5) for m, t in times.items()}
-            stage_result["trainable"] = {m: t["trainable"] for m, t in times.items()}
-            if "lora" in times:
-                stage_result["over_lora"] = over_lora(launches, methods)
-            stage_result["launches"] = [{k: v for k, v in x.items() if k != "per_rank"} for x in launches]
-            per_stage[f"zero{stage}"] = stage_result
-            print(
-                f"ZeRO-{stage}: "
-                + ", ".join(
-                    f"{k.replace('_over_', '/')} {v}"
-                    for k, v in stage_result.items()
-                    if k.endswith(("_over_lora", "_over_full"))
-                ),
-                flush=True,
-            )
-            for method, ratios in stage_result.get("over_lora", {}).items():
-                print(
-                    f"ZeRO-{stage} {method:5s} / lora: "
-                    + ", ".join(f"{k} {v['median']} [{v['min']}-{v['max']}]" for k, v in ratios.items()),
-                    flush=True,
-                )
+            best, launches = measure_stage(args, stage, methods, Path(tmp))
+            per_stage[f"zero{stage}"] = stage_summary(stage, best, launches, methods)
     top = per_stage.get("zero2") or next(iter(per_stage.values()))
     result = {
         **{k: top[k] for k in ("dsee_over_lora", "dsee_over_full") if k in top},
@@ -272,21 +252,9 @@ def main() -> None:
     if args.model:
         result["model"] = args.model
     if args.out:
-        write_result(
-            args.out,
-            {
-                **result,
-                "methods": methods,
-                "seq": args.seq,
-                "micro_batch": args.micro_batch,
-                "rank": args.rank,
-                "num_sparse": args.num_sparse,
-                "steps": args.steps,
-                "repeats": args.repeats,
-                "threads_per_rank": top["launches"][0].get("threads"),
-            },
-            args.device,
-        )
+        run = dict(methods=methods, seq=args.seq, micro_batch=args.micro_batch, rank=args.rank)
+        run.update(num_sparse=args.num_sparse, steps=args.steps, repeats=args.repeats)
+        write_result(args.out, {**result, **run, "threads_per_rank": top["launches"][0].get("threads")}, args.device)
     print(json.dumps({k: v for k, v in result.items() if k != "per_stage"} | {"per_stage": strip(per_stage)}))
 
 

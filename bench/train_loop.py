@@ -48,7 +48,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _launch import device_kind, write_result  # noqa: E402
+from _common import device_kind, write_result  # noqa: E402
 from step_time import SHAPES as STEP_TIME_SHAPES  # noqa: E402
 
 # step_time.py's Llama shapes (TinyLlama-1.1B on GPU, a small one on CPU) in LlamaConfig's key names
