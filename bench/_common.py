@@ -101,17 +101,15 @@ def device_kind(requested: str, script: str, gpu_run: str, cpu_hint: str = "--de
     return ("gpu" if has_gpu else "cpu") if requested == "auto" else requested
 
 
-def git_commit(dirty: bool = True) -> str | None:
-    """HEAD of the repository, with "+dirty" when tracked files differ from it (`dirty`); None outside git."""
+def git_commit() -> str | None:
+    """HEAD of the repository, with "+dirty" when tracked files differ from it; None outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    if not dirty:
-        return commit.stdout.strip() or None
-    changes = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
     return commit.stdout.strip() + ("+dirty" if changes else "")
 
 

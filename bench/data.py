@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -34,6 +33,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import git_commit, package_versions  # noqa: E402
 
 WORDS = (
     "the restaurant serves food near river city centre price range cheap moderate high family friendly coffee "
@@ -179,32 +179,65 @@ def train_job(model_dir: Path, out_dir: Path, overrides: list[str], steps: int) 
     }
 
 
-def versions() -> dict:
-    import datasets
-    import torch
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-    }
-
-
-def commit() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return proc.stdout.strip() or None
-
-
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokenizer", required=True, help="a model directory with a chat template (SmolLM2's)")
     p.add_argument("--sizes", default="20000,200000", help="conversations per generated dataset")
     p.add_argument("--out", default=str(ROOT / "results" / "data"))
     p.add_argument("--work", default=None, help="where datasets and runs go (default: a temporary directory)")
     p.add_argument("--note", default="", help="recorded with the results (e.g. 'machine shared with ...')")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def dataset_size(model: Path, work: Path, n: int, summary: dict) -> None:
+    """1 and 2 for one generated dataset of `n` conversations: tokenisation (miss, hit), then a training job (first
+    run, rerun); into `summary`, one line each."""
+    data = write_chats(work / f"chats-{n}.jsonl", n)
+    for num_proc in (1, 2):
+        miss, examples = tokenise(model, data, work / f"tok-{n}-{num_proc}", num_proc)
+        hit, _ = tokenise(model, data, work / f"tok-{n}-{num_proc}", num_proc)
+        entry = {
+            "conversations_per_s": round(n / miss, 1),
+            "miss_s": round(miss, 1),
+            "hit_s": round(hit, 2),
+            "hit_over_miss": round(hit / miss, 4),
+            "examples": examples,
+        }
+        summary["tokenise"][f"{n}-np{num_proc}"] = entry
+        print(f"tokenise {n} conversations, num_proc {num_proc}: {entry}", flush=True)
+    chat = ["data.format=chat", f"data.train_path={data}", "data.block_size=512"]
+    first = train_job(model, work / f"run-{n}", chat, 3)
+    rerun = train_job(model, work / f"run-{n}", [*chat, "train.max_steps=6"], 6)
+    summary["train"][str(n)] = {
+        "peak_rss_mb": first["peak_rss_mb"],
+        "first_step_s": first["first_step_s"],
+        "rerun_first_step_s": rerun["first_step_s"],
+        "rerun_peak_rss_mb": rerun["peak_rss_mb"],
+    }
+    print(f"train 2 ranks on {n} conversations: {summary['train'][str(n)]}", flush=True)
+
+
+def packing(model: Path, work: Path) -> dict:
+    """3: tokens/s and padding of 20 steps on the E2E sample, padded and packed, one line each."""
+    sample = ROOT / "dsee_dist" / "data" / "e2e_sample" / "train.csv"
+    out = {}
+    for packed in (False, True):
+        e2e = ["data.format=e2e", f"data.train_path={sample}", "data.block_size=512"]
+        run = train_job(model, work / f"pack-{packed}", [*e2e, f"data.packing={str(packed).lower()}"], 20)
+        steps = [r for r in run["rows"] if "loss" in r][2:]  # the first steps warm up
+        entry = {
+            "tokens_per_s": round(sum(r["tokens_per_s"] for r in steps) / len(steps), 1),
+            "processed_tokens_per_s": round(sum(r["processed_tokens_per_s"] for r in steps) / len(steps), 1),
+            "padding_fraction": round(sum(r["padding_fraction"] for r in steps) / len(steps), 4),
+        }
+        out["packed" if packed else "padded"] = entry
+        print(f"E2E-length examples, packing={packed}: {entry}", flush=True)
+    out["tokens_per_s_ratio"] = round(out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"], 3)
+    return out
+
+
+def main() -> int:
+    args = parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     summary: dict = {"sizes": sizes, "tokenise": {}, "train": {}, "packing": {}}
@@ -212,66 +245,16 @@ def main() -> int:
         work = Path(tmp)
         model = tiny_chat_model(args.tokenizer, work / "model")
         for n in sizes:
-            data = write_chats(work / f"chats-{n}.jsonl", n)
-            for num_proc in (1, 2):
-                miss, examples = tokenise(model, data, work / f"tok-{n}-{num_proc}", num_proc)
-                hit, _ = tokenise(model, data, work / f"tok-{n}-{num_proc}", num_proc)
-                entry = {
-                    "conversations_per_s": round(n / miss, 1),
-                    "miss_s": round(miss, 1),
-                    "hit_s": round(hit, 2),
-                    "hit_over_miss": round(hit / miss, 4),
-                    "examples": examples,
-                }
-                summary["tokenise"][f"{n}-np{num_proc}"] = entry
-                print(f"tokenise {n} conversations, num_proc {num_proc}: {entry}", flush=True)
-            first = train_job(
-                model, work / f"run-{n}", ["data.format=chat", f"data.train_path={data}", "data.block_size=512"], 3
-            )
-            rerun = train_job(
-                model,
-                work / f"run-{n}",
-                ["data.format=chat", f"data.train_path={data}", "data.block_size=512", "train.max_steps=6"],
-                6,
-            )
-            summary["train"][str(n)] = {
-                "peak_rss_mb": first["peak_rss_mb"],
-                "first_step_s": first["first_step_s"],
-                "rerun_first_step_s": rerun["first_step_s"],
-                "rerun_peak_rss_mb": rerun["peak_rss_mb"],
-            }
-            print(f"train 2 ranks on {n} conversations: {summary['train'][str(n)]}", flush=True)
+            dataset_size(model, work, n, summary)
         if len(sizes) > 1:
             small, large = summary["train"][str(sizes[0])], summary["train"][str(sizes[-1])]
             summary["peak_rss_ratio_largest_over_smallest"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
-        sample = ROOT / "dsee_dist" / "data" / "e2e_sample" / "train.csv"
-        for packing in (False, True):
-            run = train_job(
-                model,
-                work / f"pack-{packing}",
-                [
-                    "data.format=e2e",
-                    f"data.train_path={sample}",
-                    "data.block_size=512",
-                    f"data.packing={str(packing).lower()}",
-                ],
-                20,
-            )
-            steps = [r for r in run["rows"] if "loss" in r][2:]  # the first steps warm up
-            entry = {
-                "tokens_per_s": round(sum(r["tokens_per_s"] for r in steps) / len(steps), 1),
-                "processed_tokens_per_s": round(sum(r["processed_tokens_per_s"] for r in steps) / len(steps), 1),
-                "padding_fraction": round(sum(r["padding_fraction"] for r in steps) / len(steps), 4),
-            }
-            summary["packing"]["packed" if packing else "padded"] = entry
-            print(f"E2E-length examples, packing={packing}: {entry}", flush=True)
-        packed, padded = summary["packing"]["packed"], summary["packing"]["padded"]
-        summary["packing"]["tokens_per_s_ratio"] = round(packed["tokens_per_s"] / padded["tokens_per_s"], 3)
+        summary["packing"] = packing(model, work)
     summary.update(
         device=f"CPU ({os.cpu_count()} cores), 2 ranks",
-        versions=versions(),
+        versions=package_versions(("torch", "transformers", "datasets")),
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        commit=commit(),
+        commit=git_commit(),
         note=args.note,
     )
     out = Path(args.out)

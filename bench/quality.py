@@ -33,7 +33,6 @@ import csv
 import json
 import logging
 import os
-import platform
 import random
 import shutil
 import signal
@@ -47,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import _quality_rows as rows_mod  # noqa: E402
+from bench._common import device_name, git_commit, package_versions  # noqa: E402
 from bench._quality_rows import DEFAULT_LR, LR_GRID, ROWS, SEEDS  # noqa: E402
 from dsee_dist.data.encoding import e2e_chat_messages  # noqa: E402
 from dsee_dist.engine.launcher import launch_env  # noqa: E402
@@ -165,35 +165,8 @@ def test_set(path: str, limit: int) -> tuple[list[str], list[list[str]]]:
     return (mrs[:limit], groups[:limit]) if limit else (mrs, groups)
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "deepspeed", "peft", "sacrebleu", "pycocoevalcap", "dsee-dist"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        return commit.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        return f"{torch.cuda.get_device_name(0)} (1 GPU)"
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+# recorded with every row, beside the run's own packages
+QUALITY_PACKAGES = ("torch", "transformers", "deepspeed", "peft", "sacrebleu", "pycocoevalcap", "dsee-dist")
 
 
 def pick_device(requested: str) -> tuple[str, str]:
@@ -442,10 +415,10 @@ class Bench:
             "what": row.what,
             "seed": seed,
             "method": row.method or "none",
-            "device": device_name(self.s.device),
+            "device": device_name(self.s.device == "cuda"),
             "decoding": self.s.decoding,
             "test_mrs": len(self.mrs),
-            "versions": versions(),
+            "versions": package_versions(QUALITY_PACKAGES),
             "commit": git_commit(),
         }
         if row.method is None:
@@ -612,7 +585,7 @@ class Bench:
             "speed": {
                 "mrs": SPEED_MRS,
                 "new_tokens": SPEED_NEW_TOKENS,
-                "device": device_name(self.s.device),
+                "device": device_name(self.s.device == "cuda"),
                 "tokens_per_s": speeds,
             },
             "protocol": __doc__,
