@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,8 +47,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _common import device_kind, write_result  # noqa: E402
+from _common import alternating, device_kind, keep_lowest, spread, write_result  # noqa: E402
 from step_time import SHAPES as STEP_TIME_SHAPES  # noqa: E402
+
+from dsee_dist.engine.launcher import free_port  # noqa: E402
 
 # step_time.py's Llama shapes (TinyLlama-1.1B on GPU, a small one on CPU) in LlamaConfig's key names
 LLAMA_KEYS = dict(
@@ -110,12 +111,6 @@ def random_llama_dir(target: Path, shape: dict, text: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, int]:
@@ -221,7 +216,7 @@ def plain_steps(model_dir: Path, text: Path, args) -> list[float]:
     return times
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--model", type=Path, default=None, help="a local HF directory (default: random Llama of the shape)")
@@ -246,17 +241,50 @@ def main() -> None:
     )
     p.add_argument("--layers", type=int, default=None, help="random model: number of layers (default: the shape's)")
     p.add_argument("--hidden", type=int, default=None, help="random model: hidden size, MLP 2.75x (the shape's)")
-    args = p.parse_args()
-    args.device = device_kind(args.device, "train_loop.py", "the GPU loop benchmark (TinyLlama-1.1B shape, bf16)")
-    if args.device is None:
-        return
-    args.micro_batch = args.micro_batch or MICRO_BATCH[args.device]
-    methods = [m for m in args.methods.split(",") if m]
+    return p.parse_args()
+
+
+def model_shape(args) -> dict:
+    """The random model's LlamaConfig keys: the device's shape, with --layers and --hidden applied."""
     shape = dict(SHAPES[args.device])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
     if args.hidden:
         shape.update(hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden))
+    return shape
+
+
+def run_loops(args, methods: list[str], model_dir: Path, text: Path, tmp: Path) -> tuple[dict, list[dict]]:
+    """(each loop's repeat with the lowest median, every repeat's figures per loop): the plain loop and each
+    method's trainer, in alternating order, one line each."""
+    loops: dict[str, dict] = {}
+    per_repeat: list[dict[str, dict]] = [{} for _ in range(args.repeats)]
+    for repeat, name in alternating(["plain", *methods], args.repeats):
+        if name == "plain":
+            measured = summary(plain_steps(model_dir, text, args))
+        else:
+            times, peak_rss = trainer_steps(name, model_dir, text, tmp / f"run_{name}_{repeat}", args)
+            measured = {**summary(times), "peak_rss_bytes": peak_rss}
+        per_repeat[repeat][name] = measured
+        label = "plain PEFT loop" if name == "plain" else f"trainer ({name})"
+        rss = f"  peak RSS {measured['peak_rss_bytes'] / 2**20:,.0f} MiB" if "peak_rss_bytes" in measured else ""
+        print(
+            f"{label:16s}: median step {measured['median_step_s'] * 1000:8.1f} ms  "
+            f"p90/median {measured['p90_over_median']:.2f}{rss}",
+            flush=True,
+        )
+        keep_lowest(loops, name, measured)
+    return loops, per_repeat
+
+
+def main() -> None:
+    args = parse_args()
+    args.device = device_kind(args.device, "train_loop.py", "the GPU loop benchmark (TinyLlama-1.1B shape, bf16)")
+    if args.device is None:
+        return
+    args.micro_batch = args.micro_batch or MICRO_BATCH[args.device]
+    methods = [m for m in args.methods.split(",") if m]
+    shape = model_shape(args)
     if not set(methods) <= {"lora", "dsee", "supra", "shira", "full"}:
         sys.exit(f"bench/train_loop.py: --methods takes lora, dsee, supra, shira and full, not {args.methods!r}")
     if args.threads:
@@ -269,29 +297,7 @@ def main() -> None:
         # Enough blocks for every step and the trainer's 5 % held-out tail, whatever the tokenizer's word length.
         write_text(text, words=max(4000, 8 * args.micro_batch * (args.warmup + args.steps) * args.seq // 2))
         model_dir = args.model or random_llama_dir(tmp / "model", shape, text)
-        loops: dict[str, dict] = {}
-        per_repeat: list[dict[str, dict]] = []
-        for repeat in range(args.repeats):  # alternating order; each loop keeps its lowest median
-            order = ["plain", *methods] if repeat % 2 == 0 else [*methods[::-1], "plain"]
-            per_repeat.append({})
-            for name in order:
-                if name == "plain":
-                    measured = summary(plain_steps(model_dir, text, args))
-                else:
-                    times, peak_rss = trainer_steps(name, model_dir, text, tmp / f"run_{name}_{repeat}", args)
-                    measured = {**summary(times), "peak_rss_bytes": peak_rss}
-                per_repeat[-1][name] = measured
-                label = "plain PEFT loop" if name == "plain" else f"trainer ({name})"
-                rss = (
-                    f"  peak RSS {measured['peak_rss_bytes'] / 2**20:,.0f} MiB" if "peak_rss_bytes" in measured else ""
-                )
-                print(
-                    f"{label:16s}: median step {measured['median_step_s'] * 1000:8.1f} ms  "
-                    f"p90/median {measured['p90_over_median']:.2f}{rss}",
-                    flush=True,
-                )
-                if name not in loops or measured["median_step_s"] < loops[name]["median_step_s"]:
-                    loops[name] = measured
+        loops, per_repeat = run_loops(args, methods, model_dir, text, tmp)
     ratios = {m: round(loops[m]["median_step_s"] / loops["plain"]["median_step_s"], 3) for m in methods}
     print(", ".join(f"trainer {m} / plain LoRA loop: {r}" for m, r in ratios.items()), flush=True)
     result = {
@@ -312,13 +318,8 @@ def main() -> None:
                 flush=True,
             )
     if args.out:
-        extra = {
-            "per_repeat": per_repeat,
-            "threads": args.threads or None,
-            "rank": args.rank,
-            "num_sparse": args.num_sparse,
-        }
-        write_result(args.out, {**result, **extra}, args.device)
+        extra = {"per_repeat": per_repeat, "threads": args.threads or None, "rank": args.rank}
+        write_result(args.out, {**result, **extra, "num_sparse": args.num_sparse}, args.device)
     print(json.dumps(result))
 
 
@@ -331,12 +332,7 @@ def over_lora(per_repeat: list[dict[str, dict]], methods: list[str]) -> dict:
         for name, key in (("step_time", "median_step_s"), ("peak_rss", "peak_rss_bytes")):
             values = [run[method][key] / run["lora"][key] for run in per_repeat if method in run and "lora" in run]
             if values:
-                out[method][name] = {
-                    "median": round(statistics.median(values), 3),
-                    "min": round(min(values), 3),
-                    "max": round(max(values), 3),
-                    "repeats": len(values),
-                }
+                out[method][name] = spread(values)
     return out
 
 
