@@ -303,7 +303,7 @@ def profile_ops(built: dict, x, grad, rounds: int = 7, iters: int = 5, top: int 
     return out
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--shapes", choices=["default", "smollm2"], default="default")
@@ -315,7 +315,59 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="torch.profiler per-op times of lora and the dsee paths")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON (with date, commit, versions) here")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def build_variants(name: str, shape: tuple, variants: list[str], args, device, dtype, x, grad) -> tuple[dict, str]:
+    """(the variants built for one shape, why dsee-compiled was not, or None): a compiled variant that fails its
+    first step is reported and left out."""
+    out_f, in_f, slices = shape
+    built, failed = {}, None
+    for variant in variants:
+        built[variant] = build(variant, out_f, in_f, slices, args, device, dtype)
+        if variant == "dsee-compiled":
+            try:
+                _step(*built[variant], x, grad)
+            except Exception as exc:  # noqa: BLE001 - inductor's many failure types; reported, not timed
+                failed = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                print(f"{name}: dsee-compiled not timed: {failed}", flush=True)
+                del built[variant]
+    return built, failed
+
+
+def measure_shape(name: str, shape: tuple, variants: list[str], tokens: int, args, device, dtype) -> dict:
+    """One shape: the equivalence checks, then every variant timed interleaved (ms, ratio to lora, per-iteration
+    p10-p90 of the ratio; GPU peak; --profile's per-op times), its lines printed."""
+    out_f, in_f, slices = shape
+    check_folded_equals_layer(out_f, in_f, slices, args, device, dtype)
+    check_fused_equals_layer(out_f, in_f, slices, args, device)
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
+    built, failed = build_variants(name, shape, variants, args, device, dtype, x, grad)
+    out = {"failed": failed, "peaks": None, "profile": None}
+    if args.profile:
+        profiled = ("lora", "dsee-lowrank", "dsee", "dsee-fused")
+        out["profile"] = profile_ops({v: built[v] for v in profiled if v in built}, x, grad)
+    times = time_interleaved(built, x, grad, args.iters, device)
+    ms = {v: statistics.median(t) * 1000 for v, t in times.items()}
+    out["results"] = {v: {"ms": round(t, 4), "over_lora": round(t / ms["lora"], 3)} for v, t in ms.items()}
+    out["spread"] = {}
+    for v, t in times.items():
+        per_iter = [a / b for a, b in zip(t, times["lora"])]
+        out["spread"][v] = [round(quantile(per_iter, 0.1), 3), round(quantile(per_iter, 0.9), 3)]
+    if device.type == "cuda":
+        out["peaks"] = {v: peak_gpu_bytes(*built[v], x, grad) for v in built}
+        for v in built:
+            out["results"][v]["peak_gpu_over_lora"] = round(out["peaks"][v] / out["peaks"]["lora"], 3)
+    print(f"{name} ({tokens} tokens, r {args.rank}, N {args.num_sparse} per slice):", flush=True)
+    for v, t in ms.items():
+        lo, hi = out["spread"][v]
+        print(f"  {v:13s} {t:9.3f} ms  {t / ms['lora']:.3f} x lora  (per-iteration p10-p90 {lo}-{hi})", flush=True)
+    return out
+
+
+def main() -> None:
+    args = parse_args()
     kind = device_kind(args.device, "dsee_layer.py", "the GPU layer benchmark (bf16)")
     if kind is None:
         return
@@ -331,55 +383,28 @@ def main() -> None:
     if set(variants) - set(ALL_VARIANTS):
         sys.exit(f"bench/dsee_layer.py: unknown variants {sorted(set(variants) - set(ALL_VARIANTS))}")
     tokens = args.tokens or (TOKENS[shape_set] if args.shapes == "smollm2" else TOKENS[kind])
-    results, spread, failed, peaks, profiles = {}, {}, {}, {}, {}
-    for name, (out_f, in_f, slices) in SHAPES[shape_set].items():
-        check_folded_equals_layer(out_f, in_f, slices, args, device, dtype)
-        check_fused_equals_layer(out_f, in_f, slices, args, device)
-        x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
-        built = {}
-        for variant in variants:
-            built[variant] = build(variant, out_f, in_f, slices, args, device, dtype)
-            if variant == "dsee-compiled":
-                try:
-                    _step(*built[variant], x, grad)
-                except Exception as exc:  # noqa: BLE001 - inductor's many failure types; reported, not timed
-                    failed[name] = f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                    print(f"{name}: dsee-compiled not timed: {failed[name]}", flush=True)
-                    del built[variant]
-        if args.profile:
-            profiled = ("lora", "dsee-lowrank", "dsee", "dsee-fused")
-            profiles[name] = profile_ops({v: built[v] for v in profiled if v in built}, x, grad)
-        times = time_interleaved(built, x, grad, args.iters, device)
-        ms = {v: statistics.median(t) * 1000 for v, t in times.items()}
-        results[name] = {v: {"ms": round(t, 4), "over_lora": round(t / ms["lora"], 3)} for v, t in ms.items()}
-        spread[name] = {}
-        for v, t in times.items():
-            per_iter = [a / b for a, b in zip(t, times["lora"])]
-            spread[name][v] = [round(quantile(per_iter, 0.1), 3), round(quantile(per_iter, 0.9), 3)]
-        if device.type == "cuda":
-            peaks[name] = {v: peak_gpu_bytes(*built[v], x, grad) for v in built}
-            for v in built:
-                results[name][v]["peak_gpu_over_lora"] = round(peaks[name][v] / peaks[name]["lora"], 3)
-        print(f"{name} ({tokens} tokens, r {args.rank}, N {args.num_sparse} per slice):", flush=True)
-        for v, t in ms.items():
-            lo, hi = spread[name][v]
-            print(f"  {v:13s} {t:9.3f} ms  {t / ms['lora']:.3f} x lora  (per-iteration p10-p90 {lo}-{hi})", flush=True)
-    result = {"device": kind, "dtype": str(dtype), "tokens": tokens, "shapes": results}
+    measured = {
+        name: measure_shape(name, shape, variants, tokens, args, device, dtype)
+        for name, shape in SHAPES[shape_set].items()
+    }
+    result = {
+        "device": kind,
+        "dtype": str(dtype),
+        "tokens": tokens,
+        "shapes": {n: m["results"] for n, m in measured.items()},
+    }
     extra = {
         "shape_set": shape_set,
         "rank": args.rank,
         "num_sparse": args.num_sparse,
         "iters": args.iters,
         "threads": torch.get_num_threads(),
-        "over_lora_p10_p90": spread,
+        "over_lora_p10_p90": {n: m["spread"] for n, m in measured.items()},
     }
-    if failed:
-        extra["not_timed"] = failed
-    if peaks:
-        extra["peak_gpu_bytes"] = peaks
-    if profiles:
-        extra["profile"] = profiles
+    for key, field in (("not_timed", "failed"), ("peak_gpu_bytes", "peaks"), ("profile", "profile")):
+        values = {n: m[field] for n, m in measured.items() if m[field] is not None}
+        if values:
+            extra[key] = values
     if args.out:
         write_result(args.out, {**result, **extra}, kind)
     print(json.dumps(result))

@@ -128,7 +128,7 @@ def tokens_per_second(model, batch: int, prompt: int, new_tokens: int) -> float:
     return batch * new_tokens / elapsed
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="gpt2-large", help="built-in GPT-2 shape (dsee_dist.models.BUILTIN_MODELS)")
     parser.add_argument("--heads", type=float, default=0.25, help="fraction of heads removed per layer")
@@ -146,9 +146,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", default="1,8")
-    args = parser.parse_args()
-    torch.manual_seed(0)
+    return parser.parse_args()
 
+
+def load_pair(args) -> tuple:
+    """(dense, pruned) models: --dense/--pruned, or a pair built for --model (in a temporary directory)."""
     with tempfile.TemporaryDirectory() as tmp:
         if args.dense and args.pruned:
             dense_dir, pruned_dir = Path(args.dense), Path(args.pruned)
@@ -158,21 +160,11 @@ def main() -> None:
             dense_dir, pruned_dir = build_pair(args.shape, args.heads, args.mlp, Path(tmp))
         dense = load_pruned_model(dense_dir, dtype=torch.float32).eval()
         pruned = load_pruned_model(pruned_dir, dtype=torch.float32).eval()
-    context = args.prompt + args.new_tokens // 2  # mean attended length while generating
-    f_dense, f_pruned = flops_per_token(dense.config, context), flops_per_token(pruned.config, context)
-    saved = compare(f_dense, f_pruned)
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("dense", dense), ("pruned", pruned))}
-    print(f"[bench] parameters: dense {params['dense']:,}, pruned {params['pruned']:,}")
-    print(
-        f"[bench] FLOPs per token (context {context}): dense {f_dense['total'] / 1e6:.1f} M, pruned "
-        f"{f_pruned['total'] / 1e6:.1f} M; blocks saved {100 * saved['blocks_saved']:.1f}%, "
-        f"total saved {100 * saved['total_saved']:.1f}%"
-    )
-    print(
-        f"[bench] torch threads: {torch.get_num_threads()}; prompt {args.prompt}, {args.new_tokens} new tokens, "
-        f"median of {args.repeats}"
-    )
+    return dense, pruned
 
+
+def speeds(dense, pruned, args) -> dict:
+    """Per batch size: median tokens/s of both models (alternating, after a warm-up) and the speedup, one line each."""
     results = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         tokens_per_second(dense, batch, args.prompt, 4)  # warm-up both
@@ -192,6 +184,28 @@ def main() -> None:
             f"speedup {med['pruned'] / med['dense']:.3f}x",
             flush=True,
         )
+    return results
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(0)
+    dense, pruned = load_pair(args)
+    context = args.prompt + args.new_tokens // 2  # mean attended length while generating
+    f_dense, f_pruned = flops_per_token(dense.config, context), flops_per_token(pruned.config, context)
+    saved = compare(f_dense, f_pruned)
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in (("dense", dense), ("pruned", pruned))}
+    print(f"[bench] parameters: dense {params['dense']:,}, pruned {params['pruned']:,}")
+    print(
+        f"[bench] FLOPs per token (context {context}): dense {f_dense['total'] / 1e6:.1f} M, pruned "
+        f"{f_pruned['total'] / 1e6:.1f} M; blocks saved {100 * saved['blocks_saved']:.1f}%, "
+        f"total saved {100 * saved['total_saved']:.1f}%"
+    )
+    print(
+        f"[bench] torch threads: {torch.get_num_threads()}; prompt {args.prompt}, {args.new_tokens} new tokens, "
+        f"median of {args.repeats}"
+    )
+    results = speeds(dense, pruned, args)
     print(
         json.dumps(
             {

@@ -77,7 +77,7 @@ def export(model_dir: str, target: Path, gguf_type: str) -> None:
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dense", required=True, help="the dense model directory (e.g. SmolLM2-135M)")
     parser.add_argument("--pruned", help="a structurally pruned export directory (dsee-s25)")
@@ -88,48 +88,48 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="1 on a shared machine (OpenMP waits)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child, args.prompt_tokens, args.new_tokens, args.threads)))
-        return 0
-    try:
-        import llama_cpp
-    except ImportError:
-        print("llama.cpp absent: pip install llama-cpp-python (docs/GGUF.md); nothing measured")
-        return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        models = {"dense": args.dense, **({"pruned": args.pruned} if args.pruned else {})}
-        if args.pruned_shape and not args.pruned:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from inference import build_smollm2_pair
+    return parser.parse_args()
 
-            _, pruned_dir = build_smollm2_pair(Path(args.dense), *args.pruned_shape, Path(tmp) / "shape")
-            models["pruned-shape"] = str(pruned_dir)
-        files = {}
-        for name, model_dir in models.items():
-            for gguf_type in args.types:
-                files[(name, gguf_type)] = Path(tmp) / f"{name}-{gguf_type}.gguf"
-                export(model_dir, files[(name, gguf_type)], gguf_type)
-        runs = {key: [] for key in files}
-        for _ in range(args.repeats):
-            for key, path in files.items():  # alternating: every model once per repetition
-                child = [sys.executable, __file__, "--dense", args.dense, "--child", str(path)]
-                child += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-                child += ["--threads", str(args.threads)]
-                out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
-                runs[key].append(json.loads(out.strip().splitlines()[-1]))
-        rows = []
-        for (name, gguf_type), measured in runs.items():
-            rows.append(
-                {
-                    "model": name,
-                    "type": gguf_type,
-                    "file_mib": files[(name, gguf_type)].stat().st_size / 2**20,
-                    **{k: statistics.median(m[k] for m in measured) for k in measured[0]},
-                }
-            )
-    device = f"{cpu_name()}, {args.threads} threads"
-    print(f"llama-cpp-python {llama_cpp.__version__}; {device}; prompt {args.prompt_tokens}, new {args.new_tokens}")
+
+def exported(args, tmp: Path) -> dict[tuple[str, str], Path]:
+    """(model, type) -> its GGUF file: every model (dense, --pruned or the --pruned-shape stand-in) in every type."""
+    models = {"dense": args.dense, **({"pruned": args.pruned} if args.pruned else {})}
+    if args.pruned_shape and not args.pruned:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from inference import build_smollm2_pair
+
+        _, pruned_dir = build_smollm2_pair(Path(args.dense), *args.pruned_shape, tmp / "shape")
+        models["pruned-shape"] = str(pruned_dir)
+    files = {}
+    for name, model_dir in models.items():
+        for gguf_type in args.types:
+            files[(name, gguf_type)] = tmp / f"{name}-{gguf_type}.gguf"
+            export(model_dir, files[(name, gguf_type)], gguf_type)
+    return files
+
+
+def measured_rows(args, files: dict[tuple[str, str], Path]) -> list[dict]:
+    """One row per file: its size and the median of --repeats fresh-process measurements (files alternating)."""
+    runs = {key: [] for key in files}
+    for _ in range(args.repeats):
+        for key, path in files.items():  # alternating: every model once per repetition
+            child = [sys.executable, __file__, "--dense", args.dense, "--child", str(path)]
+            child += ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+            child += ["--threads", str(args.threads)]
+            out = subprocess.run(child, check=True, capture_output=True, text=True).stdout
+            runs[key].append(json.loads(out.strip().splitlines()[-1]))
+    return [
+        {
+            "model": name,
+            "type": gguf_type,
+            "file_mib": files[(name, gguf_type)].stat().st_size / 2**20,
+            **{k: statistics.median(m[k] for m in measured) for k in measured[0]},
+        }
+        for (name, gguf_type), measured in runs.items()
+    ]
+
+
+def print_table(rows: list[dict]) -> None:
     print(f"{'model':13} {'type':5} {'file MiB':>9} {'pp tok/s':>9} {'tg tok/s':>9} {'peak RSS MiB':>13}")
     for r in rows:
         print(
@@ -144,6 +144,23 @@ def main() -> int:
                 f"{r['model']} / dense, {r['type']}: generation {r['tg_tok_s'] / d['tg_tok_s']:.2f}x, prompt "
                 f"{r['pp_tok_s'] / d['pp_tok_s']:.2f}x, file {r['file_mib'] / d['file_mib']:.3f}x"
             )
+
+
+def main() -> int:
+    args = parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.prompt_tokens, args.new_tokens, args.threads)))
+        return 0
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp absent: pip install llama-cpp-python (docs/GGUF.md); nothing measured")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = measured_rows(args, exported(args, Path(tmp)))
+    device = f"{cpu_name()}, {args.threads} threads"
+    print(f"llama-cpp-python {llama_cpp.__version__}; {device}; prompt {args.prompt_tokens}, new {args.new_tokens}")
+    print_table(rows)
     if not args.pruned and not args.pruned_shape:
         print("no --pruned model given: the dense rows only")
     print(json.dumps({"llama_cpp_python": llama_cpp.__version__, "device": device, "rows": rows}))
