@@ -1,5 +1,5 @@
 """Test-only bench worker: join the process group (gloo on CPU, as the bench workers do), run a few collectives,
-write this rank's marker file, then end through the bench workers' exit path (bench/_launch.end_rank).
+write this rank's marker file, then end through the bench workers' exit path (bench/_common.end_rank).
 
     deepspeed --num_gpus 2 tests/bench/exit_worker.py --out DIR
 """
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from _launch import end_rank  # noqa: E402
+from _common import end_rank  # noqa: E402
 
 
 def main() -> None:

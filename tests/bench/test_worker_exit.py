@@ -1,4 +1,4 @@
-"""The bench workers end the way the trainer's ranks end (bench/_launch.end_rank: process group destroyed, then
+"""The bench workers end the way the trainer's ranks end (bench/_common.end_rank: process group destroyed, then
 dsee_dist's exit_process): gloo's threads can otherwise abort a finished rank at interpreter exit ("terminate
 called without an active exception", status 250), and the benchmark then reports finished work as failed."""
 
