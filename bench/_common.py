@@ -81,6 +81,34 @@ def spread(values: list[float]) -> dict:
     }
 
 
+def exact_generate_seconds(model, input_ids, attention_mask, new_tokens: int, pad_token_id: int) -> float:
+    """Seconds of greedy `generate` (KV cache on) making exactly `new_tokens` per sequence: min = max, so no stop
+    token ends it early and the time depends on the shapes, not the weights (unlike dsee_dist.eval.decoding's
+    generate_texts, which stops at EOS or a newline). The device is synchronised before and after."""
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if input_ids.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+        )
+    sync()
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == input_ids.shape[1] + new_tokens
+    return elapsed
+
+
 # ------------------------------------------------------------------------------ recording
 
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import statistics
-import time
 
 import torch
-
-from dsee_dist.data.encoding import e2e_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -61,33 +58,24 @@ def decode_mrs(
     }
 
 
-@torch.no_grad()
 def greedy_tokens_per_s(models: dict[str, tuple], mrs: list[str], new_tokens: int = 32, repeats: int = 3) -> dict:
     """Greedy decoding speed of several models on the same batch, measured side by side: every model
-    generates exactly `new_tokens` per sequence (min = max), the models alternate in each repetition,
-    and the median tokens/s of the repetitions is reported."""
+    generates exactly `new_tokens` per sequence (min = max: bench/_common.exact_generate_seconds), the models
+    alternate in each repetition, and the median tokens/s of the repetitions is reported."""
+    from bench._common import exact_generate_seconds
     from dsee_dist.eval.decoding import prepare_tokenizer
+    from dsee_dist.recipes.generate import e2e_prompts
 
     times: dict[str, list[float]] = {name: [] for name in models}
     for rep in range(repeats + 1):  # repetition 0 warms up
         for name, (model, tokenizer) in models.items():
             device = next(model.parameters()).device
             enc = prepare_tokenizer(tokenizer)(
-                [e2e_prompt(mr) for mr in mrs], return_tensors="pt", padding=True, add_special_tokens=False
+                e2e_prompts(tokenizer, mrs), return_tensors="pt", padding=True, add_special_tokens=False
             ).to(device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model.generate(
-                **enc,
-                do_sample=False,
-                num_beams=1,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
+            seconds = exact_generate_seconds(
+                model, enc["input_ids"], enc["attention_mask"], new_tokens, tokenizer.pad_token_id
             )
-            if device.type == "cuda":
-                torch.cuda.synchronize()
             if rep:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: len(mrs) * new_tokens / statistics.median(t) for name, t in times.items()}

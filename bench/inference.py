@@ -26,13 +26,13 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _common import exact_generate_seconds  # noqa: E402
 from _dsee_model import inject_random_dsee  # noqa: E402
 
 from dsee_dist.config import DSEEConfig, PruneConfig  # noqa: E402
@@ -110,22 +110,9 @@ def build_smollm2_pair(model_dir: Path | None, heads: float, mlp: float, workdir
     return dense_dir, workdir / "pruned"
 
 
-@torch.no_grad()
 def tokens_per_second(model, batch: int, prompt: int, new_tokens: int) -> float:
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(batch))
-    start = time.perf_counter()
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        use_cache=True,
-    )
-    elapsed = time.perf_counter() - start
-    assert out.shape[1] == prompt + new_tokens
-    return batch * new_tokens / elapsed
+    return batch * new_tokens / exact_generate_seconds(model, ids, torch.ones_like(ids), new_tokens, pad_token_id=0)
 
 
 def parse_args() -> argparse.Namespace:
