@@ -5,7 +5,8 @@
 - comparing: `alternating` (the launch order of methods over repeats), `keep_lowest` (each method's best
   repeat), `spread` (median and range of per-repeat ratios);
 - recording: `device_kind` (--device auto|cpu|gpu), `git_commit`, `package_versions`, `device_name`,
-  `run_info` and `write_result` (what every results/*.json carries).
+  `run_info` and `write_result` (what every results/*.json carries), `write_json` (atomic, as every bench writes
+  its JSON).
 """
 
 from __future__ import annotations
@@ -179,8 +180,16 @@ def run_info(device: str) -> dict:
     }
 
 
-def write_result(path, payload: dict, device: str) -> None:
-    """`payload` plus run_info(device) as indented JSON at `path` (folders created)."""
+def write_json(path, obj) -> None:
+    """`obj` as indented JSON at `path`, atomically (dsee_dist.utils.files), folders created; values JSON does not
+    know (paths) written as text."""
+    from dsee_dist.utils.files import write_text_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**run_info(device), **payload}, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def write_result(path, payload: dict, device: str) -> None:
+    """`payload` plus run_info(device) as indented JSON at `path` (folders created)."""
+    write_json(path, {**run_info(device), **payload})

@@ -4,10 +4,10 @@ parameters and against FLOPs per token)."""
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
+from bench._common import write_json
 from bench._quality_rows import ROWS
 from dsee_dist.utils.files import atomic_path, write_text_atomic
 
@@ -144,7 +144,7 @@ def write_report(root: Path, records: list[dict], meta: dict) -> dict:
     md = markdown(entries)
     write_text_atomic(root / "table.md", md)
     everything = {**meta, "rows": entries, "records": records}
-    write_text_atomic(root / "quality.json", json.dumps(everything, indent=1, default=str) + "\n")
+    write_json(root / "quality.json", everything)
     if entries:
         plot(entries, root / "quality.png")
     return {"markdown": md, "entries": entries}

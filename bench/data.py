@@ -33,7 +33,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _common import git_commit, package_versions  # noqa: E402
+from _common import git_commit, package_versions, write_json  # noqa: E402
 
 WORDS = (
     "the restaurant serves food near river city centre price range cheap moderate high family friendly coffee "
@@ -257,9 +257,7 @@ def main() -> int:
         commit=git_commit(),
         note=args.note,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_bench.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_json(Path(args.out) / "data_bench.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "versions"}))
     return 0
 

@@ -38,10 +38,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench._common import write_json  # noqa: E402
 from dsee_dist.config import PRUNE_MODULE_KINDS, PruneConfig  # noqa: E402
 from dsee_dist.engine.distributed import DistInfo  # noqa: E402
 from dsee_dist.eval import perplexity  # noqa: E402
-from dsee_dist.utils.files import write_json_atomic, write_text_atomic  # noqa: E402
+from dsee_dist.utils.files import write_text_atomic  # noqa: E402
 
 logger = logging.getLogger("bench.pruning_ppl")
 SHARED_TEXT = REPO.parent / "shared" / "data" / "text"
@@ -213,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.info(f"{name}: finished before, skipped")
             continue
         row = run_row(name, args, tokens, out)
-        row_file(out, name).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(row_file(out, name), row)
+        write_json(row_file(out, name), row)
         logger.info(f"{name}: perplexity {row['perplexity']:.3f} in {row['wall_s']:.0f} s")
         logger.info("\n" + write_table(out))
     logger.info("\n" + write_table(out))

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import _quality_rows as rows_mod  # noqa: E402
-from bench._common import device_name, git_commit, package_versions  # noqa: E402
+from bench._common import device_name, git_commit, package_versions, write_json  # noqa: E402
 from bench._quality_rows import DEFAULT_LR, LR_GRID, ROWS, SEEDS  # noqa: E402
 from dsee_dist.data.encoding import e2e_chat_messages  # noqa: E402
 from dsee_dist.engine.launcher import launch_env  # noqa: E402
@@ -131,10 +131,6 @@ class Settings:
 
 
 # ------------------------------------------------------------------------------ small helpers
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
@@ -234,7 +230,7 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
     }
     # stopped: checkpointed (75), or killed by the passed-on signal before the trainer's handler was installed
     if proc.returncode == PREEMPTED_EXIT_CODE or (STOP.requested and proc.returncode != 0):
-        write_json_atomic(attempts_path, attempts + [attempt])
+        write_json(attempts_path, attempts + [attempt])
         how = "checkpointed and stopped" if proc.returncode == PREEMPTED_EXIT_CODE else "stopped before its first step"
         raise Stopped(f"training in {out_dir} {how}")
     if proc.returncode != 0:
@@ -242,7 +238,7 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
         raise RuntimeError(f"training in {out_dir} failed with status {proc.returncode}:\n{tail}")
     attempts.append(attempt)
     if STOP.requested:  # the request came as the trainer finished its last step: stop now; the rerun resumes
-        write_json_atomic(attempts_path, attempts)  # from the final checkpoint (evaluation, save) and goes on
+        write_json(attempts_path, attempts)  # from the final checkpoint (evaluation, save) and goes on
         raise Stopped(f"training in {out_dir} finished as the stop request came")
     paused = sum(a.get("paused_s", 0.0) for a in attempts)
     return {
@@ -378,7 +374,7 @@ class Bench:
             print(f"grid: {method} lr={lr:g} ({config['train']['max_steps']} steps on the 90 % split)", flush=True)
             timing = run_training(config, point_dir / "run", self.s.device)
             losses[lr] = final_eval_loss(point_dir / "run")
-            write_json_atomic(
+            write_json(
                 result_path,
                 {
                     "method": method,
@@ -465,7 +461,7 @@ class Bench:
         record.update(timing)
         record["scores"] = self.scorer().score(outputs, self.refs)
         record.update(model_report(model_dir))
-        write_json_atomic(row_dir / "row.json", record)  # last: its presence marks the row finished
+        write_json(row_dir / "row.json", record)  # last: its presence marks the row finished
         print(
             f"row {name} seed {seed}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in record["scores"].items() if v is not None),
