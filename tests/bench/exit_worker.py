@@ -1,10 +1,12 @@
 """Test-only bench worker: join the process group (gloo on CPU, as the bench workers do), run a few collectives,
-write this rank's marker file, then end through the bench workers' exit path (bench/_common.end_rank).
+write this rank's marker file, then end through the bench workers' exit path (bench/_common.end_rank). An atexit
+hook would write `teardown<rank>`: the exit path skips interpreter teardown, so it never runs.
 
     deepspeed --num_gpus 2 tests/bench/exit_worker.py --out DIR
 """
 
 import argparse
+import atexit
 import sys
 from pathlib import Path
 
@@ -23,6 +25,7 @@ def main() -> None:
     total = distributed.all_reduce_sum([info.rank + 1])[0]
     distributed.barrier()
     Path(args.out, f"rank{info.rank}").write_text(f"{int(total)}\n")
+    atexit.register(Path(args.out, f"teardown{info.rank}").write_text, "interpreter teardown ran\n")
 
 
 if __name__ == "__main__":

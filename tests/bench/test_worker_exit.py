@@ -44,3 +44,4 @@ def test_a_two_rank_gloo_worker_exits_cleanly_every_time(tmp_path):
             assert proc.returncode == 0, f"launch {i} rank {rank}:\n{output[-3000:]}"
             assert "terminate called" not in output, f"launch {i} rank {rank}:\n{output[-3000:]}"
         assert [(out / f"rank{r}").read_text() for r in range(RANKS)] == ["3\n", "3\n"]  # the collective ran
+        assert not list(out.glob("teardown*"))  # ended by exit_process, before any interpreter teardown
