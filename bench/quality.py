@@ -200,42 +200,16 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     attempts_path = out_dir / ATTEMPTS_FILE
     attempts = json.loads(attempts_path.read_text()) if attempts_path.is_file() else []
-    env = launch_env()
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    attempt = trainer_attempt(cfg_path, out_dir, device)
     log_path = out_dir / "train.log"
-    paused_before = paused_seconds(out_dir)
-    start = time.perf_counter()
-    with open(log_path, "a") as log:  # appended: a resumed attempt keeps the earlier ones' log
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dsee_dist.train", "--config", str(cfg_path)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        STOP.trainer_pid = proc.pid
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            STOP.trainer_pid = None
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    attempt = {
-        "wall_s": round(time.perf_counter() - start, 1),
-        # stopped while the machine was lent to other work (bench/pause_quality.py): not training time
-        "paused_s": round(paused_seconds(out_dir) - paused_before, 1),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "exit": proc.returncode,
-    }
     # stopped: checkpointed (75), or killed by the passed-on signal before the trainer's handler was installed
-    if proc.returncode == PREEMPTED_EXIT_CODE or (STOP.requested and proc.returncode != 0):
+    if attempt["exit"] == PREEMPTED_EXIT_CODE or (STOP.requested and attempt["exit"] != 0):
         write_json(attempts_path, attempts + [attempt])
-        how = "checkpointed and stopped" if proc.returncode == PREEMPTED_EXIT_CODE else "stopped before its first step"
+        how = "checkpointed and stopped" if attempt["exit"] == PREEMPTED_EXIT_CODE else "stopped before its first step"
         raise Stopped(f"training in {out_dir} {how}")
-    if proc.returncode != 0:
+    if attempt["exit"] != 0:
         tail = log_path.read_text()[-3000:]
-        raise RuntimeError(f"training in {out_dir} failed with status {proc.returncode}:\n{tail}")
+        raise RuntimeError(f"training in {out_dir} failed with status {attempt['exit']}:\n{tail}")
     attempts.append(attempt)
     if STOP.requested:  # the request came as the trainer finished its last step: stop now; the rerun resumes
         write_json(attempts_path, attempts)  # from the final checkpoint (evaluation, save) and goes on
@@ -248,6 +222,38 @@ def run_training(config: dict, out_dir: Path, device: str) -> dict:
         "train_cpu_s": round(sum(a["cpu_s"] for a in attempts), 1),
         "peak_rss_mb": max(a["peak_rss_mb"] for a in attempts),
         "train_attempts": len(attempts),
+    }
+
+
+def trainer_attempt(cfg_path: Path, out_dir: Path, device: str) -> dict:
+    """One attempt of `python -m dsee_dist.train --config CFG_PATH` (output appended to OUT_DIR/train.log), its pid
+    in STOP while it runs: wall seconds, seconds paused meanwhile, CPU seconds and peak RSS (the child's own, from
+    wait4), exit status."""
+    env = launch_env()
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    paused_before = paused_seconds(out_dir)
+    start = time.perf_counter()
+    with open(out_dir / "train.log", "a") as log:  # appended: a resumed attempt keeps the earlier ones' log
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsee_dist.train", "--config", str(cfg_path)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        STOP.trainer_pid = proc.pid
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            STOP.trainer_pid = None
+    return {
+        "wall_s": round(time.perf_counter() - start, 1),
+        # stopped while the machine was lent to other work (bench/pause_quality.py): not training time
+        "paused_s": round(paused_seconds(out_dir) - paused_before, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "exit": os.waitstatus_to_exitcode(status),
     }
 
 
@@ -421,38 +427,7 @@ class Bench:
             model_dir = Path(self.s.model)
             record.update(trainable_params=0, train_wall_s=0.0, train_cpu_s=0.0, peak_rss_mb=None)
         else:
-            run_dir = row_dir / "run"
-            config = self.config_for(
-                row,
-                seed=seed,
-                lr=lr_info["lr"],
-                out_dir=run_dir,
-                train_csv=self.paths["all"],
-                eval_csv=self.paths["heldout10"],
-            )
-            stage1 = self.reuse_stage1(row, seed, config, run_dir) if "prune" in row.overrides else None
-            print(
-                f"row {name} seed {seed}: training {config['train']['max_steps']} steps at lr {lr_info['lr']:g}"
-                + (f" (stage 1 is {stage1['stage1_what']})" if stage1 else ""),
-                flush=True,
-            )
-            record.update(run_training(config, run_dir, self.s.device))
-            record.update(
-                lr=lr_info["lr"],
-                lr_chosen_by=lr_info["chosen_by"],
-                steps=config["train"]["max_steps"],
-                global_batch=self.s.micro_batch_size * self.s.grad_accum_steps,
-                trainable_params=trainable_params(run_dir),
-            )
-            if stage1:  # the row's training is stage 1's plus its own (pruning, stage 2, export)
-                record.update(
-                    stage1_from=stage1["stage1_from"],
-                    trainable_params=stage1["trainable_params"],
-                    train_wall_s=round(stage1["train_wall_s"] + record["train_wall_s"], 1),
-                    train_cpu_s=round((stage1.get("train_cpu_s") or 0.0) + record["train_cpu_s"], 1),
-                    peak_rss_mb=max(stage1.get("peak_rss_mb") or 0.0, record["peak_rss_mb"]),
-                )
-            model_dir = export_model(row, run_dir)
+            model_dir = self.train_row(row, seed, lr_info, row_dir / "run", record)
         record["model_dir"] = str(model_dir)
         # the architecture, kept beside the row: decoding speed is measured from it when the weights are gone
         write_text_atomic(row_dir / "model_config.json", (Path(model_dir) / "config.json").read_text())
@@ -468,6 +443,41 @@ class Bench:
             flush=True,
         )
         return record
+
+    def train_row(self, row, seed: int, lr_info: dict, run_dir: Path, record: dict) -> Path:
+        """Train the row in `run_dir` (a pruning row's stage 1 reused where it can be); its training figures into
+        `record`; returns its exported model directory."""
+        config = self.config_for(
+            row,
+            seed=seed,
+            lr=lr_info["lr"],
+            out_dir=run_dir,
+            train_csv=self.paths["all"],
+            eval_csv=self.paths["heldout10"],
+        )
+        stage1 = self.reuse_stage1(row, seed, config, run_dir) if "prune" in row.overrides else None
+        print(
+            f"row {row.name} seed {seed}: training {config['train']['max_steps']} steps at lr {lr_info['lr']:g}"
+            + (f" (stage 1 is {stage1['stage1_what']})" if stage1 else ""),
+            flush=True,
+        )
+        record.update(run_training(config, run_dir, self.s.device))
+        record.update(
+            lr=lr_info["lr"],
+            lr_chosen_by=lr_info["chosen_by"],
+            steps=config["train"]["max_steps"],
+            global_batch=self.s.micro_batch_size * self.s.grad_accum_steps,
+            trainable_params=trainable_params(run_dir),
+        )
+        if stage1:  # the row's training is stage 1's plus its own (pruning, stage 2, export)
+            record.update(
+                stage1_from=stage1["stage1_from"],
+                trainable_params=stage1["trainable_params"],
+                train_wall_s=round(stage1["train_wall_s"] + record["train_wall_s"], 1),
+                train_cpu_s=round((stage1.get("train_cpu_s") or 0.0) + record["train_cpu_s"], 1),
+                peak_rss_mb=max(stage1.get("peak_rss_mb") or 0.0, record["peak_rss_mb"]),
+            )
+        return export_model(row, run_dir)
 
     def reuse_stage1(self, row, seed: int, config: dict, run_dir: Path) -> dict | None:
         """A pruning row's stage 1 is exactly the dsee row's training (same config but for `prune`). When the
