@@ -2,8 +2,10 @@
 
 - launching: `run_worker` runs a bench worker script as a real multi-rank `deepspeed` job, `worker_result` also
   checks it and reads the JSON it wrote; `end_rank` ends a worker's rank the way the trainer's ranks end;
+  `run_with_usage` runs a child (a trainer) and reads its own CPU time and peak RSS from the kernel;
 - comparing: `alternating` (the launch order of methods over repeats), `keep_lowest` (each method's best
-  repeat), `spread` (median and range of per-repeat ratios);
+  repeat), `quantile`, `spread` (median and range of per-repeat ratios), `exact_generate_seconds` (greedy
+  tokens/s at a fixed length);
 - recording: `device_kind` (--device auto|cpu|gpu), `git_commit`, `package_versions`, `device_name`,
   `run_info` and `write_result` (what every results/*.json carries), `write_json` (atomic, as every bench writes
   its JSON).
@@ -45,6 +47,25 @@ def worker_result(script: str, ranks: int, args: list, result: Path, failure: st
     sys.exit(f"{failure}:\n{proc.stderr[-3000:]}")
 
 
+def run_with_usage(cmd: list[str], env: dict, log: Path, append: bool = False, on_pid=None) -> tuple[int, object]:
+    """(exit status, the child's own resource usage from wait4: CPU seconds, peak RSS in KiB) of `cmd` run in the
+    repository, its output written to (or, with `append`, added to) `log`. `on_pid` is called with the child's
+    pid once it runs and with None once it has ended (e.g. to pass a stop request on to it)."""
+    import os
+
+    with open(log, "a" if append else "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        if on_pid is not None:
+            on_pid(proc.pid)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if on_pid is not None:
+                on_pid(None)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage
+
+
 def end_rank(code: int = 0) -> NoReturn:
     """End a worker rank as `python -m dsee_dist.train` ends its ranks: the process group destroyed, then
     `exit_process` (streams flushed, no interpreter teardown). Returning from main instead lets gloo's background
@@ -70,6 +91,12 @@ def keep_lowest(best: dict, name: str, measured: dict, key: str = "median_step_s
     """`best[name] = measured` unless `best` already holds a lower `key` for `name`."""
     if name not in best or measured[key] < best[name][key]:
         best[name] = measured
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The `q` quantile of `values`, nearest rank (no interpolation)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def spread(values: list[float]) -> dict:

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from _common import device_kind, write_result  # noqa: E402
+from _common import device_kind, quantile, write_result  # noqa: E402
 
 from dsee_dist.dsee import layer as dsee_layer  # noqa: E402
 from dsee_dist.dsee.layer import DSEELayer  # noqa: E402
@@ -256,11 +256,6 @@ def time_interleaved(built: dict, x, grad, iters: int, device) -> dict[str, list
 def time_variant(fn, params, x, grad, iters: int, device) -> float:
     """Median seconds of one variant timed alone."""
     return statistics.median(time_interleaved({"v": (fn, params)}, x, grad, iters, device)["v"])
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def peak_gpu_bytes(fn, params, x, grad) -> int:

@@ -36,7 +36,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import _quality_rows as rows_mod  # noqa: E402
-from bench._common import device_name, git_commit, package_versions, write_json  # noqa: E402
+from bench._common import device_name, git_commit, package_versions, run_with_usage, write_json  # noqa: E402
 from bench._quality_rows import DEFAULT_LR, LR_GRID, ROWS, SEEDS  # noqa: E402
 from dsee_dist.data.encoding import e2e_chat_messages  # noqa: E402
 from dsee_dist.engine.launcher import launch_env  # noqa: E402
@@ -234,26 +233,20 @@ def trainer_attempt(cfg_path: Path, out_dir: Path, device: str) -> dict:
         env["CUDA_VISIBLE_DEVICES"] = ""
     paused_before = paused_seconds(out_dir)
     start = time.perf_counter()
-    with open(out_dir / "train.log", "a") as log:  # appended: a resumed attempt keeps the earlier ones' log
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dsee_dist.train", "--config", str(cfg_path)],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        STOP.trainer_pid = proc.pid
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            STOP.trainer_pid = None
+    status, usage = run_with_usage(  # the log appended: a resumed attempt keeps the earlier ones'
+        [sys.executable, "-m", "dsee_dist.train", "--config", str(cfg_path)],
+        env,
+        out_dir / "train.log",
+        append=True,
+        on_pid=lambda pid: setattr(STOP, "trainer_pid", pid),
+    )
     return {
         "wall_s": round(time.perf_counter() - start, 1),
         # stopped while the machine was lent to other work (bench/pause_quality.py): not training time
         "paused_s": round(paused_seconds(out_dir) - paused_before, 1),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-        "exit": os.waitstatus_to_exitcode(status),
+        "exit": status,
     }
 
 

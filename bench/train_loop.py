@@ -37,7 +37,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +46,15 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _common import alternating, device_kind, keep_lowest, spread, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    alternating,
+    device_kind,
+    keep_lowest,
+    quantile,
+    run_with_usage,
+    spread,
+    write_result,
+)
 from step_time import SHAPES as STEP_TIME_SHAPES  # noqa: E402
 
 from dsee_dist.engine.launcher import free_port  # noqa: E402
@@ -66,11 +73,6 @@ SHAPES = {
 }
 MICRO_BATCH = {"cpu": 4, "gpu": 16}
 LR = 1e-4  # the step time does not depend on it; small, so the random model's loss stays finite
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def summary(times: list[float]) -> dict:
@@ -111,15 +113,6 @@ def random_llama_dir(target: Path, shape: dict, text: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
-
-
-def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, int]:
-    """(exit status, peak RSS in bytes) of `cmd`, its output in `log`: the child's own rusage, from wait4."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024  # Linux: kilobytes
 
 
 def trainer_steps(method: str, model_dir: Path, text: Path, out_dir: Path, args) -> tuple[list[float], int]:
@@ -165,9 +158,10 @@ def trainer_steps(method: str, model_dir: Path, text: Path, out_dir: Path, args)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     log = out_dir.with_suffix(".log")
-    returncode, peak_rss = run_measured(
+    returncode, usage = run_with_usage(
         [sys.executable, "-m", "dsee_dist.train", "--config", str(config_path)], env, log
     )
+    peak_rss = usage.ru_maxrss * 1024  # Linux: kilobytes
     if returncode != 0:
         sys.exit(f"bench/train_loop.py: the trainer ({method}) failed:\n{log.read_text()[-3000:]}")
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
