@@ -41,6 +41,19 @@ PRUNE_GROUPINGS = typing.get_args(PruneGrouping)
 PRUNE_MODULE_KINDS = typing.get_args(PruneModuleKind)
 HEAD_ROUNDINGS = typing.get_args(HeadRounding)
 
+# The columns each data format reads, by the format's own names (`data.fields` maps them to a dataset's names),
+# and the chat roles (`data.roles` maps other names to them). Data the config is checked against; the data
+# package reads them from here (data/columns.py).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "e2e": ("mr", "ref"),
+    "synthetic_e2e": ("mr", "ref"),
+    "jsonl": ("prompt", "completion"),
+    "chat": ("messages",),
+    "instruction": ("instruction", "input", "output"),
+    "text": (),
+}
+CHAT_ROLES = ("system", "user", "assistant")
+
 
 def global_batch_size(micro_batch_size: int, grad_accum_steps: int, world_size: int) -> int:
     """Examples per optimizer step over all ranks: micro_batch_size x grad_accum_steps x world_size."""
