@@ -26,12 +26,10 @@ from pathlib import Path
 
 from dsee_dist.errors import DSEEError, reports_errors
 from dsee_dist.eval.references import group_by_mr, is_table, read_mr_table
+from dsee_dist.recipes.model_source import DTYPES, load_generation_model
 from dsee_dist.utils.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
 
 # ------------------------------------------------------------------------------ inputs
 
@@ -118,64 +116,6 @@ def e2e_prompts(tokenizer, mrs: list[str], chat: bool = False) -> list[str]:
     if chat:
         return render_chat_prompts(tokenizer, [e2e_chat_messages(mr) for mr in mrs])
     return [e2e_prompt(mr) for mr in mrs]
-
-
-# ------------------------------------------------------------------------------ the model
-
-
-def describe_source(path: Path) -> str:
-    """adapter | peft-adapter | hf-model | checkpoint."""
-    if (path / "adapter_config.json").is_file():
-        return "peft-adapter" if "peft_type" in json.loads((path / "adapter_config.json").read_text()) else "adapter"
-    if (path / "config.json").is_file():
-        return "hf-model"
-    return "checkpoint"
-
-
-def load_generation_model(source: str, base_model: str | None = None, dtype: str = "fp32"):
-    """(model in eval mode, tokenizer, kind) from any of the four sources (module docstring)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from dsee_dist.models.loading import load_tokenizer
-    from dsee_dist.models.pruned_gpt2 import register
-
-    path = Path(source)
-    if not path.exists():
-        raise DSEEError(f"model '{source}' does not exist; give a checkpoint, an adapter export or a model directory")
-    register()  # structurally pruned GPT-2 exports load without remote code
-    torch_dtype = getattr(torch, DTYPES[dtype])
-    kind = describe_source(path)
-    if kind == "adapter":
-        from dsee_dist.dsee.adapter import load_adapted_model, read_adapter_config
-
-        base = base_model or read_adapter_config(path)["base_model"]
-        model = load_adapted_model(path, base, dtype=torch_dtype)
-    elif kind == "peft-adapter":
-        from peft import PeftConfig, PeftModel
-
-        base = base_model or PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype), str(path))
-    elif kind == "hf-model":
-        base = str(path)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-    else:
-        from dsee_dist.recipes.export import build_model_from_checkpoint, resolve_checkpoint
-
-        checkpoint_dir = resolve_checkpoint(str(path))
-        model, _, base = build_model_from_checkpoint(checkpoint_dir, base_model)
-        model = model.to(torch_dtype)
-        kind = f"checkpoint {checkpoint_dir}"
-    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
-    try:
-        tokenizer = load_tokenizer(tokenizer_dir)
-    except (OSError, ValueError):
-        raise DSEEError(
-            f"no tokenizer in '{tokenizer_dir}'; give --base-model with the base model's directory"
-        ) from None
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval(), tokenizer, kind
 
 
 # ------------------------------------------------------------------------------ the command

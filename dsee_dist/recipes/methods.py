@@ -49,6 +49,7 @@ PEFT_METHODS = ("lora", "supra", "shira")  # trained with PEFT's own layers, wri
 SUPRA_BUDGET_TOLERANCE = 0.01  # Supra's sparse total may differ from DSEE's by this fraction (module docstring)
 PEFT_ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
+EXPORT_REPORT = "dsee_export.json"  # beside a merged export: the real sparsity and the FLOPs per token
 
 
 def method_of(cfg) -> str:
@@ -292,11 +293,23 @@ def save_full_model(model, target: Path, *, base_model: str, is_rank_zero: bool)
     save_hf_model(whole, base_model, Path(target))
 
 
-def save_hf_model(model, base_model: str, target: Path) -> None:
-    """An ordinary Hugging Face directory (model + the base model's tokenizer), written atomically."""
-    from dsee_dist.recipes.export import save_merged
+def save_hf_model(model, base_model: str, target: Path, report: dict | None = None) -> None:
+    """An ordinary Hugging Face directory: the model, the base model's tokenizer, a structurally pruned model's
+    modeling file and the export report (EXPORT_REPORT); written atomically."""
+    from transformers import AutoTokenizer
 
-    save_merged(model, base_model, Path(target))
+    from dsee_dist.pruning.structured import write_remote_code
+
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(model.config, "auto_map", None):  # a structurally pruned model: ship its modeling file
+            write_remote_code(tmp)
+        try:
+            AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
+        except (OSError, ValueError, TypeError):  # a base without a tokenizer: the model alone
+            pass
+        if report is not None:
+            (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=1))
 
 
 def _tied(model) -> set[str]:

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as transformers_logging
 
     from dsee_dist.engine import distributed
-    from dsee_dist.recipes.generate import load_generation_model
+    from dsee_dist.recipes.model_source import load_generation_model
 
     check_request(args)
     text = perplexity.read_text(Path(args.perplexity))
