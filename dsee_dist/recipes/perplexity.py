@@ -57,7 +57,8 @@ def check_request(args: argparse.Namespace) -> None:
         raise DSEEError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def run(args: argparse.Namespace) -> int:
+def score_model(args: argparse.Namespace) -> int:
+    """`dsee-dist evaluate --perplexity`: the perplexity of --model on the text (rank 0 prints it)."""
     from transformers.utils import logging as transformers_logging
 
     from dsee_dist.engine import distributed

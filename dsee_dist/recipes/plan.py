@@ -15,7 +15,8 @@ import re
 
 from dsee_dist.config import Config, load_config, resolve_path
 from dsee_dist.engine import memory
-from dsee_dist.errors import ConfigError, reports_errors
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +228,9 @@ def _local_device_memory() -> int | None:
     return None
 
 
-@reports_errors("plan")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsee-dist plan", description=__doc__.split("\n")[0])
+@reports_errors("dsee-dist plan")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist plan") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("config", help="experiment YAML (e.g. configs/quickstart.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, as for training")
     parser.add_argument(

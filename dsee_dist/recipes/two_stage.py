@@ -12,7 +12,7 @@ by pruned_base/ (both written atomically), and a stage in progress resumes from 
 
 The path: `run` -> check_request -> stage 1 (`finetune.train`: setup -> fit -> evaluate -> save) -> prune
 (`prune_model`) -> FLOPs report -> stage 2 (`finetune.train` on the pruned base, from the stage-1 adapter)
--> `export_final`. `finetune.main` hands over here when prune.method != none.
+-> `export_final`. recipes/run.py hands a run over here when prune.method != none.
 """
 
 from __future__ import annotations
