@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _dsee_model import inject_random_dsee  # noqa: E402
 
-from dsee_dist.engine import checkpoint, distributed  # noqa: E402
+from dsee_dist.engine import checkpoint, deepspeed_engine, process_group  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +31,8 @@ def main() -> None:
     p.add_argument("--num-sparse", type=int, default=16)
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args()
-    info = distributed.init_distributed()
-    ds = distributed.build_deepspeed_config(
+    info = process_group.init_distributed()
+    ds = deepspeed_engine.build_deepspeed_config(
         json.loads(Path(args.ds_config).read_text()),
         {},
         micro_batch_size=1,
@@ -52,7 +52,7 @@ def main() -> None:
     else:
         params, support = inject_random_dsee(model, args.rank, args.num_sparse)
         index_bytes = sum(t.numel() * t.element_size() for t in support.values())
-    engine, _, _ = distributed.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
+    engine, _, _ = deepspeed_engine.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
     x = torch.randint(0, args.vocab, (1, 16))
     engine.backward(engine(input_ids=x, labels=x).loss)
     engine.step()  # creates the optimizer state
@@ -62,16 +62,16 @@ def main() -> None:
     state_bytes = lp_bytes + n_trainable * 4 * 3
 
     out = Path(args.out)
-    distributed.barrier()
+    process_group.barrier()
     t0 = time.perf_counter()
     path = checkpoint.save_checkpoint(
         engine, out, 1, config={"bench": True}, dist_info=info, keep_last=1, base_model="bench"
     )
     save_s = time.perf_counter() - t0
-    distributed.barrier()
+    process_group.barrier()
     t0 = time.perf_counter()
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
-    distributed.barrier()
+    process_group.barrier()
     load_s = time.perf_counter() - t0
     if info.is_rank_zero:
         ckpt_bytes = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -87,7 +87,7 @@ def main() -> None:
                 }
             )
         )
-    distributed.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _dsee_model import inject_random_dsee  # noqa: E402
 
-from dsee_dist.engine import distributed  # noqa: E402
+from dsee_dist.engine import deepspeed_engine, process_group  # noqa: E402
 
 # Bytes this rank sends into collectives during the measured steps, by kind: "grad" (all-reduce,
 # reduce-scatter, reduce: gradient reduction) and "param" (all-gather, broadcast: parameter gathering).
@@ -77,7 +77,7 @@ def model_state_bytes(model, engine) -> int:
     masters = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
         zero, "single_partition_of_fp32_groups", None
     )
-    inner = distributed.inner_optimizer(engine)
+    inner = deepspeed_engine.inner_optimizer(engine)
     masters = masters or [p for group in inner.param_groups for p in group["params"]]
     total += sum(_nbytes(m) for m in masters)
     for state in inner.state.values():
@@ -189,11 +189,11 @@ def main() -> None:
 
     if args.count_comm:
         count_collectives()
-    info = distributed.init_distributed()
+    info = process_group.init_distributed()
     if not torch.cuda.is_available():  # one rank per core share: oversubscription makes CPU timings noise
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
-    ds = distributed.build_deepspeed_config(
+    ds = deepspeed_engine.build_deepspeed_config(
         json.loads(Path(args.ds_config).read_text()),
         {},
         micro_batch_size=args.micro_batch,
@@ -242,9 +242,9 @@ def main() -> None:
     else:
         params = inject_random_dsee_on(model, targets, args.rank, args.num_sparse)
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    engine, _, _ = distributed.build_engine(model, optimizer, None, ds)
+    engine, _, _ = deepspeed_engine.build_engine(model, optimizer, None, ds)
     engine.train()
-    dev = distributed.device()
+    dev = process_group.device()
     g = torch.Generator().manual_seed(info.rank)
     build_peak_rss = _proc_status_bytes("VmHWM")
     rss_before_steps = _proc_status_bytes("VmRSS")
@@ -254,7 +254,7 @@ def main() -> None:
     times = []
     for i in range(args.warmup + args.steps):
         x = torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=g).to(dev)
-        distributed.barrier()
+        process_group.barrier()
         COUNTING[0] = i >= args.warmup
         t0 = time.perf_counter()
         loss = engine(input_ids=x, labels=x).loss
@@ -263,14 +263,14 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         COUNTING[0] = False
-        distributed.barrier()
+        process_group.barrier()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
     import resource
 
     steps_peak_rss = _proc_status_bytes("VmHWM") if peak_reset else None
-    per_rank = distributed.all_gather_object(
+    per_rank = process_group.all_gather_object(
         {
             "grad_bytes_per_step": COMM["grad"] / args.steps,
             "param_bytes_per_step": COMM["param"] / args.steps,
@@ -298,7 +298,7 @@ def main() -> None:
                 }
             )
         )
-    distributed.shutdown()
+    process_group.shutdown()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from dsee_dist.config import PRUNE_MODULE_KINDS, PruneConfig  # noqa: E402
-from dsee_dist.engine.distributed import DistInfo  # noqa: E402
+from dsee_dist.engine.process_group import DistInfo  # noqa: E402
 from dsee_dist.eval import perplexity  # noqa: E402
 from dsee_dist.utils.files import write_json_atomic, write_text_atomic  # noqa: E402
 

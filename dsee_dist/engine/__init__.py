@@ -10,9 +10,11 @@
 - `launcher.py`: the `deepspeed` launcher command lines and their environment (no deepspeed import).
 - `checkpoint.py`, `reshard.py`, `preemption.py`: sharded checkpoints, resuming at another world size or
   ZeRO stage, and stopping on a signal with a checkpoint (import them by name).
+- `process_exit.py`: how a command's process ends: one error line instead of a traceback
+  (`reports_errors`), an exit without interpreter teardown (`exit_process`).
 
-`from dsee_dist import engine` gives the names below; `from dsee_dist.engine import distributed` is the
-same interface under its earlier module name.
+`from dsee_dist import engine` gives the names below; the modules above give them by their own module
+(`from dsee_dist.engine import process_group; process_group.barrier()`).
 """
 
 from dsee_dist.engine.deepspeed_engine import (

@@ -39,7 +39,7 @@ import torch
 from dsee_dist.config.schema import HEAD_ROUNDINGS
 from dsee_dist.dsee.adapter import layer_delta
 from dsee_dist.dsee.layer import row_slots, slice_rows
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.errors import ConfigError
 from dsee_dist.models.families import ModelShape, model_shape
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
@@ -285,7 +285,7 @@ def plan_structured(
         for layer in range(dist_info.rank, shape.n_layer, dist_info.world_size)
     }
     scores = {}
-    for part in distributed.all_gather_object(mine):
+    for part in process_group.all_gather_object(mine):
         scores.update(part)
     layers = range(shape.n_layer)
     if uniform_per_layer(prune_cfg):

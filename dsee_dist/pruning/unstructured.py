@@ -25,7 +25,7 @@ import torch
 
 from dsee_dist.dsee.adapter import layer_delta
 from dsee_dist.dsee.layer import row_slots, slice_rows
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
 from dsee_dist.pruning.scores import element_scores
 from dsee_dist.pruning.selection import lowest_k_masks
@@ -200,7 +200,7 @@ def prune_unstructured(
                     keep[i, slice_positions(adapter_config, m, i)] = ~pruned[m.name]
             my_masks[f"{module}.keep"] = keep
     stats: dict[str, dict] = {}
-    for part in distributed.all_gather_object(my_stats):
+    for part in process_group.all_gather_object(my_stats):
         stats.update(part)
     report = {
         "method": "unstructured",

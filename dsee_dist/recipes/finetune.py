@@ -34,7 +34,7 @@ from dsee_dist.dsee.inject import (
     parameter_summary,
 )
 from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
-from dsee_dist.engine import checkpoint, distributed
+from dsee_dist.engine import checkpoint, deepspeed_engine, process_group
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from dsee_dist.errors import DSEEError
 from dsee_dist.eval.during_training import Decoder, GenerationEval
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 class RunContext:
     """What every stage of a run shares: the process group, the base model and the tokenized data."""
 
-    dist_info: distributed.DistInfo
+    dist_info: process_group.DistInfo
     out_dir: Path
     base_model: str
     tokenizer: object
@@ -69,11 +69,11 @@ class RunContext:
 
 def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     """Process group, output directory with the resolved config, seed, data, base model and tokenizer."""
-    dist_info = distributed.init_distributed(cfg.deepspeed.timeout_s)
+    dist_info = process_group.init_distributed(cfg.deepspeed.timeout_s)
     setup_logging(dist_info.rank)
     out_dir = Path(cfg.output.dir)
     torch.manual_seed(cfg.train.seed)
-    threads = f"; {torch.get_num_threads()} CPU threads per rank" if distributed.device().type == "cpu" else ""
+    threads = f"; {torch.get_num_threads()} CPU threads per rank" if process_group.device().type == "cpu" else ""
     logger.info(f"world size {dist_info.world_size}{threads}; output in {out_dir}")
 
     # transformers' model code takes seconds to import; every rank imports it now, side by side, rather than
@@ -85,7 +85,7 @@ def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     try:
         # Data first: a built-in model's tokenizer is trained on it.
         if cfg.data.format == "synthetic_e2e":
-            distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
+            process_group.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
         base_model = prepare_base_model(cfg, out_dir)
         base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
         tokenizer = models.load_tokenizer(base_model)
@@ -99,7 +99,7 @@ def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     if dist_info.is_rank_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.resolved.yaml").write_text(dump_yaml(cfg))
-    distributed.barrier()
+    process_group.barrier()
     logger.info(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
     return RunContext(dist_info, out_dir, base_model, tokenizer, train_split, eval_split, preemption)
 
@@ -124,7 +124,7 @@ def prepare_base_model(cfg: Config, out_dir: Path) -> str:
         path = resolve_path(cfg, cfg.model.path)
         if cfg.model.gguf_file:  # dequantised once into an ordinary directory that everything else reads
             gguf = models.gguf_path(path, cfg.model.gguf_file)
-            return distributed.on_rank_zero(lambda: str(models.materialize_gguf_model(gguf, out_dir / "base_model")))
+            return process_group.on_rank_zero(lambda: str(models.materialize_gguf_model(gguf, out_dir / "base_model")))
         return str(path) if path.exists() else cfg.model.path
 
     def build() -> str:
@@ -138,7 +138,7 @@ def prepare_base_model(cfg: Config, out_dir: Path) -> str:
         )
         return str(path)
 
-    return distributed.on_rank_zero(build)
+    return process_group.on_rank_zero(build)
 
 
 def train(
@@ -202,15 +202,15 @@ def setup(
     dist_info = ctx.dist_info
     if dist_info.is_rank_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
+    process_group.barrier()
     # Resume is decided before the support, so a resumed job uses the support saved with its checkpoint.
-    resume = distributed.on_rank_zero(lambda: find_resume(cfg, out_dir))
+    resume = process_group.on_rank_zero(lambda: find_resume(cfg, out_dir))
     if resume is not None:
         checkpoint.check_compatible(resume, cfg.to_dict(), dist_info.world_size)
 
     # Model: partitioned at creation under ZeRO-3.
-    ds_config = distributed.build_deepspeed_config(
-        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
+    ds_config = deepspeed_engine.build_deepspeed_config(
+        deepspeed_engine.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
         cfg.deepspeed.overrides,
         micro_batch_size=cfg.train.micro_batch_size,
         grad_accum_steps=cfg.train.grad_accum_steps,
@@ -219,7 +219,7 @@ def setup(
     )
     model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
     logger.info(
-        f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})"
+        f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {deepspeed_engine.zero_stage(ds_config)})"
     )
     if cfg.method == "dsee":
         trainable = inject_adapters(model, cfg, out_dir, ds_config, dist_info, init_adapter, masks_dir)
@@ -240,12 +240,12 @@ def setup(
         lengths=ctx.train_split.lengths() if cfg.data.group_by_length else None,
     )
     max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
-    optimizer = distributed.build_optimizer(
+    optimizer = deepspeed_engine.build_optimizer(
         [{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas, cfg.train.weight_decay
     )
     lr_schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
-    engine, optimizer, scheduler = distributed.build_engine(model, optimizer, scheduler, ds_config)
+    engine, optimizer, scheduler = deepspeed_engine.build_engine(model, optimizer, scheduler, ds_config)
     start_step = 0
     if resume is not None:
         resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
@@ -271,7 +271,7 @@ def setup(
         schedule,
         max_steps,
         start_step,
-        distributed.device(),
+        process_group.device(),
         ctx.tokenizer.pad_token_id,
     )
 
@@ -300,7 +300,7 @@ def inject_adapters(
     specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
     check_rank(specs, d.lora_rank)
     if init_adapter is not None:
-        distributed.on_rank_zero(lambda: write_support_from_adapter(init_adapter, specs, d, cfg.train.seed, out_dir))
+        process_group.on_rank_zero(lambda: write_support_from_adapter(init_adapter, specs, d, cfg.train.seed, out_dir))
     else:
         check_num_sparse(specs, d.num_sparse)
     support = load_or_compute_support(model, specs, d, cfg.train.seed, out_dir, dist_info)
@@ -357,7 +357,7 @@ def fit(stage: Stage) -> int | None:
         logged = done % cfg.train.log_every_n_steps == 0 or done == stage.max_steps
         loss_share = train_step(stage, step, logged=logged)
         # Reduced (a collective and a host sync) only on logged steps; the progress bar keeps the last value.
-        loss = float(distributed.all_reduce_tensor(loss_share)) if logged else None
+        loss = float(process_group.all_reduce_tensor(loss_share)) if logged else None
         stage.metrics.advance(loss)
         if step == stage.start_step:
             log_optimizer_state(stage, done)
@@ -419,12 +419,12 @@ def train_step(stage: Stage, step: int, *, logged: bool = False) -> float:
     # DeepSpeed divides each backward by grad_accum and averages gradients over ranks: undo both.
     scale = stage.ctx.dist_info.world_size * len(micro_batches) / max(global_tokens, 1.0)
     loss_total = torch.zeros((), dtype=torch.float64, device=stage.device)
-    own_grad_norm = logged and not distributed.reports_grad_norm(engine)
+    own_grad_norm = logged and not deepspeed_engine.reports_grad_norm(engine)
     for batch in micro_batches:
         loss_sum, _ = token_loss_sum(engine, batch, stage.device, stage.cfg.train.loss_chunk_tokens)
         engine.backward(loss_sum * scale)
         if own_grad_norm and engine.is_gradient_accumulation_boundary():  # averaged over ranks, not yet clipped
-            stage.grad_norm = distributed.trainable_grad_norm(engine.module)
+            stage.grad_norm = deepspeed_engine.trainable_grad_norm(engine.module)
         engine.step()
         loss_total += loss_sum.detach().double()
     if step + 1 < stage.max_steps:  # the device is still busy with this step's kernels: collate the next one
@@ -455,7 +455,7 @@ def token_loss_sum(engine, batch: dict, dev, chunk_tokens: int = 0) -> tuple[tor
 def log_optimizer_state(stage: Stage, done: int) -> None:
     """Once per job: what the optimizer really holds, summed over ranks."""
     world_size = stage.ctx.dist_info.world_size
-    (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(stage.engine)])
+    (state_total,) = process_group.all_reduce_sum([deepspeed_engine.optimizer_state_numel(stage.engine)])
     logger.info(
         f"optimizer state: {int(state_total):,} Adam moment values over {world_size} ranks "
         f"for {count_parameters(stage.model)[0]:,} trainable parameters"
@@ -551,7 +551,7 @@ def evaluate(stage: Stage) -> dict:
         if indices:
             loss_sum, tokens = loss_sum + loss.item(), tokens + n
     engine.train()
-    loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens])
+    loss_sum, tokens = process_group.all_reduce_sum([loss_sum, tokens])
     eval_loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_tokens": int(tokens)}
 
@@ -568,5 +568,5 @@ def save(stage: Stage) -> None:
         dsee_cfg=stage.cfg.dsee,
         is_rank_zero=dist_info.is_rank_zero,
     )
-    distributed.barrier()
+    process_group.barrier()
     logger.info(f"{'adapter' if stage.cfg.method != 'full' else 'model'} written to {target}")

@@ -205,7 +205,7 @@ def score_against_references(references: list[str], input_path: Path, output_pat
 
 
 def generate(args: argparse.Namespace) -> None:
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import process_group
     from dsee_dist.eval.decoding import generate_texts
 
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
@@ -230,7 +230,7 @@ def generate(args: argparse.Namespace) -> None:
         )
     if Path(args.output).is_dir():
         raise DSEEError(f"--output '{args.output}' is a directory; give a file name")
-    dist_info = distributed.init_distributed()
+    dist_info = process_group.init_distributed()
     logging.basicConfig(
         level=logging.INFO if dist_info.is_rank_zero else logging.WARNING,
         format=f"[dsee rank{dist_info.rank}] %(message)s",
@@ -239,7 +239,7 @@ def generate(args: argparse.Namespace) -> None:
     model, tokenizer, kind = load_generation_model(args.model, args.base_model, args.dtype)
     if conversations is not None:
         prompts = render_chat_prompts(tokenizer, conversations)
-    model.to(distributed.device())
+    model.to(process_group.device())
     logger.info(
         f"generate: {len(prompts)} inputs from {args.input} with {kind} on {dist_info.world_size} rank(s); "
         f"{settings.describe()}, batches of {settings.batch_size}"
@@ -267,7 +267,7 @@ def generate(args: argparse.Namespace) -> None:
             score_against_references(references, Path(args.input), Path(args.output), outputs)
         elif args.score:
             score_against_input(Path(args.input), Path(args.output), outputs)
-    distributed.barrier()
+    process_group.barrier()
 
 
 @reports_errors("dsee-dist generate")

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from dsee_dist.config.schema import TrainingMethod
-from dsee_dist.engine import distributed
+from dsee_dist.engine import zero
 from dsee_dist.errors import ConfigError
 from dsee_dist.utils.files import atomic_directory
 
@@ -160,7 +160,7 @@ def _gathered_during_update_layer(layer_cls):
     original = layer_cls.update_layer
 
     def update_layer(self, *args, **kwargs):
-        with distributed.gathered([self.get_base_layer().weight]):
+        with zero.gathered([self.get_base_layer().weight]):
             return original(self, *args, **kwargs)
 
     layer_cls.update_layer = update_layer
@@ -254,7 +254,7 @@ def _gathered_state(named_params, is_rank_zero: bool) -> dict[str, torch.Tensor]
     """Full fp32 CPU copies of the named parameters on rank 0 (one ZeRO-3 gather per tensor; collective)."""
     state = {}
     for name, param in named_params:
-        with distributed.gathered([param]):
+        with zero.gathered([param]):
             if is_rank_zero:
                 state[name] = param.detach().to("cpu", torch.float32, copy=True).contiguous()
     return state

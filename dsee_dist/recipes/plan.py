@@ -141,11 +141,11 @@ def plan_run(
 
 def plan_config(cfg: Config, world_size: int) -> tuple[memory.MemoryPlan, memory.ModelShape, dict]:
     """The plan of an experiment config at `world_size` ranks, and the DeepSpeed config it was made with."""
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import deepspeed_engine
     from dsee_dist.recipes.methods import method_of
 
-    ds_config = distributed.build_deepspeed_config(
-        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
+    ds_config = deepspeed_engine.build_deepspeed_config(
+        deepspeed_engine.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
         cfg.deepspeed.overrides,
         micro_batch_size=cfg.train.micro_batch_size,
         grad_accum_steps=cfg.train.grad_accum_steps,

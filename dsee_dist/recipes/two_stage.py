@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dsee_dist.config import Config
 from dsee_dist.dsee.adapter import ADAPTER_CONFIG, read_adapter
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.engine.checkpoint import find_resume_checkpoint
 from dsee_dist.errors import DSEEError
 from dsee_dist.pruning.flops import compare, flops_per_token, format_report
@@ -85,7 +85,7 @@ def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
     if cfg.resume is None and dist_info.is_rank_zero:  # a fresh start: nothing of an earlier run is reused
         for name in (STAGE1, CALIBRATION, PRUNED, PRUNED + ".partial", STAGE2, FINAL):
             shutil.rmtree(out_dir / name, ignore_errors=True)
-    distributed.barrier()
+    process_group.barrier()
 
     pruned = (pruned_dir / "config.json").is_file()
     if not pruned and not (out_dir / STAGE1 / "adapter" / ADAPTER_CONFIG).is_file():
@@ -111,7 +111,7 @@ def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
     )
     if not finished:
         return code, False
-    distributed.on_rank_zero(lambda: export_final(out_dir))
+    process_group.on_rank_zero(lambda: export_final(out_dir))
     log(f"final pruned model written to {out_dir / FINAL}")
     return 0, True
 
@@ -171,7 +171,7 @@ def calibration_norms(cfg: Config, base_model: str, adapter, ctx: finetune.RunCo
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    distributed.barrier()
+    process_group.barrier()
     if ctx.dist_info.is_rank_zero:
         shutil.rmtree(scratch, ignore_errors=True)
     return norms
