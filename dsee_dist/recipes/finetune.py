@@ -199,67 +199,13 @@ def setup(
     cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_adapter=None, masks_dir: Path | None = None
 ) -> Stage:
     """Resume decision -> DeepSpeed config -> model -> DSEE -> optimizer and engine -> restored state."""
-    dist_info = ctx.dist_info
-    if dist_info.is_rank_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    process_group.barrier()
-    # Resume is decided before the support, so a resumed job uses the support saved with its checkpoint.
-    resume = process_group.on_rank_zero(lambda: find_resume(cfg, out_dir))
-    if resume is not None:
-        checkpoint.check_compatible(resume, cfg.to_dict(), dist_info.world_size)
-
-    # Model: partitioned at creation under ZeRO-3.
-    ds_config = deepspeed_engine.build_deepspeed_config(
-        deepspeed_engine.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
-        cfg.deepspeed.overrides,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        grad_clip=cfg.train.grad_clip,
-        world_size=dist_info.world_size,
-    )
-    model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
-    logger.info(
-        f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {deepspeed_engine.zero_stage(ds_config)})"
-    )
-    if cfg.method == "dsee":
-        trainable = inject_adapters(model, cfg, out_dir, ds_config, dist_info, init_adapter, masks_dir)
-    else:  # PEFT LoRA or full fine-tuning: the same loop on another trainable model (recipes/methods.py)
-        model, trainable = methods.prepare_trainable(cfg, model)
-    logger.info(parameter_summary(model))
-    if cfg.train.activation_checkpointing:  # non-reentrant: works with a frozen base and ZeRO-3's hooks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # Engine: only the adapter parameters reach the optimizer.
-    schedule = data.GlobalBatchSchedule(
-        len(ctx.train_split),
-        cfg.train.micro_batch_size,
-        cfg.train.grad_accum_steps,
-        dist_info.rank,
-        dist_info.world_size,
-        cfg.train.seed,
-        lengths=ctx.train_split.lengths() if cfg.data.group_by_length else None,
-    )
+    resume = decide_resume(cfg, out_dir, ctx.dist_info)
+    ds_config = deepspeed_engine.deepspeed_config_of(cfg, ctx.dist_info.world_size)
+    model, trainable = build_trainable_model(cfg, out_dir, base_model, ds_config, ctx, init_adapter, masks_dir)
+    schedule = batch_schedule(cfg, ctx)
     max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
-    optimizer = deepspeed_engine.build_optimizer(
-        [{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas, cfg.train.weight_decay
-    )
-    lr_schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
-    engine, optimizer, scheduler = deepspeed_engine.build_engine(model, optimizer, scheduler, ds_config)
-    start_step = 0
-    if resume is not None:
-        resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
-        start_step = resume.step
-        if dist_info.is_rank_zero:
-            checkpoint.truncate_metrics(out_dir, start_step)
-        logger.info(
-            f"resume: continuing from step {start_step} of {resume.path}"
-            + (
-                f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
-                if resharded
-                else ""
-            )
-        )
+    engine, optimizer = build_training_engine(cfg, model, trainable, ds_config, max_steps)
+    start_step = restore(engine, resume, out_dir, ctx.dist_info)
     return Stage(
         cfg,
         out_dir,
@@ -274,6 +220,81 @@ def setup(
         process_group.device(),
         ctx.tokenizer.pad_token_id,
     )
+
+
+def decide_resume(cfg: Config, out_dir: Path, dist_info) -> checkpoint.ResumeInfo | None:
+    """The checkpoint this stage continues from (checked against the config and world size), or None. Decided
+    before the support, so a resumed job uses the support saved with its checkpoint."""
+    if dist_info.is_rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    process_group.barrier()
+    resume = process_group.on_rank_zero(lambda: find_resume(cfg, out_dir))
+    if resume is not None:
+        checkpoint.check_compatible(resume, cfg.to_dict(), dist_info.world_size)
+    return resume
+
+
+def build_trainable_model(
+    cfg: Config, out_dir: Path, base_model: str, ds_config: dict, ctx: RunContext, init_adapter, masks_dir
+) -> tuple[torch.nn.Module, list]:
+    """The model (partitioned at creation under ZeRO-3) with what `method` trains made trainable, and those
+    parameters."""
+    model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
+    logger.info(
+        f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {deepspeed_engine.zero_stage(ds_config)})"
+    )
+    if cfg.method == "dsee":
+        trainable = inject_adapters(model, cfg, out_dir, ds_config, ctx.dist_info, init_adapter, masks_dir)
+    else:  # PEFT LoRA or full fine-tuning: the same loop on another trainable model (recipes/methods.py)
+        model, trainable = methods.prepare_trainable(cfg, model)
+    logger.info(parameter_summary(model))
+    if cfg.train.activation_checkpointing:  # non-reentrant: works with a frozen base and ZeRO-3's hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, trainable
+
+
+def batch_schedule(cfg: Config, ctx: RunContext) -> data.GlobalBatchSchedule:
+    """Which training examples every step and micro-batch of this rank takes."""
+    return data.GlobalBatchSchedule(
+        len(ctx.train_split),
+        cfg.train.micro_batch_size,
+        cfg.train.grad_accum_steps,
+        ctx.dist_info.rank,
+        ctx.dist_info.world_size,
+        cfg.train.seed,
+        lengths=ctx.train_split.lengths() if cfg.data.group_by_length else None,
+    )
+
+
+def build_training_engine(cfg: Config, model, trainable: list, ds_config: dict, max_steps: int):
+    """(DeepSpeed engine, its optimizer): only the trainable parameters reach the optimizer; the learning rate
+    follows train.schedule over `max_steps`."""
+    optimizer = deepspeed_engine.build_optimizer(
+        [{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas, cfg.train.weight_decay
+    )
+    lr_schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
+    engine, optimizer, _ = deepspeed_engine.build_engine(model, optimizer, scheduler, ds_config)
+    return engine, optimizer
+
+
+def restore(engine, resume: checkpoint.ResumeInfo | None, out_dir: Path, dist_info) -> int:
+    """The step training starts from: 0, or the resumed checkpoint's (its state loaded into `engine`, the
+    metrics log cut back to it)."""
+    if resume is None:
+        return 0
+    resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
+    if dist_info.is_rank_zero:
+        checkpoint.truncate_metrics(out_dir, resume.step)
+    logger.info(
+        f"resume: continuing from step {resume.step} of {resume.path}"
+        + (
+            f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
+            if resharded
+            else ""
+        )
+    )
+    return resume.step
 
 
 def find_resume(cfg: Config, out_dir: Path) -> checkpoint.ResumeInfo | None:

@@ -204,6 +204,24 @@ def score_against_references(references: list[str], input_path: Path, output_pat
     evaluate.report(result, evaluate.default_scores_path(output_path))
 
 
+def read_inputs(args: argparse.Namespace) -> tuple[list[str] | None, list[list[dict]] | None, list[str] | None]:
+    """(prompts, or with --chat the conversations to render once the tokenizer is loaded; the chat references)
+    of the first --max-inputs inputs; --score without references is refused."""
+    if args.chat:
+        conversations, references = read_chat_inputs(Path(args.input), args.system_prompt)
+        n = args.max_inputs if args.max_inputs > 0 else len(conversations)
+        conversations, references = conversations[:n], references[:n] if references else None
+        if args.score and references is None:
+            raise DSEEError("--score with --chat needs a chat JSONL whose every row ends with an assistant turn")
+        return None, conversations, references
+    _, prompts = read_prompts(Path(args.input), args.prompt_format)
+    if args.max_inputs > 0:
+        prompts = prompts[: args.max_inputs]
+    if args.score and not is_table(Path(args.input)):
+        raise DSEEError("--score needs an E2E CSV input with references (mr,ref), or --chat with a chat JSONL")
+    return prompts, None, None
+
+
 def generate(args: argparse.Namespace) -> None:
     from dsee_dist.engine import process_group
     from dsee_dist.eval.decoding import generate_texts
@@ -211,19 +229,7 @@ def generate(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     # Everything that can be wrong with the request is checked before any rank joins the process group.
     settings = decoding_settings(args)
-    conversations = references = None
-    if args.chat:
-        conversations, references = read_chat_inputs(Path(args.input), args.system_prompt)
-        n = args.max_inputs if args.max_inputs > 0 else len(conversations)
-        conversations, references = conversations[:n], references[:n] if references else None
-        if args.score and references is None:
-            raise DSEEError("--score with --chat needs a chat JSONL whose every row ends with an assistant turn")
-    else:
-        inputs, prompts = read_prompts(Path(args.input), args.prompt_format)
-        if args.max_inputs > 0:
-            inputs, prompts = inputs[: args.max_inputs], prompts[: args.max_inputs]
-        if args.score and not is_table(Path(args.input)):
-            raise DSEEError("--score needs an E2E CSV input with references (mr,ref), or --chat with a chat JSONL")
+    prompts, conversations, references = read_inputs(args)
     if not Path(args.model).exists():
         raise DSEEError(
             f"model '{args.model}' does not exist; give a checkpoint, an adapter export or a model directory"

@@ -144,14 +144,7 @@ def plan_config(cfg: Config, world_size: int) -> tuple[memory.MemoryPlan, memory
     from dsee_dist.engine import deepspeed_engine
     from dsee_dist.recipes.methods import method_of
 
-    ds_config = deepspeed_engine.build_deepspeed_config(
-        deepspeed_engine.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
-        cfg.deepspeed.overrides,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        grad_clip=cfg.train.grad_clip,
-        world_size=world_size,
-    )
+    ds_config = deepspeed_engine.deepspeed_config_of(cfg, world_size)
     train = cfg.train
     plan, shape = plan_run(
         hf_config_of(cfg),
