@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None, prog: str = LAUNCHER_PROG) -> int:
         if cfg.prune.method == "none":
             code, _ = finetune.train(cfg, ctx.out_dir, ctx.base_model, ctx)
         else:
-            code, _ = two_stage.run(cfg, ctx)
+            code, _ = two_stage.tune_prune_retune(cfg, ctx)
     finally:
         if not preemption.requested:  # preempted: signals stay ignored, so teardown keeps the documented status
             preemption.restore()
