@@ -33,7 +33,6 @@ from dsee_dist.utils.files import write_json_atomic, write_lines_atomic
 logger = logging.getLogger(__name__)
 
 GENERATIONS = "generations.txt"
-METRIC_KEYS = {"bleu": "BLEU", "rouge_l": "ROUGE_L"}
 
 
 def check_generation_config(cfg) -> None:
