@@ -346,3 +346,79 @@ def test_readme_first_screen_keeps_the_setup_and_test_commands():
     assert blocks[1] == "python -m pytest -q", blocks[:2]
     ci = (REPO / ".ci" / "run").read_text()
     assert re.search(r"^python3? -m pytest -q\b", ci, re.M), "`.ci/run` no longer runs README's test command"
+
+
+# ------------------------------------------------------------------ config keys and links in the prose
+
+SECTION_KEY = re.compile(r"^(model|data|dsee|train|eval|generate|checkpoint|prune|output|deepspeed)((?:\.\w+)+)(=.*)?$")
+
+
+def _schema_has(key: str) -> bool:
+    """Whether `section.key[.sub]` is a key of the config schema (`deepspeed.overrides.*` is free-form)."""
+    import dataclasses
+    import typing
+
+    from dsee_dist.config import Config
+
+    cls = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+        if cls is dict:
+            return True
+    return True
+
+
+def _prose_keys() -> list[tuple[str, str]]:
+    found = []
+    for path in DOCS:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for piece in re.findall(r"`([^`]+)`", line):
+                for word in piece.split():
+                    if (m := SECTION_KEY.match(word.rstrip(",;:"))) and m.group(2) != ".key":  # `data.key=value`
+                        found.append((f"{path.relative_to(REPO)}:{number}", m.group(1) + m.group(2)))
+    return found
+
+
+def test_every_config_key_the_docs_name_exists():
+    keys = _prose_keys()
+    assert len(keys) > 50, "the docs name config keys in backticks; the pattern no longer finds them"
+    missing = [f"{where}: {key}" for where, key in keys if not _schema_has(key)]
+    assert not missing, "config keys the schema does not have:\n" + "\n".join(missing)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path) -> set[str]:
+    anchors, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#{1,6} (.+)", line)):
+            anchors.add(_anchor(m.group(1)))
+    return anchors
+
+
+def test_readme_links_every_doc_and_every_link_resolves():
+    readme = (REPO / "README.md").read_text()
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        assert f"](docs/{doc.name})" in readme, f"README does not link docs/{doc.name}"
+    broken = []
+    for path in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
