@@ -41,7 +41,7 @@ from dsee_dist.dsee.adapter import layer_delta
 from dsee_dist.dsee.layer import row_slots, slice_rows
 from dsee_dist.engine import distributed
 from dsee_dist.errors import ConfigError
-from dsee_dist.models.families import ModelShape, model_shape
+from dsee_dist.models.shape import ModelShape, model_shape
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
 from dsee_dist.pruning.scores import head_scores, lowest, neuron_scores, output_column_scores
 from dsee_dist.pruning.targets import file_to_out_in, module_name
