@@ -35,10 +35,12 @@ import numpy as np
 import torch
 
 from dsee_dist.errors import DSEEError
+from dsee_dist.models.families import LLAMA, QWEN2
 from dsee_dist.models.shape import ModelShape, model_shape
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp architecture
+# model_type -> llama.cpp architecture: the Llama family's types (llama, mistral) are `llama`, Qwen2 is `qwen2`.
+GGUF_ARCHES = {**dict.fromkeys(LLAMA.model_types, "llama"), **dict.fromkeys(QWEN2.model_types, "qwen2")}
 Q8_BLOCK = 32
 
 # tokenizer.json pre-tokenizers by the name llama.cpp gives them (`tokenizer.ggml.pre`); the split regexes are
