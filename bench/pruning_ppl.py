@@ -105,8 +105,8 @@ def nonzero_block_weights(model) -> tuple[int, int]:
 def run_row(name: str, args, tokens: dict, out: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from dsee_dist.models.flops import flops_per_token
     from dsee_dist.models.pruned_gpt2 import register
-    from dsee_dist.pruning.flops import flops_per_token
     from dsee_dist.pruning.structured import calibration_modules, prune_structured
     from dsee_dist.pruning.targets import prunable_matrices
     from dsee_dist.pruning.unstructured import prune_unstructured

@@ -18,7 +18,8 @@ from dsee_dist.dsee.layer import DSEELayer, PruneMask, base_shape, is_conv1d, sl
 from dsee_dist.dsee.support import matrix_generator
 from dsee_dist.engine import zero
 from dsee_dist.errors import ConfigError
-from dsee_dist.models.families import family_of, model_shape
+from dsee_dist.models.families import family_of
+from dsee_dist.models.shape import model_shape
 
 SLICE_ORDER = ("q", "k", "v")
 

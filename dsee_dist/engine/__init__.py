@@ -8,6 +8,8 @@
 - `zero.py`: ZeRO-3 parameter helpers (`gathered`, `full_tensor`, `is_partitioned`, `partitioned_init`).
 - `shm.py`: shared-memory housekeeping for DeepSpeed's CPU allreduce.
 - `launcher.py`: the `deepspeed` launcher command lines and their environment (no deepspeed import).
+- `memory.py`: the memory a run holds per rank under each ZeRO stage, behind `dsee-dist plan` (no deepspeed
+  import: DeepSpeed's partitioning, buckets and offload as arithmetic over the DeepSpeed JSON).
 - `checkpoint.py`, `reshard.py`, `preemption.py`: sharded checkpoints, resuming at another world size or
   ZeRO stage, and stopping on a signal with a checkpoint (import them by name).
 - `process_exit.py`: how a command's process ends: one error line instead of a traceback

@@ -159,7 +159,7 @@ def export_merged(model, cfg, base: str, target: Path, log=print):
     """Merge a model from `build_model_from_checkpoint` (pruning masks applied to the merged weights) and
     write it with `dsee_export.json`: the real sparsity of every prunable matrix and the FLOPs per token.
     Returns (the report, the merged model)."""
-    from dsee_dist.pruning.flops import flops_per_token
+    from dsee_dist.models.flops import flops_per_token
     from dsee_dist.pruning.unstructured import read_report
 
     model = merge_model(model)

@@ -27,7 +27,7 @@ from dsee_dist.dsee.adapter import ADAPTER_CONFIG, read_adapter
 from dsee_dist.engine import process_group
 from dsee_dist.engine.checkpoint import find_resume_checkpoint
 from dsee_dist.errors import DSEEError
-from dsee_dist.pruning.flops import compare, flops_per_token, format_report
+from dsee_dist.models.flops import compare, flops_per_token, format_report
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
 from dsee_dist.pruning.unstructured import prune_unstructured
 from dsee_dist.recipes import finetune
