@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from dsee_dist.config.paths import resolve_path
-from dsee_dist.config.schema import CHAT_ROLES, FORMAT_COLUMNS, Config, PruneConfig
+from dsee_dist.config.schema import BUILTIN_MODELS, CHAT_ROLES, FORMAT_COLUMNS, Config, PruneConfig
 from dsee_dist.errors import ConfigError
 
 
@@ -63,8 +63,6 @@ def check_choices(section, prefix: str, problems: list[str]) -> None:
 
 
 def _check_model(cfg: Config, problems: list[str]) -> None:
-    from dsee_dist.models.loading import BUILTIN_MODELS  # light module: no torch at import
-
     m = cfg.model
     if (m.path is None) == (m.builtin is None):
         problems.append(

@@ -53,7 +53,7 @@ def hf_config_of(cfg: Config) -> dict:
                 f"shape from it (no weights are needed): point model.path at a local model directory"
             )
         return json.loads(config_file.read_text())
-    from dsee_dist.models.loading import BUILTIN_MODELS
+    from dsee_dist.config.schema import BUILTIN_MODELS
 
     return {
         "model_type": "gpt2",

@@ -102,3 +102,14 @@ def test_fine_tuning_does_not_import_the_two_stage_recipe():  # the training com
     graph = import_graph()
     assert "dsee_dist.recipes.two_stage" not in graph["dsee_dist.recipes.finetune"]
     assert {"dsee_dist.recipes.finetune", "dsee_dist.recipes.two_stage"} <= graph["dsee_dist.recipes.run"]
+
+
+def test_config_imports_only_itself_and_the_errors():  # a bad config fails before anything heavy is imported
+    outside = sorted(
+        f"{name} -> {target}"
+        for name, targets in import_graph().items()
+        if name == "dsee_dist.config" or name.startswith("dsee_dist.config.")
+        for target in targets
+        if not (target.startswith("dsee_dist.config") or target == "dsee_dist.errors")
+    )
+    assert outside == []
