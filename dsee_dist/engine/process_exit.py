@@ -1,6 +1,6 @@
 """How a command's process ends: one error line instead of a traceback, and an exit without interpreter teardown.
 
-- `reports_errors(prefix)`: the decorator on every command's `main(argv, prog) -> int` (recipes/, models fetch).
+- `reports_errors(prefix)`: the decorator on every command's `main(argv, prog) -> int` (recipes/).
   A `DSEEError` becomes one line, `PREFIX: error: MESSAGE`, on stderr (from rank 0 only: every rank fails the
   same way), the process group is shut down and the error's exit status returned. A lost peer (a node or rank
   gone mid-collective) becomes one line per surviving rank and LOST_PEER_EXIT_CODE, without teardown (it

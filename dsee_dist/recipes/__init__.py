@@ -1,2 +1,3 @@
 """Readable runs: run (the training command: finetune, or two_stage when prune.method is set), finetune
-(setup -> fit -> evaluate_loss -> save), two_stage (tune, prune, re-tune), export, and the other commands."""
+(setup -> fit -> evaluate_loss -> save), two_stage (tune, prune, re-tune), export, fetch (models fetch), and
+the other commands."""

@@ -37,13 +37,13 @@ from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
 from dsee_dist.engine import checkpoint, deepspeed_engine, process_group
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from dsee_dist.errors import DSEEError
+from dsee_dist.eval import throughput
 from dsee_dist.eval.during_training import Decoder, GenerationEval
 from dsee_dist.models import loading as models
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
 from dsee_dist.pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
 from dsee_dist.recipes import evaluate, methods
 from dsee_dist.recipes.loss import token_loss_sum as lm_loss_sum
-from dsee_dist.utils import throughput
 from dsee_dist.utils.log import setup_logging
 from dsee_dist.utils.metrics_log import MetricsLogger
 

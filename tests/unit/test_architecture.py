@@ -113,3 +113,12 @@ def test_config_imports_only_itself_and_the_errors():  # a bad config fails befo
         if not (target.startswith("dsee_dist.config") or target == "dsee_dist.errors")
     )
     assert outside == []
+
+
+def test_the_packages_form_layers():  # no two packages import each other, however indirectly
+    packages: dict[str, set[str]] = {}
+    for name, targets in import_graph().items():
+        outer = name.split(".")[1] if "." in name else name
+        packages.setdefault(outer, set()).update(t.split(".")[1] for t in targets if t.split(".")[1] != outer)
+    assert {"utils", "models", "engine", "recipes"} <= set(packages)
+    assert find_cycle(packages) is None
