@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import end_rank  # noqa: E402
 from _dsee_model import inject_random_dsee  # noqa: E402
 
-from dsee_dist.engine import checkpoint, distributed  # noqa: E402
+from dsee_dist.engine import checkpoint, deepspeed_engine, process_group  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -48,7 +48,7 @@ def stepped_engine(args, ds: dict) -> tuple:
     else:
         params, support = inject_random_dsee(model, args.rank, args.num_sparse)
         index_bytes = sum(t.numel() * t.element_size() for t in support.values())
-    engine, _, _ = distributed.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
+    engine, _, _ = deepspeed_engine.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
     x = torch.randint(0, args.vocab, (1, 16))
     engine.backward(engine(input_ids=x, labels=x).loss)
     engine.step()
@@ -57,24 +57,24 @@ def stepped_engine(args, ds: dict) -> tuple:
 
 def timed_save_and_load(engine, out: Path, info) -> tuple[Path, float, float]:
     """(checkpoint path, save seconds, load seconds), each timed between barriers."""
-    distributed.barrier()
+    process_group.barrier()
     t0 = time.perf_counter()
     path = checkpoint.save_checkpoint(
         engine, out, 1, config={"bench": True}, dist_info=info, keep_last=1, base_model="bench"
     )
     save_s = time.perf_counter() - t0
-    distributed.barrier()
+    process_group.barrier()
     t0 = time.perf_counter()
     engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=False)
-    distributed.barrier()
+    process_group.barrier()
     return path, save_s, time.perf_counter() - t0
 
 
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = parse_args()
-    info = distributed.init_distributed()
-    ds = distributed.build_deepspeed_config(
+    info = process_group.init_distributed()
+    ds = deepspeed_engine.build_deepspeed_config(
         json.loads(Path(args.ds_config).read_text()),
         {},
         micro_batch_size=1,

@@ -71,10 +71,10 @@ def end_rank(code: int = 0) -> NoReturn:
     `exit_process` (streams flushed, no interpreter teardown). Returning from main instead lets gloo's background
     threads abort a finished rank at exit ("terminate called without an active exception", status 250), and the
     launcher then reports the finished job as failed."""
-    from dsee_dist.engine import distributed
-    from dsee_dist.recipes.finetune import exit_process  # on main it lives here (issue 40 moves it to engine/)
+    from dsee_dist.engine import process_group
+    from dsee_dist.engine.process_exit import exit_process
 
-    distributed.shutdown()
+    process_group.shutdown()
     exit_process(code)
 
 

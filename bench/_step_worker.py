@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _common import end_rank  # noqa: E402
 from _dsee_model import inject_random_dsee  # noqa: E402
 
-from dsee_dist.engine import distributed  # noqa: E402
+from dsee_dist.engine import deepspeed_engine, process_group  # noqa: E402
 
 # Bytes this rank sends into collectives during the measured steps, by kind: "grad" (all-reduce,
 # reduce-scatter, reduce: gradient reduction) and "param" (all-gather, broadcast: parameter gathering).
@@ -78,7 +78,7 @@ def model_state_bytes(model, engine) -> int:
     masters = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
         zero, "single_partition_of_fp32_groups", None
     )
-    inner = distributed.inner_optimizer(engine)
+    inner = deepspeed_engine.inner_optimizer(engine)
     masters = masters or [p for group in inner.param_groups for p in group["params"]]
     total += sum(_nbytes(m) for m in masters)
     for state in inner.state.values():
@@ -177,11 +177,11 @@ def join_and_configure(args) -> tuple:
     threads set, and under ZeRO-3 the config handed to transformers so that models are built partitioned."""
     if args.count_comm:
         count_collectives()
-    info = distributed.init_distributed()
+    info = process_group.init_distributed()
     if not torch.cuda.is_available():  # one rank per core share: oversubscription makes CPU timings noise
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // local_world))
-    ds = distributed.build_deepspeed_config(
+    ds = deepspeed_engine.build_deepspeed_config(
         json.loads(Path(args.ds_config).read_text()),
         {},
         micro_batch_size=args.micro_batch,
@@ -241,7 +241,7 @@ def adapt(model, args) -> tuple:
 def timed_steps(engine, args, info) -> tuple[list[float], dict]:
     """(seconds of each measured step, RSS readings around the steps): warm-up, then --steps steps, each between
     barriers; collectives counted during the measured ones."""
-    dev = distributed.device()
+    dev = process_group.device()
     g = torch.Generator().manual_seed(info.rank)
     rss = {"build_peak": _proc_status_bytes("VmHWM"), "before_steps": _proc_status_bytes("VmRSS")}
     peak_reset = reset_peak_rss()
@@ -250,7 +250,7 @@ def timed_steps(engine, args, info) -> tuple[list[float], dict]:
     times = []
     for i in range(args.warmup + args.steps):
         x = torch.randint(0, args.vocab, (args.micro_batch, args.seq), generator=g).to(dev)
-        distributed.barrier()
+        process_group.barrier()
         COUNTING[0] = i >= args.warmup
         t0 = time.perf_counter()
         loss = engine(input_ids=x, labels=x).loss
@@ -259,7 +259,7 @@ def timed_steps(engine, args, info) -> tuple[list[float], dict]:
         if dev.type == "cuda":
             torch.cuda.synchronize()
         COUNTING[0] = False
-        distributed.barrier()
+        process_group.barrier()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     rss["steps_peak"] = _proc_status_bytes("VmHWM") if peak_reset else None
@@ -290,11 +290,11 @@ def main() -> None:
     args = parse_args()
     info, ds = join_and_configure(args)
     model, params = adapt(load_model(args, ds), args)
-    engine, _, _ = distributed.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
+    engine, _, _ = deepspeed_engine.build_engine(model, torch.optim.AdamW(params, lr=1e-4), None, ds)
     engine.train()
     times, rss = timed_steps(engine, args, info)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-    per_rank = distributed.all_gather_object(rank_figures(args, model, engine, rss))
+    per_rank = process_group.all_gather_object(rank_figures(args, model, engine, rss))
     if info.is_rank_zero:
         median = statistics.median(times)
         Path(args.result).write_text(

@@ -37,10 +37,10 @@ from _dsee_model import inject_random_dsee  # noqa: E402
 
 from dsee_dist.config import DSEEConfig, PruneConfig  # noqa: E402
 from dsee_dist.dsee.adapter import read_adapter, save_adapter  # noqa: E402
-from dsee_dist.engine.distributed import DistInfo  # noqa: E402
+from dsee_dist.engine.process_group import DistInfo  # noqa: E402
+from dsee_dist.models.flops import compare, flops_per_token  # noqa: E402
 from dsee_dist.models.loading import build_builtin_model  # noqa: E402
 from dsee_dist.models.pruned_gpt2 import load_pruned_model  # noqa: E402
-from dsee_dist.pruning.flops import compare, flops_per_token  # noqa: E402
 from dsee_dist.pruning.structured import prune_structured  # noqa: E402
 
 

@@ -161,9 +161,9 @@ def planned(spec: dict) -> dict:
 
 
 def _full_ds(spec: dict) -> dict:
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import deepspeed_engine
 
-    return distributed.build_deepspeed_config(
+    return deepspeed_engine.build_deepspeed_config(
         spec["ds"], {}, micro_batch_size=spec["micro_batch"], grad_accum_steps=1, grad_clip=1.0, world_size=1
     )
 
@@ -188,12 +188,12 @@ def measure(specs: list[dict]) -> list[dict]:
 
     import torch
 
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import process_group
     from dsee_dist.recipes.loss import token_loss_sum
 
     warnings.filterwarnings("ignore")
-    distributed.init_distributed()
-    dev = distributed.device()
+    process_group.init_distributed()
+    dev = process_group.device()
     results = []
     for spec in specs:
         gc.collect()
@@ -228,7 +228,7 @@ def run_steps(spec: dict, ds: dict, dev, loss_fn) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import deepspeed_engine
     from dsee_dist.models import loading
 
     if ds["zero_optimization"]["stage"] == 3:
@@ -249,7 +249,7 @@ def run_steps(spec: dict, ds: dict, dev, loss_fn) -> None:
     if spec["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    engine, _, _ = distributed.build_engine(model, optimizer, None, ds)
+    engine, _, _ = deepspeed_engine.build_engine(model, optimizer, None, ds)
     engine.train()
     for step in range(spec["steps"]):
         loss, _ = loss_fn(engine, _batch(spec, step, config.vocab_size), dev, spec["chunk_tokens"])

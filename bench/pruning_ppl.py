@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from bench._common import write_json  # noqa: E402
 from dsee_dist.config import PRUNE_MODULE_KINDS, PruneConfig  # noqa: E402
-from dsee_dist.engine.distributed import DistInfo  # noqa: E402
+from dsee_dist.engine.process_group import DistInfo  # noqa: E402
 from dsee_dist.eval import perplexity  # noqa: E402
 from dsee_dist.utils.files import write_text_atomic  # noqa: E402
 
@@ -106,8 +106,8 @@ def nonzero_block_weights(model) -> tuple[int, int]:
 def run_row(name: str, args, tokens: dict, out: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from dsee_dist.models.flops import flops_per_token
     from dsee_dist.models.pruned_gpt2 import register
-    from dsee_dist.pruning.flops import flops_per_token
     from dsee_dist.pruning.structured import calibration_modules, prune_structured
     from dsee_dist.pruning.targets import prunable_matrices
     from dsee_dist.pruning.unstructured import prune_unstructured

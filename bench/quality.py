@@ -623,7 +623,7 @@ def model_report(model_dir: Path) -> dict:
     """FLOPs per token (dsee_dist.pruning.flops) and the share of zeros in the q/v/MLP matrices."""
     from transformers import AutoConfig
 
-    from dsee_dist.pruning.flops import flops_per_token
+    from dsee_dist.models.flops import flops_per_token
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     flops = flops_per_token(config)

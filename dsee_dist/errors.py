@@ -1,4 +1,5 @@
-"""User-facing errors: anything raised as a `DSEEError` is printed as one line and exits non-zero."""
+"""User-facing errors: anything raised as a `DSEEError` is printed as one line and exits non-zero
+(engine/process_exit.py: `reports_errors` on every command's `main`)."""
 
 
 class DSEEError(Exception):
@@ -9,23 +10,3 @@ class DSEEError(Exception):
 
 class ConfigError(DSEEError):
     """The experiment config is invalid."""
-
-
-def reports_errors(command: str):
-    """Decorator for a command's entry point: a `DSEEError` it raises becomes one line on stderr,
-    `dsee-dist COMMAND: error: MESSAGE`, and the error's exit status."""
-    import functools
-    import sys
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        def entry(*args, **kwargs) -> int:
-            try:
-                return fn(*args, **kwargs)
-            except DSEEError as exc:
-                print(f"dsee-dist {command}: error: {exc}", file=sys.stderr)
-                return exc.exit_code
-
-        return entry
-
-    return decorate

@@ -2,7 +2,7 @@
 # Multi-node DSEE training with DeepSpeed's launcher and a hostfile (see hostfile.example).
 #
 #   ssh launcher, run once on the first node (passwordless ssh to every host, same paths everywhere):
-#       launch/deepspeed_multinode.sh hostfile configs/gpt2_medium_multinode.yaml [section.key=value ...]
+#       launch/deepspeed_multinode.sh hostfile configs/multinode/gpt2_medium.yaml [section.key=value ...]
 #   no ssh: run on every node, NODE_RANK = the node's line in the hostfile (0-based), same MASTER_ADDR:
 #       MASTER_ADDR=node001 NODE_RANK=0 launch/deepspeed_multinode.sh --no-ssh hostfile configs/... [...]
 #       MASTER_ADDR=node001 NODE_RANK=1 launch/deepspeed_multinode.sh --no-ssh hostfile configs/... [...]

@@ -2,7 +2,8 @@
 
 - `schema.py`: the dataclasses (one per YAML section; `Literal` choices, one-line help per key), the choice
   lists derived from them, and derived values (`global_batch_size`).
-- `loading.py`: YAML files with `extends:`, dotted overrides, type checking, path resolution, dump.
+- `loading.py`: YAML files with `extends:`, dotted overrides, type checking, dump (validates what it builds).
+- `paths.py`: where a relative path in a config points (`resolve_path`).
 - `validation.py`: every problem of a config collected and raised together in one ConfigError.
 
 One owner per knob: the YAML holds the science (model, data, DSEE, optimisation); the DeepSpeed JSON named
@@ -17,8 +18,8 @@ from dsee_dist.config.loading import (
     merge_nested,
     parse_overrides,
     resolve_extends,
-    resolve_path,
 )
+from dsee_dist.config.paths import resolve_path
 from dsee_dist.config.schema import (
     DATA_FORMATS,
     FUSED_SLICE_NAMES,

@@ -14,20 +14,8 @@ from typing import Any
 import yaml
 
 from dsee_dist.config.schema import Config
+from dsee_dist.config.validation import validate as validate_config
 from dsee_dist.errors import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def raise_problems(problems: list[str]) -> None:
-    """One ConfigError for every problem found (its message lists them all); nothing if there are none."""
-    if not problems:
-        return
-    message = problems[0] if len(problems) == 1 else f"{len(problems)} problems in the config: " + "; ".join(problems)
-    error = ConfigError(message)
-    error.problems = list(problems)
-    raise error
-
 
 # ---------------------------------------------------------------------------------------------
 # Building a Config from nested dicts, with type checking and unknown-key errors.
@@ -189,8 +177,6 @@ def _read_yaml(path: Path) -> dict:
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a YAML experiment config, apply dotted overrides, validate. Raises ConfigError."""
-    from dsee_dist.config.validation import validate
-
     data: dict = {}
     source_dir = ""
     if path is not None:
@@ -200,30 +186,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     data = merge_nested(data, parse_overrides(list(overrides)))
     cfg = build_section(Config, data)
     cfg.source_dir = source_dir
-    validate(cfg)
+    validate_config(cfg)
     return cfg
 
 
 def config_from_dict(data: dict, validate: bool = True) -> Config:
     """A Config from a resolved dict (e.g. a checkpoint's). `validate=False` skips the checks, for configs
     recorded on another machine."""
-    from dsee_dist.config.validation import validate as validate_config
-
     cfg = build_section(Config, data)
     if validate:
         validate_config(cfg)
     return cfg
-
-
-def resolve_path(cfg: Config, value: str) -> Path:
-    """A relative path from the config: working directory first, then the YAML's directory, then the repo."""
-    p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
-        return p
-    for base in (cfg.source_dir, str(REPO_ROOT)):
-        if base and (Path(base) / p).exists():
-            return Path(base) / p
-    return p
 
 
 def dump_yaml(cfg: Config) -> str:

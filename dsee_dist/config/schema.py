@@ -41,6 +41,30 @@ PRUNE_GROUPINGS = typing.get_args(PruneGrouping)
 PRUNE_MODULE_KINDS = typing.get_args(PruneModuleKind)
 HEAD_ROUNDINGS = typing.get_args(HeadRounding)
 
+# model.builtin: name -> GPT-2 shape. Built-in models are randomly initialised from train.seed (no download;
+# models/loading.py builds them).
+BUILTIN_MODELS: dict[str, dict] = {
+    "gpt2-tiny": dict(n_layer=2, n_embd=64, n_head=4, n_positions=256),
+    "gpt2-mini": dict(n_layer=4, n_embd=128, n_head=4, n_positions=512),
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, n_positions=1024),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, n_positions=1024),
+}
+
+# The columns each data format reads, by the format's own names (`data.fields` maps them to a dataset's names),
+# and the chat roles (`data.roles` maps other names to them). Data the config is checked against; the data
+# package reads them from here (data/columns.py).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "e2e": ("mr", "ref"),
+    "synthetic_e2e": ("mr", "ref"),
+    "jsonl": ("prompt", "completion"),
+    "chat": ("messages",),
+    "instruction": ("instruction", "input", "output"),
+    "text": (),
+}
+CHAT_ROLES = ("system", "user", "assistant")
+
 
 def global_batch_size(micro_batch_size: int, grad_accum_steps: int, world_size: int) -> int:
     """Examples per optimizer step over all ranks: micro_batch_size x grad_accum_steps x world_size."""
@@ -68,8 +92,8 @@ class ModelConfig:
     builtin: str | None = field(
         default=None,
         metadata={
-            "help": "a small built-in configuration (models.BUILTIN_MODELS), randomly initialised from train.seed, "
-            "with a tokenizer trained locally on the training data"
+            "help": "a small built-in GPT-2 (config.schema.BUILTIN_MODELS: gpt2-tiny to gpt2-xl), randomly initialised "
+            "from train.seed, with a tokenizer trained locally on the training data"
         },
     )
     tokenizer_vocab_size: int = field(

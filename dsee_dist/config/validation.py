@@ -12,8 +12,19 @@ import os
 import typing
 from pathlib import Path
 
-from dsee_dist.config.loading import raise_problems, resolve_path
-from dsee_dist.config.schema import Config, PruneConfig
+from dsee_dist.config.paths import resolve_path
+from dsee_dist.config.schema import BUILTIN_MODELS, CHAT_ROLES, FORMAT_COLUMNS, Config, PruneConfig
+from dsee_dist.errors import ConfigError
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One ConfigError for every problem found (its message lists them all); nothing if there are none."""
+    if not problems:
+        return
+    message = problems[0] if len(problems) == 1 else f"{len(problems)} problems in the config: " + "; ".join(problems)
+    error = ConfigError(message)
+    error.problems = list(problems)
+    raise error
 
 
 def _looks_like_hub_name(value: str) -> bool:
@@ -52,8 +63,6 @@ def check_choices(section, prefix: str, problems: list[str]) -> None:
 
 
 def _check_model(cfg: Config, problems: list[str]) -> None:
-    from dsee_dist.models.loading import BUILTIN_MODELS  # light module: no torch at import
-
     m = cfg.model
     if (m.path is None) == (m.builtin is None):
         problems.append(
@@ -89,8 +98,6 @@ def _check_data(cfg: Config, problems: list[str]) -> None:
                     f"data.{key} '{value}' does not exist; give a local {d.format} file or directory"
                     + (" or a hub dataset name" if d.format != "text" else "")
                 )
-    from dsee_dist.data.columns import FORMAT_COLUMNS, ROLES  # light module: no torch at import
-
     known = FORMAT_COLUMNS.get(d.format, ())
     for name in d.fields:
         if name not in known:
@@ -99,8 +106,8 @@ def _check_data(cfg: Config, problems: list[str]) -> None:
                 + (f"; its columns are: {', '.join(known)}" if known else " (it reads no named columns)")
             )
     for name, role in d.roles.items():
-        if role not in ROLES:
-            problems.append(f"data.roles: '{name}' maps to '{role}'; map it to one of: {', '.join(ROLES)}")
+        if role not in CHAT_ROLES:
+            problems.append(f"data.roles: '{name}' maps to '{role}'; map it to one of: {', '.join(CHAT_ROLES)}")
     if d.packing and d.group_by_length:
         problems.append("data.packing and data.group_by_length are alternatives (packed rows are all near block_size)")
     if d.packing and d.format == "text":

@@ -1,17 +1,12 @@
-"""The columns each data format reads and the chat roles it knows, as data (no torch or datasets at import:
-config validation reads it)."""
+"""The columns each data format reads and the chat roles it knows, as data (no torch or datasets at import).
+The columns of each format and the three chat roles are part of the config schema (config validation checks
+`data.fields` and `data.roles` against them); the names other datasets use are here."""
 
 from __future__ import annotations
 
-# The columns a format reads, by the format's own names; `data.fields` maps them to a dataset's names.
-FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "e2e": ("mr", "ref"),
-    "synthetic_e2e": ("mr", "ref"),
-    "jsonl": ("prompt", "completion"),
-    "chat": ("messages",),
-    "instruction": ("instruction", "input", "output"),
-    "text": (),
-}
+from dsee_dist.config.schema import CHAT_ROLES, FORMAT_COLUMNS
+
+__all__ = ["ALTERNATIVE_COLUMNS", "FORMAT_COLUMNS", "OPTIONAL_COLUMNS", "ROLES", "ROLE_ALIASES"]
 
 # Columns used when a dataset has none of the format's own names (the E2E dataset on the hub; ShareGPT).
 ALTERNATIVE_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -23,7 +18,7 @@ ALTERNATIVE_COLUMNS: dict[str, dict[str, tuple[str, ...]]] = {
 # Columns a row may lack (an empty value is used).
 OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {"instruction": ("input",)}
 
-ROLES = ("system", "user", "assistant")
+ROLES = CHAT_ROLES
 
 # Role names other datasets use (ShareGPT: human/gpt), always known; `data.roles` adds more.
 ROLE_ALIASES = {

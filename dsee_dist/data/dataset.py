@@ -39,7 +39,7 @@ from dsee_dist.data.encoding import E2E_SEPARATOR, Encoder, e2e_prompt, resolve_
 from dsee_dist.data.packing import Packer
 from dsee_dist.data.sources import load_source, quiet_datasets
 from dsee_dist.data.synthetic_e2e import generate_examples, write_csv
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.errors import DSEEError
 
 logger = logging.getLogger(__name__)
@@ -355,7 +355,7 @@ def load_splits(cfg: Config, tokenizer, out_dir: Path) -> tuple[TokenizedSplit, 
             shutil.rmtree(work, ignore_errors=True)
             _remove_if_empty(cache.parent)
 
-    distributed.on_local_rank_zero(build_cache)
+    process_group.on_local_rank_zero(build_cache)
     train = datasets.load_from_disk(str(cache / "train"))
     evals = datasets.load_from_disk(str(cache / "eval"))
     return TokenizedSplit.from_dataset(train), TokenizedSplit.from_dataset(evals)

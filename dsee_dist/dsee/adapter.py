@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from dsee_dist.dsee.inject import dsee_layers
 from dsee_dist.dsee.layer import DSEELayer, delta_from_factors
-from dsee_dist.engine import distributed
+from dsee_dist.engine import zero
 from dsee_dist.errors import DSEEError
 from dsee_dist.utils.files import atomic_directory
 
@@ -31,7 +31,7 @@ def save_adapter(model, target: Path, *, base_model: str, dsee_cfg, is_rank_zero
     layers_meta = {}
     for name, layer in dsee_layers(model).items():
         params = list(layer.adapter_params().items())
-        with distributed.gathered([p for _, p in params]):
+        with zero.gathered([p for _, p in params]):
             if is_rank_zero:
                 for key, param in params:
                     tensors[f"{name}.{key}"] = param.detach().to("cpu", torch.float32, copy=True).contiguous()

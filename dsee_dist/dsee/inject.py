@@ -16,9 +16,10 @@ import torch.nn as nn
 
 from dsee_dist.dsee.layer import DSEELayer, PruneMask, base_shape, is_conv1d, slice_rows
 from dsee_dist.dsee.support import matrix_generator
-from dsee_dist.engine import distributed
+from dsee_dist.engine import zero
 from dsee_dist.errors import ConfigError
-from dsee_dist.models.families import family_of, model_shape
+from dsee_dist.models.families import family_of
+from dsee_dist.models.shape import model_shape
 
 SLICE_ORDER = ("q", "k", "v")
 
@@ -223,7 +224,7 @@ def count_prune_mask_entries(model: nn.Module) -> tuple[int | None, int]:
     `kept` is None when a mask is partitioned (ZeRO-3): its values are then only known after gathering."""
     masks = [m.mask for m in model.modules() if isinstance(m, PruneMask)]
     total = sum(_numel(mask) for mask in masks)
-    if any(distributed.is_partitioned(mask) for mask in masks):
+    if any(zero.is_partitioned(mask) for mask in masks):
         return None, total
     return sum(int(mask.count_nonzero()) for mask in masks), total
 

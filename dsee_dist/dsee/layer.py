@@ -45,7 +45,8 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
 
 # Per device type (x.device.type): "fused" or "autograd" (module docstring); other devices use "autograd".
 # CPU: "autograd", as fast as "fused" within the noise on SmolLM2-135M's q_proj/v_proj (bench/dsee_layer.py
-# --shapes smollm2, paired per-iteration ratio fused/autograd 1.00 and 1.03, README); CUDA: not measured yet.
+# --shapes smollm2, paired per-iteration ratio fused/autograd 1.00 and 1.03, docs/performance.md);
+# CUDA: not measured yet.
 SPARSE_UPDATE_PATH = {"cpu": "autograd", "cuda": "autograd"}
 SPARSE_UPDATE_PATHS = ("autograd", "fused")
 

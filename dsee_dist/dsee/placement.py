@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from dsee_dist.dsee.inject import TargetSpec
 from dsee_dist.dsee.layer import slice_rows, weight_out_in
 from dsee_dist.dsee.support import matrix_generator, select_support
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group, zero
 from dsee_dist.errors import DSEEError
 from dsee_dist.utils.files import atomic_path
 
@@ -76,7 +76,7 @@ def compute_supports(
         my_matrix = None
         for owner, (spec, slice_idx, name) in enumerate(jobs[round_start : round_start + world_size]):
             weight, rows = _matrix_of(model, spec, slice_idx)
-            with distributed.gathered([weight]):
+            with zero.gathered([weight]):
                 if owner == rank:
                     module = model.get_submodule(spec.name)
                     my_matrix = (name, weight_out_in(module)[rows].detach().to("cpu", torch.float32, copy=True))
@@ -96,7 +96,7 @@ def compute_supports(
         done = min(round_start + world_size, len(jobs))
         logger.info(f"support ({dsee_cfg.support}): {done}/{len(jobs)} matrices, {time.time() - t0:.1f}s")
     supports: dict[str, torch.Tensor] = {}
-    for part in distributed.all_gather_object(mine):
+    for part in process_group.all_gather_object(mine):
         supports.update(part)
     return supports
 
@@ -119,5 +119,5 @@ def load_or_compute_support(
                 str(tmp),
                 metadata={"dsee_support": json.dumps(settings)},
             )
-    distributed.barrier()
+    process_group.barrier()
     return supports

@@ -8,11 +8,15 @@
 - `zero.py`: ZeRO-3 parameter helpers (`gathered`, `full_tensor`, `is_partitioned`, `partitioned_init`).
 - `shm.py`: shared-memory housekeeping for DeepSpeed's CPU allreduce.
 - `launcher.py`: the `deepspeed` launcher command lines and their environment (no deepspeed import).
+- `memory.py`: the memory a run holds per rank under each ZeRO stage, behind `dsee-dist plan` (no deepspeed
+  import: DeepSpeed's partitioning, buckets and offload as arithmetic over the DeepSpeed JSON).
 - `checkpoint.py`, `reshard.py`, `preemption.py`: sharded checkpoints, resuming at another world size or
   ZeRO stage, and stopping on a signal with a checkpoint (import them by name).
+- `process_exit.py`: how a command's process ends: one error line instead of a traceback
+  (`reports_errors`), an exit without interpreter teardown (`exit_process`).
 
-`from dsee_dist import engine` gives the names below; `from dsee_dist.engine import distributed` is the
-same interface under its earlier module name.
+`from dsee_dist import engine` gives the names below; the modules above give them by their own module
+(`from dsee_dist.engine import process_group; process_group.barrier()`).
 """
 
 from dsee_dist.engine.deepspeed_engine import (
@@ -20,6 +24,7 @@ from dsee_dist.engine.deepspeed_engine import (
     build_deepspeed_config,
     build_engine,
     build_optimizer,
+    deepspeed_config_of,
     inner_optimizer,
     optimizer_state_numel,
     reports_grad_norm,
@@ -59,6 +64,7 @@ __all__ = [
     "build_engine",
     "build_optimizer",
     "deepspeed_command",
+    "deepspeed_config_of",
     "device",
     "free_port",
     "full_tensor",

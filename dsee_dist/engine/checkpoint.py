@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from dsee_dist.config import global_batch_size
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.errors import DSEEError
 from dsee_dist.utils.files import write_text_atomic
 
@@ -104,9 +104,9 @@ def save_checkpoint(
     if dist_info.is_rank_zero:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / partial, ignore_errors=True)  # left by a save that was killed
-    distributed.barrier()
+    process_group.barrier()
     write_rank_shards(engine, root / partial, step, dist_info)
-    distributed.barrier()  # every rank's shards are on disk
+    process_group.barrier()  # every rank's shards are on disk
     final = root / tag
     if dist_info.is_rank_zero:
         for name, source in dict(extra_files).items():
@@ -133,7 +133,7 @@ def save_checkpoint(
         write_text_atomic(root / LATEST, tag)
         _prune(root, keep_last)
         logger.info(f"checkpoint: step {step} saved to {final}")
-    distributed.barrier()
+    process_group.barrier()
     return final
 
 

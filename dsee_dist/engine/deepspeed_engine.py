@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dsee_dist.config import global_batch_size, merge_nested
+from dsee_dist.config import global_batch_size, merge_nested, resolve_path
 from dsee_dist.errors import ConfigError
 
 
@@ -70,6 +70,20 @@ def build_deepspeed_config(
         # The optimizer is built in code (torch AdamW, or DeepSpeedCPUAdam when offloading).
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     return ds
+
+
+def deepspeed_config_of(cfg, world_size: int) -> dict:
+    """The DeepSpeed config of an experiment config run at `world_size` ranks: its engine JSON
+    (`deepspeed.config`), `deepspeed.overrides` and the settings the experiment owns (`build_deepspeed_config`).
+    The trainer and `dsee-dist plan` both use it."""
+    return build_deepspeed_config(
+        resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
+        cfg.deepspeed.overrides,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        grad_clip=cfg.train.grad_clip,
+        world_size=world_size,
+    )
 
 
 def zero_stage(ds_config: dict) -> int:

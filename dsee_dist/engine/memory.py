@@ -1,5 +1,8 @@
-"""Per-rank memory of a DSEE training run, from shapes alone (no torch, no weights): the arithmetic behind
-`dsee-dist plan`.
+"""Per-rank memory of a DSEE training run, from shapes alone (no weights): the arithmetic behind `dsee-dist plan`.
+
+The model's shape, its projections and parameter count are `dsee_dist.models.shape`'s; what is here is the memory
+DeepSpeed's ZeRO stages hold for them (partitioning, reduce buckets, fp32 master copies, offload, read from the
+DeepSpeed JSON with DeepSpeed's defaults), and what autograd and the loss keep alive.
 
 Every figure is bytes on one rank at the step's peak, which is at the start of backward: all saved activations
 plus the loss's transient buffers are alive on top of the model and optimizer state of the previous step.
@@ -25,9 +28,12 @@ plus the loss's transient buffers are alive on top of the model and optimizer st
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from dsee_dist.errors import ConfigError
+from dsee_dist.models import families
+from dsee_dist.models.shape import LinearModule, ModelShape, linear_modules, model_shape, parameter_count
 
 FP32 = 4
 GIB = 1024**3
@@ -43,134 +49,26 @@ DS_DEFAULTS = {
 }
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the plan needs of a decoder: its sizes, read from a Hugging Face config.json."""
-
-    family: str  # "gpt2" or "llama" (Llama, Mistral, Qwen2-style decoders)
-    n_layer: int
-    hidden: int
-    n_head: int
-    n_kv_head: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    positions: int
-    tied_embeddings: bool
-    activation: str
-    dropout: float = 0.0  # residual dropout in training (GPT-2's resid_pdrop); masks are saved when > 0
-    attention_bias: bool = False
-    mlp_bias: bool = False
-
-    @property
-    def kv_width(self) -> int:
-        return self.n_kv_head * self.head_dim
-
-
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+# The decoders whose blocks the activation model below covers (transformers' GPT-2 and Llama-style blocks); a
+# structurally pruned GPT-2's per-layer config is not planned.
+PLANNED_FAMILIES = (families.GPT2, families.LLAMA, families.QWEN2)
+PLANNED_TYPES = tuple(t for f in PLANNED_FAMILIES for t in f.model_types if t != "dsee_pruned_gpt2")
 
 
 def shape_from_hf_config(config: dict, dropout: float | None = None) -> ModelShape:
-    """A ModelShape from a config.json dict. `dropout` overrides the config's (model.dropout)."""
+    """The shape of a config.json dict for the plan (`models.shape.model_shape`); `dropout` overrides the
+    config's residual dropout (model.dropout) where the family has one. A one-line ConfigError for a model
+    whose blocks the plan does not model."""
     model_type = config.get("model_type", "")
-    if model_type == "gpt2":
-        hidden = config["n_embd"]
-        resid = config.get("resid_pdrop", 0.1) if dropout is None else dropout
-        return ModelShape(
-            "gpt2",
-            config["n_layer"],
-            hidden,
-            config["n_head"],
-            config["n_head"],
-            hidden // config["n_head"],
-            config.get("n_inner") or 4 * hidden,
-            config["vocab_size"],
-            config.get("n_positions", 1024),
-            config.get("tie_word_embeddings", True),
-            config.get("activation_function", "gelu_new"),
-            float(resid),
-            True,
-            True,
+    if model_type not in PLANNED_TYPES:
+        raise ConfigError(
+            f"dsee-dist plan knows GPT-2 and Llama-style decoders ({', '.join(PLANNED_TYPES)}), "
+            f"not model_type '{model_type}'; plan a model of one of those families"
         )
-    if model_type in LLAMA_LIKE:
-        hidden, heads = config["hidden_size"], config["num_attention_heads"]
-        return ModelShape(
-            "llama",
-            config["num_hidden_layers"],
-            hidden,
-            heads,
-            config.get("num_key_value_heads") or heads,
-            config.get("head_dim") or hidden // heads,
-            config["intermediate_size"],
-            config["vocab_size"],
-            config.get("max_position_embeddings", 2048),
-            config.get("tie_word_embeddings", False),
-            config.get("hidden_act", "silu"),
-            0.0,
-            bool(config.get("attention_bias", model_type == "qwen2")),
-            bool(config.get("mlp_bias", False)),
-        )
-    raise ConfigError(
-        f"dsee-dist plan knows GPT-2 and Llama-style decoders ({', '.join(('gpt2',) + LLAMA_LIKE)}), "
-        f"not model_type '{model_type}'; plan a model of one of those families"
-    )
-
-
-@dataclass(frozen=True)
-class LinearModule:
-    """One projection of the model: its name, shape, and which activation is its input (`input_name`: modules
-    with the same input name read the same tensor, so an adapted module's saved input is shared)."""
-
-    name: str
-    in_features: int
-    out_features: int
-    input_name: str
-    bias: bool
-    layer: int  # -1 for the LM head
-
-
-def linear_modules(shape: ModelShape) -> list[LinearModule]:
-    """Every projection, named as in transformers (GPT-2: transformer.h.N.attn.c_attn, ...; Llama:
-    model.layers.N.self_attn.q_proj, ...)."""
-    h, ff, kv = shape.hidden, shape.intermediate, shape.kv_width
-    q_width = shape.n_head * shape.head_dim
-    mods: list[LinearModule] = []
-    for i in range(shape.n_layer):
-        if shape.family == "gpt2":
-            p = f"transformer.h.{i}."
-            mods += [
-                LinearModule(p + "attn.c_attn", h, 3 * h, "attn_norm", True, i),
-                LinearModule(p + "attn.c_proj", h, h, "attn_out", True, i),
-                LinearModule(p + "mlp.c_fc", h, ff, "mlp_norm", True, i),
-                LinearModule(p + "mlp.c_proj", ff, h, "mlp_act", True, i),
-            ]
-        else:
-            p = f"model.layers.{i}."
-            ab, mb = shape.attention_bias, shape.mlp_bias
-            mods += [
-                LinearModule(p + "self_attn.q_proj", h, q_width, "attn_norm", ab, i),
-                LinearModule(p + "self_attn.k_proj", h, kv, "attn_norm", ab, i),
-                LinearModule(p + "self_attn.v_proj", h, kv, "attn_norm", ab, i),
-                LinearModule(p + "self_attn.o_proj", q_width, h, "attn_out", False, i),
-                LinearModule(p + "mlp.gate_proj", h, ff, "mlp_norm", mb, i),
-                LinearModule(p + "mlp.up_proj", h, ff, "mlp_norm", mb, i),
-                LinearModule(p + "mlp.down_proj", ff, h, "mlp_act", mb, i),
-            ]
-    mods.append(LinearModule("lm_head", h, shape.vocab, "final_norm", False, -1))
-    return mods
-
-
-def parameter_count(shape: ModelShape) -> int:
-    """All parameters of the model (tied embeddings counted once), as transformers builds it."""
-    h = shape.hidden
-    linears = [m for m in linear_modules(shape) if not (m.name == "lm_head" and shape.tied_embeddings)]
-    total = sum(m.in_features * m.out_features + (m.out_features if m.bias else 0) for m in linears)
-    total += shape.vocab * h
-    if shape.family == "gpt2":
-        total += shape.positions * h + (2 * shape.n_layer + 1) * 2 * h  # position table, LayerNorm weight + bias
-    else:
-        total += (2 * shape.n_layer + 1) * h  # RMSNorm weights
-    return total
+    shape = model_shape(config, purpose="dsee-dist plan")
+    if dropout is None or shape.family.dropout_key is None:
+        return shape
+    return dataclasses.replace(shape, dropout=float(dropout))
 
 
 @dataclass(frozen=True)
@@ -292,40 +190,42 @@ class MemoryPlan:
         return self.peak <= device_bytes
 
 
+def _norm_saved_per_token(shape: ModelShape, b: int) -> int:
+    """Bytes a norm saves per token: its input (Llama's RMSNorm an fp32 copy of it) and its statistics
+    (LayerNorm's mean and rstd; RMSNorm's rsqrt)."""
+    if shape.family.norm == "rmsnorm":
+        return shape.hidden * FP32 + FP32
+    return shape.hidden * b + 2 * FP32
+
+
 def _layer_saved_bytes(
     shape: ModelShape,
+    layer: int,
     adapted_in_layer: list[AdaptedModule],
     w: Workload,
     b: int,
     rank: int,
     num_sparse: int,
-    first_layer: bool,
 ) -> int:
     """Bytes autograd saves for one block in forward (frozen base, DSEE on `adapted_in_layer`)."""
     tokens = w.micro_batch_size * w.seq_len
-    h, ff, kv = shape.hidden, shape.intermediate, shape.kv_width
-    q_width = shape.n_head * shape.head_dim
-    per_token = 0  # bytes per token
-    norm_bytes = FP32 if shape.family == "llama" else b  # Llama's RMSNorm saves an fp32 copy of its input
-    stats = 2 * FP32 if shape.family == "gpt2" else FP32  # LayerNorm mean + rstd; RMSNorm's rsqrt
-    # The block's first norm: its input needs no gradient in the first block (frozen embeddings).
-    if not first_layer:
-        per_token += h * norm_bytes + stats
-    per_token += h * norm_bytes + stats  # the norm before the MLP
-    # Attention (SDPA): q, k, v, output, log-sum-exp (fp32 per head).
-    if shape.family == "gpt2":
-        per_token += (3 * h + h) * b  # q, k, v are views of c_attn's output, which stays alive whole
+    h, ff, kv = shape.hidden, shape.inner[layer], shape.kv_width(layer)
+    q_width = shape.q_width(layer)
+    # The block's first norm (its input needs no gradient in the first block: frozen embeddings), the MLP's norm.
+    per_token = _norm_saved_per_token(shape, b) * (1 if layer == 0 else 2)
+    # Attention (SDPA): q, k, v, output, log-sum-exp (fp32 per head). A fused projection's q, k, v are views of its
+    # output, which stays alive whole; repeat_kv under a mask saves keys and values for every query head.
+    grouped = shape.kv_heads[layer] != shape.heads[layer]
+    kv_saved = q_width if (w.padded and grouped) else kv
+    per_token += (q_width + 2 * kv_saved + q_width) * b + shape.heads[layer] * FP32
+    # The MLP's activation: a SwiGLU's gate output (for SiLU), SiLU output and up output (for the product);
+    # GPT-2's gelu_new is four elementwise ops.
+    if shape.family.mlp_gate:
+        per_token += 3 * ff * b
     else:
-        kv_saved = q_width if (w.padded and shape.n_kv_head != shape.n_head) else kv  # repeat_kv under a mask
-        per_token += (q_width + 2 * kv_saved + q_width) * b
-    per_token += shape.n_head * FP32
-    # The MLP's activation.
-    if shape.family == "gpt2":
         per_token += (4 if shape.activation == "gelu_new" else 1) * ff * b
-        if shape.dropout > 0:  # residual dropout masks (bool) after attention and after the MLP
-            per_token += 2 * h
-    else:
-        per_token += 3 * ff * b  # gate output (for SiLU), SiLU output and up output (for the product)
+    if shape.dropout > 0:  # residual dropout masks (bool) after attention and after the MLP
+        per_token += 2 * h
     # Adapted modules: their input (once per distinct input), the rank-r projection and the sparse gather.
     widths = {"attn_norm": h, "attn_out": q_width, "mlp_norm": h, "mlp_act": ff}
     for name in {a.module.input_name for a in adapted_in_layer}:
@@ -344,12 +244,10 @@ def activation_bytes(
     """(saved activations without checkpointing, peak activations with checkpointing), bytes."""
     tokens = w.micro_batch_size * w.seq_len
     per_layer = [
-        _layer_saved_bytes(
-            shape, [a for a in adapted if a.module.layer == i], w, b, rank, num_sparse, first_layer=i == 0
-        )
+        _layer_saved_bytes(shape, i, [a for a in adapted if a.module.layer == i], w, b, rank, num_sparse)
         for i in range(shape.n_layer)
     ]
-    final_norm = tokens * (shape.hidden * (FP32 if shape.family == "llama" else b) + FP32)
+    final_norm = tokens * (shape.hidden * (FP32 if shape.family.norm == "rmsnorm" else b) + FP32)
     mask = w.micro_batch_size * w.seq_len * w.seq_len if w.padded else 0  # the 4-D boolean attention mask
     plain = sum(per_layer) + final_norm + mask
     # Checkpointed: each block's input hidden state, plus one block recomputed during backward.
@@ -383,49 +281,34 @@ def chunked_loss_bytes_per_position(shape: ModelShape) -> int:
     return shape.vocab * 2 * FP32
 
 
-def compute_plan(
-    shape: ModelShape,
-    adapted: list[AdaptedModule],
-    rank: int,
-    num_sparse: int,
-    engine: EngineSettings,
-    workload: Workload,
-    total_params: int | None = None,
-    extra_trainable: list[int] = (),
-) -> MemoryPlan:
-    """The per-rank memory plan of one configuration. `total_params`: the model's parameter count (default:
-    `parameter_count(shape)`); `extra_trainable`: trained tensors outside `adapted` (full fine-tuning's
-    embeddings and norms)."""
-    b = engine.dtype_bytes
-    n = engine.world_size
-    stage = engine.zero_stage
-    trainable_tensors = [t for a in adapted for t in a.tensors(rank, num_sparse)] + list(extra_trainable)
-    trainable = sum(trainable_tensors)
-    total = parameter_count(shape) if total_params is None else total_params
-    trained_base = sum(t for a in adapted if a.kind == "full" for t in a.tensors(rank, num_sparse))
-    frozen = total - trained_base - sum(extra_trainable)
-    notes: list[str] = []
+def _parameter_rows(
+    shape: ModelShape, engine: EngineSettings, trainable_tensors: list[int], frozen: int
+) -> tuple[dict[str, int], list[str]]:
+    """The rows of the frozen base and the trainable working copy (and ZeRO-3's gathered parameters), with the
+    note on the latter."""
+    b, n, trainable = engine.dtype_bytes, engine.world_size, sum(trainable_tensors)
+    if engine.zero_stage != 3:
+        return {"frozen parameters": frozen * b, "trainable parameters": trainable * b}, []
+    persistent = sum(t for t in trainable_tensors if t <= engine.persistence_threshold)
+    largest = max(m.in_features * m.out_features for m in linear_modules(shape))
+    gathered = min(frozen + trainable - persistent, max(engine.max_live_parameters, largest))
+    rows = {
+        "frozen parameters": 0 if engine.offload_param else -(-frozen // n) * b,
+        "trainable parameters": (persistent + -(-(trainable - persistent) // n)) * b,
+        "gathered parameters (ZeRO-3)": gathered * b,
+    }
+    note = (
+        f"ZeRO-3 keeps up to stage3_max_live_parameters={engine.max_live_parameters:.3g} gathered "
+        f"values alive in forward/backward ({gathered * b / GIB:.2f} GiB here)"
+    )
+    return rows, [note]
 
-    rows: dict[str, int] = {}
-    # Frozen base and trainable working copy.
-    if stage == 3:
-        rows["frozen parameters"] = 0 if engine.offload_param else -(-frozen // n) * b
-        persistent = sum(t for t in trainable_tensors if t <= engine.persistence_threshold)
-        rows["trainable parameters"] = (persistent + -(-(trainable - persistent) // n)) * b
-        gathered = min(
-            frozen + trainable - persistent,
-            max(engine.max_live_parameters, max(m.in_features * m.out_features for m in linear_modules(shape))),
-        )
-        rows["gathered parameters (ZeRO-3)"] = gathered * b
-        notes.append(
-            f"ZeRO-3 keeps up to stage3_max_live_parameters={engine.max_live_parameters:.3g} gathered "
-            f"values alive in forward/backward ({gathered * b / GIB:.2f} GiB here)"
-        )
-    else:
-        rows["frozen parameters"] = frozen * b
-        rows["trainable parameters"] = trainable * b
-    partition = trainable if stage == 0 else -(-trainable // n)
-    # Gradients and their buckets.
+
+def _optimizer_rows(engine: EngineSettings, trainable: int) -> tuple[dict[str, int], int]:
+    """The rows of the gradients, their reduce buckets and the optimizer state, and the bytes the optimizer
+    offload moves to host memory."""
+    b, stage = engine.dtype_bytes, engine.zero_stage
+    partition = trainable if stage == 0 else -(-trainable // engine.world_size)
     if stage == 0:
         grads = trainable * b + (trainable * FP32 if engine.bf16 else 0)  # bf16: fp32 master gradients too
         buckets = 0
@@ -443,22 +326,47 @@ def compute_plan(
         host = master + moments + partition * FP32
         master = moments = 0
         grads -= partition * FP32
-    rows["gradients"] = grads
-    rows["gradient reduce buckets"] = buckets
-    rows["optimizer: fp32 master + Adam moments"] = master + moments
+    rows = {
+        "gradients": grads,
+        "gradient reduce buckets": buckets,
+        "optimizer: fp32 master + Adam moments": master + moments,
+    }
+    return rows, host
+
+
+def compute_plan(
+    shape: ModelShape,
+    adapted: list[AdaptedModule],
+    rank: int,
+    num_sparse: int,
+    engine: EngineSettings,
+    workload: Workload,
+    total_params: int | None = None,
+    extra_trainable: list[int] = (),
+) -> MemoryPlan:
+    """The per-rank memory plan of one configuration. `total_params`: the model's parameter count (default:
+    `parameter_count(shape)`); `extra_trainable`: trained tensors outside `adapted` (full fine-tuning's
+    embeddings and norms)."""
+    b, n = engine.dtype_bytes, engine.world_size
+    trainable_tensors = [t for a in adapted for t in a.tensors(rank, num_sparse)] + list(extra_trainable)
+    trainable = sum(trainable_tensors)
+    total = parameter_count(shape) if total_params is None else total_params
+    trained_base = sum(t for a in adapted if a.kind == "full" for t in a.tensors(rank, num_sparse))
+    frozen = total - trained_base - sum(extra_trainable)
+    rows, notes = _parameter_rows(shape, engine, trainable_tensors, frozen)
+    optimizer_rows, host = _optimizer_rows(engine, trainable)
+    rows.update(optimizer_rows)
     act_plain, act_ckpt = activation_bytes(shape, adapted, workload, b, rank, num_sparse)
     log_plain, log_chunked = logits_bytes(shape, workload, b)
-    rows["activations" + (" (checkpointed)" if workload.activation_checkpointing else "")] = (
-        act_ckpt if workload.activation_checkpointing else act_plain
-    )
-    rows["logits + loss" + (f" (chunks of {workload.loss_chunk_tokens})" if workload.loss_chunk_tokens else "")] = (
-        log_chunked if workload.loss_chunk_tokens else log_plain
-    )
+    checkpointing, chunk = workload.activation_checkpointing, workload.loss_chunk_tokens
+    rows["activations" + (" (checkpointed)" if checkpointing else "")] = act_ckpt if checkpointing else act_plain
+    logits = log_chunked if chunk else log_plain
+    rows["logits + loss" + (f" (chunks of {chunk})" if chunk else "")] = logits
     if engine.offload_param:
         host += -(-frozen // n) * b
     positions = workload.micro_batch_size * workload.seq_len
     suggested = min(SUGGESTED_LOSS_CHUNK, positions)
-    logits = log_chunked if workload.loss_chunk_tokens else log_plain
+    buckets = rows["gradient reduce buckets"]
     if buckets:
         notes.append(
             f"the reduce bucket ({buckets / MIB:.0f} MiB) and the loss's buffers are not alive together; "

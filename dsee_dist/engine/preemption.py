@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.utils.signals import install_handlers, restore_handlers
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank was signalled."""
-        (flag,) = distributed.all_reduce_sum([1.0 if self.requested else 0.0])
+        (flag,) = process_group.all_reduce_sum([1.0 if self.requested else 0.0])
         return flag > 0
 
     def ignore_further_signals(self) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dsee_dist.engine import distributed
+from dsee_dist.engine import deepspeed_engine, zero
 from dsee_dist.errors import DSEEError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -101,7 +101,7 @@ def consolidate_trainable_state(checkpoint_dir: Path) -> tuple[dict[str, dict[st
 def _ensure_optimizer_state(engine) -> None:
     """Adam creates its state at the first step; create it (zeros) now so it can be written into, and
     let ZeRO-1/2 re-link its per-parameter views of the flat partitions."""
-    inner = distributed.inner_optimizer(engine)
+    inner = deepspeed_engine.inner_optimizer(engine)
     flats = [p for group in inner.param_groups for p in group["params"]]
     for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
         flats += list(getattr(engine.optimizer, attr, []) or [])
@@ -134,10 +134,10 @@ def load_resharded(engine, checkpoint_dir: Path) -> None:
         for key in MOMENTS:
             safe_set_full_optimizer_state(param, state[name][key], key)
         # the working (low-precision) copy the forward pass uses
-        with distributed.gathered([param], modifier_rank=0):
-            if not distributed.is_partitioned(param) or torch.distributed.get_rank() == 0:
+        with zero.gathered([param], modifier_rank=0):
+            if not zero.is_partitioned(param) or torch.distributed.get_rank() == 0:
                 param.data.copy_(value.to(param.dtype))
-    for group_state in distributed.inner_optimizer(engine).state.values():
+    for group_state in deepspeed_engine.inner_optimizer(engine).state.values():
         if "step" in group_state:
             group_state["step"] = (
                 torch.tensor(float(meta["step"])) if torch.is_tensor(group_state["step"]) else meta["step"]

@@ -171,7 +171,7 @@ def generate_texts(
 
     `model` is a plain causal LM (DSEE layers unmerged or merged) or, under ZeRO-3, the engine's module with
     `synced_gpus=True`. Collective when world_size > 1: every rank must call it with the same prompts."""
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import process_group
 
     if not prompts:
         return [], DecodeStats(0, 0.0)
@@ -180,7 +180,7 @@ def generate_texts(
     stop_ids = stop_token_ids(tokenizer, settings.stop_at_newline)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     batches = plan_batches(lengths, settings.batch_size)
-    share = distributed.rank_share(batches, rank, world_size, lockstep=synced_gpus)
+    share = process_group.rank_share(batches, rank, world_size, lockstep=synced_gpus)
     was_training = model.training
     model.eval()
     bar = None
@@ -202,7 +202,7 @@ def generate_texts(
         bar.close()
     model.train(was_training)
     seconds = time.time() - t0
-    gathered = distributed.all_gather_object(results) if world_size > 1 else [results]
+    gathered = process_group.all_gather_object(results) if world_size > 1 else [results]
     merged = {k: v for part in gathered for k, v in part.items()}
-    (total_tokens,) = distributed.all_reduce_sum([new_tokens]) if world_size > 1 else (new_tokens,)
+    (total_tokens,) = process_group.all_reduce_sum([new_tokens]) if world_size > 1 else (new_tokens,)
     return [merged[i] for i in range(len(prompts))], DecodeStats(int(total_tokens), seconds)

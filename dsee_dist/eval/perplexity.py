@@ -122,12 +122,12 @@ def compute_perplexity(
     log=None,
 ) -> PerplexityResult:
     """Collective when world_size > 1 (every rank calls it with the same tokens). `log`: progress lines."""
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import process_group
 
     windows = cut_windows(token_ids, seq_len)
     started = time.perf_counter()
     local_nll, local_count = window_sums(model, windows, rank, world_size, batch_size, log=log)
-    nll, count = distributed.all_reduce_sum([local_nll, float(local_count)])
+    nll, count = process_group.all_reduce_sum([local_nll, float(local_count)])
     mean_nll = nll / count
     return PerplexityResult(
         perplexity=math.exp(mean_nll),

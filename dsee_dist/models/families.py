@@ -1,8 +1,10 @@
 """Decoder families as data: where the attention and MLP projections of a block live, how a fused q/k/v
-projection is laid out, and where the shapes are in the Hugging Face config.
+projection is laid out, where the shapes are in the Hugging Face config, and what the block is made of (norms,
+biases, activation, position table).
 
-Used by DSEE injection (`dsee.target_modules: auto` adapts the family's q and v), both prunings, the FLOPs
-count and the pruned exports. All row layouts use the (out x in) convention.
+`dsee_dist.models.shape` turns a family and a config into the one description of a model's shape, which DSEE
+injection (`dsee.target_modules: auto` adapts the family's q and v), both prunings, the FLOPs count, the memory
+plan and the exports use. All row layouts use the (out x in) convention.
 
 Fused q/k/v layouts:
 - `blocked` (GPT-2 `c_attn`): rows [q | k | v], each `heads * head_dim` rows;
@@ -14,13 +16,16 @@ for `size` rows taken `block` at a time every `stride` rows (NeoX q: (0, H*hd, h
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from dsee_dist.config.schema import PRUNE_MODULE_KINDS
 from dsee_dist.errors import ConfigError
 
-# The prunable matrix kinds (prune.modules); attn_q/k/v are slices of a fused projection where one exists.
-KINDS = ("attn_q", "attn_k", "attn_v", "attn_out", "mlp_in", "mlp_out")
-QKV = ("attn_q", "attn_k", "attn_v")
+# The prunable matrix kinds (prune.modules, whose Literal in config/schema.py is the one list); attn_q/k/v are
+# slices of a fused projection where one exists.
+KINDS: tuple[str, ...] = PRUNE_MODULE_KINDS
+QKV = KINDS[:3]  # attn_q, attn_k, attn_v
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,20 @@ class Family:
     # Whether packed rows (data.packing) stay apart: transformers builds per-example causal masks from restarting
     # position ids; OPT's decoder makes an all-ones padding mask of its own first, which turns that off.
     packing: bool = True
+    # What the block is made of, for parameter counts and the memory plan. A bias is a config key (absent or
+    # None = no bias) or a constant; `positions_key` names a learned position table (None: rotary positions),
+    # `positions_offset` the rows it has beyond that (OPT's 2).
+    norm: str = "layernorm"  # "layernorm" (weight and bias) or "rmsnorm" (weight)
+    qkv_bias: str | bool = False
+    out_bias: str | bool = False
+    mlp_bias: str | bool = False
+    activation_key: str = "hidden_act"
+    dropout_key: str | None = None  # residual dropout
+    positions_key: str | None = None
+    positions_offset: int = 0
+
+    def __str__(self) -> str:
+        return self.name
 
     def is_fused(self) -> bool:
         return self.fused_qkv is not None
@@ -91,10 +110,16 @@ GPT2 = Family(
     layers_key="n_layer",
     head_dim_key="head_dim",
     structured_config="gpt2",
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+    activation_key="activation_function",
+    dropout_key="resid_pdrop",
+    positions_key="n_positions",
 )
 LLAMA = Family(
     name="llama",
-    model_types=("llama", "mistral", "qwen2"),
+    model_types=("llama", "mistral"),
     layers="model.layers",
     q="self_attn.q_proj",
     k="self_attn.k_proj",
@@ -106,7 +131,13 @@ LLAMA = Family(
     kv_heads_key="num_key_value_heads",
     head_dim_key="head_dim",
     structured_config="llama",
+    norm="rmsnorm",
+    qkv_bias="attention_bias",  # Mistral's config has no such key: no biases
+    out_bias="attention_bias",
+    mlp_bias="mlp_bias",
 )
+# A Llama block whose q, k and v always carry a bias (and o and the MLP never).
+QWEN2 = dataclasses.replace(LLAMA, name="qwen2", model_types=("qwen2",), qkv_bias=True, out_bias=False, mlp_bias=False)
 OPT = Family(
     name="opt",
     model_types=("opt",),
@@ -119,6 +150,13 @@ OPT = Family(
     mlp_out="fc2",
     inner_key="ffn_dim",
     packing=False,
+    qkv_bias="enable_bias",
+    out_bias="enable_bias",
+    mlp_bias="enable_bias",
+    activation_key="activation_function",
+    dropout_key="dropout",
+    positions_key="max_position_embeddings",
+    positions_offset=2,
 )
 GPT_NEOX = Family(
     name="gpt_neox",
@@ -131,14 +169,19 @@ GPT_NEOX = Family(
     mlp_in="mlp.dense_h_to_4h",
     mlp_out="mlp.dense_4h_to_h",
     fused_qkv="interleaved",
+    qkv_bias="attention_bias",
+    out_bias="attention_bias",
+    mlp_bias=True,
+    dropout_key="hidden_dropout",
 )
-FAMILIES = (GPT2, LLAMA, OPT, GPT_NEOX)
+FAMILIES = (GPT2, LLAMA, QWEN2, OPT, GPT_NEOX)
 SUPPORTED_TYPES = tuple(t for f in FAMILIES for t in f.model_types)
 
 
 def family_of(config, *, required: bool = True, purpose: str = "this") -> Family | None:
-    """The family of a model config (by model_type); None or a ConfigError for an unknown one."""
-    model_type = getattr(config, "model_type", None)
+    """The family of a model config or config.json dict (by model_type); None or a ConfigError for an unknown
+    one."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
     for family in FAMILIES:
         if model_type in family.model_types:
             return family
@@ -149,61 +192,3 @@ def family_of(config, *, required: bool = True, purpose: str = "this") -> Family
         f"(known: {', '.join(SUPPORTED_TYPES)}); for DSEE alone, name the projections explicitly, "
         f"e.g. dsee.target_modules=[q_proj,v_proj] dsee.fused_slices=[]"
     )
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Layer count, widths and per-layer head counts / MLP widths of one model."""
-
-    family: Family
-    n_layer: int
-    hidden: int
-    head_dim: int
-    heads: tuple[int, ...]  # query heads per layer
-    kv_heads: tuple[int, ...]  # key/value heads per layer (= heads without GQA)
-    inner: tuple[int, ...]  # MLP width per layer
-    vocab_size: int
-
-    def q_width(self, layer: int) -> int:
-        return self.heads[layer] * self.head_dim
-
-    def kv_width(self, layer: int) -> int:
-        return self.kv_heads[layer] * self.head_dim
-
-    def qkv_rows(self, layer: int) -> dict[str, tuple]:
-        """Slice tuples of q, k, v in their module's (out x in) weight (in a fused one: its part)."""
-        hd, qw, kw = self.head_dim, self.q_width(layer), self.kv_width(layer)
-        if self.family.fused_qkv == "blocked":
-            return {"attn_q": (0, qw), "attn_k": (qw, kw), "attn_v": (qw + kw, kw)}
-        if self.family.fused_qkv == "interleaved":
-            return {kind: (i * hd, qw, hd, 3 * hd) for i, kind in enumerate(QKV)}
-        return {"attn_q": (0, qw), "attn_k": (0, kw), "attn_v": (0, kw)}
-
-    def matrix_geometry(self, layer: int) -> dict[str, tuple[tuple, int]]:
-        """kind -> (rows slice tuple, in_features) of each prunable matrix of a layer."""
-        d, qw, inner = self.hidden, self.q_width(layer), self.inner[layer]
-        rows = self.qkv_rows(layer)
-        return {
-            **{kind: (rows[kind], d) for kind in QKV},
-            "attn_out": ((0, d), qw),
-            "mlp_in": ((0, inner), d),
-            "mlp_out": ((0, d), inner),
-        }
-
-
-def _get(config, key: str | None):
-    return getattr(config, key, None) if key else None
-
-
-def model_shape(config, purpose: str = "pruning") -> ModelShape:
-    """The shape of a model from its HF config (also a structurally pruned GPT-2's per-layer config)."""
-    family = family_of(config, purpose=purpose)
-    hidden, n_layer = _get(config, family.hidden_key), _get(config, family.layers_key)
-    n_heads = _get(config, family.heads_key)
-    head_dim = _get(config, family.head_dim_key) or hidden // n_heads
-    heads = tuple(getattr(config, "heads_per_layer", None) or [n_heads] * n_layer)
-    n_kv = _get(config, family.kv_heads_key) or n_heads
-    kv_heads = heads if n_kv == n_heads and family.kv_heads_key is None else tuple([n_kv] * n_layer)
-    inner_default = _get(config, family.inner_key) or 4 * hidden
-    inner = tuple(getattr(config, "inner_per_layer", None) or [inner_default] * n_layer)
-    return ModelShape(family, n_layer, hidden, head_dim, heads, kv_heads, inner, config.vocab_size)

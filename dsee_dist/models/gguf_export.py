@@ -35,9 +35,12 @@ import numpy as np
 import torch
 
 from dsee_dist.errors import DSEEError
+from dsee_dist.models.families import LLAMA, QWEN2
+from dsee_dist.models.shape import ModelShape, model_shape
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
-GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}  # model_type -> llama.cpp architecture
+# model_type -> llama.cpp architecture: the Llama family's types (llama, mistral) are `llama`, Qwen2 is `qwen2`.
+GGUF_ARCHES = {**dict.fromkeys(LLAMA.model_types, "llama"), **dict.fromkeys(QWEN2.model_types, "qwen2")}
 Q8_BLOCK = 32
 
 # tokenizer.json pre-tokenizers by the name llama.cpp gives them (`tokenizer.ggml.pre`); the split regexes are
@@ -75,10 +78,6 @@ def rope_theta(config) -> float:
     if isinstance(rope, dict) and "rope_theta" in rope:
         return float(rope["rope_theta"])
     return float(getattr(config, "rope_theta", 10000.0))
-
-
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def permute_qk(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -162,26 +161,10 @@ def _tensor_data(tensor: torch.Tensor, gguf_type: str):
     return data.astype(np.float16), None
 
 
-def write_gguf(model, tokenizer, target: Path, gguf_type: str = "f16", name: str | None = None) -> dict:
-    """Write `model` (a transformers Llama-family causal LM, any dtype) and `tokenizer` to `target`; returns a
-    summary (architecture, type, tensors, bytes)."""
+def _add_model_metadata(writer, config, shape: ModelShape, n_vocab: int, gguf_type: str, name: str | None) -> None:
+    """The model's name, file type and shape under gguf's keys."""
     import gguf
 
-    if gguf_type not in GGUF_TYPES:
-        raise DSEEError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not '{gguf_type}'")
-    config = model.config
-    arch = gguf_arch(config)
-    n_layer, n_head = config.num_hidden_layers, config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    head_dim = head_dim_of(config)
-    state = model.state_dict()
-    n_vocab = state["model.embed_tokens.weight"].shape[0]
-    tok = tokenizer_metadata(tokenizer, n_vocab)
-
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), arch)
     writer.add_type(gguf.GGUFType.MODEL)
     name = name or Path(getattr(config, "_name_or_path", "") or config.model_type).name
     # transformers' GGUF reader takes a `llama` file whose name is exactly "mistral" for a mistral architecture
@@ -197,18 +180,21 @@ def write_gguf(model, tokenizer, target: Path, gguf_type: str = "f16", name: str
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(n_vocab)
     writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // n_head:  # a pruned model: heads no longer split hidden_size
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_embedding_length(shape.hidden)
+    writer.add_block_count(shape.n_layer)
+    writer.add_feed_forward_length(shape.inner[0])
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_kv_head)
+    writer.add_rope_dimension_count(shape.head_dim)
+    if shape.head_dim != shape.hidden // shape.n_head:  # a pruned model: heads no longer split hidden_size
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
     writer.add_rope_freq_base(rope_theta(config))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
 
+
+def _add_tokenizer(writer, tok: dict) -> None:
+    """llama.cpp's `gpt2` vocabulary from `tokenizer_metadata`."""
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tok["pre"])
     writer.add_token_list(tok["tokens"])
@@ -222,24 +208,32 @@ def write_gguf(model, tokenizer, target: Path, gguf_type: str = "f16", name: str
     if tok["chat_template"]:
         writer.add_chat_template(tok["chat_template"])
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layer)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+def _add_tensors(writer, state: dict, config, shape: ModelShape, arch: str, gguf_type: str) -> int:
+    """Every tensor under its GGUF name (a tied LM head and rotary buffers left out; llama's q and k rows in
+    llama.cpp's order); returns how many were added."""
+    import gguf
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, shape.n_layer)
     count = 0
     for key, tensor in state.items():
-        if key == "lm_head.weight" and tied:
-            continue
-        if key.endswith("rotary_emb.inv_freq"):
+        if (key == "lm_head.weight" and shape.tied_embeddings) or key.endswith("rotary_emb.inv_freq"):
             continue
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise DSEEError(f"GGUF export: no GGUF name for tensor '{key}' of this {config.model_type} model")
         if arch == "llama" and ".self_attn.q_proj." in key:
-            tensor = permute_qk(tensor, n_head)
+            tensor = permute_qk(tensor, shape.n_head)
         elif arch == "llama" and ".self_attn.k_proj." in key:
-            tensor = permute_qk(tensor, n_kv)
+            tensor = permute_qk(tensor, shape.n_kv_head)
         data, raw = _tensor_data(tensor, gguf_type)
         writer.add_tensor(gguf_name, data, raw_dtype=raw)
         count += 1
+    return count
+
+
+def _write_file(writer, tmp: Path, target: Path) -> None:
+    """Header, metadata and tensors to `tmp` (removed on any failure), then renamed to `target`."""
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -250,4 +244,28 @@ def write_gguf(model, tokenizer, target: Path, gguf_type: str = "f16", name: str
         raise
     writer.close()
     os.replace(tmp, target)
+
+
+def write_gguf(model, tokenizer, target: Path, gguf_type: str = "f16", name: str | None = None) -> dict:
+    """Write `model` (a transformers Llama-family causal LM, any dtype) and `tokenizer` to `target`; returns a
+    summary (architecture, type, tensors, bytes)."""
+    import gguf
+
+    if gguf_type not in GGUF_TYPES:
+        raise DSEEError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, not '{gguf_type}'")
+    config = model.config
+    arch = gguf_arch(config)
+    shape = model_shape(config, purpose="GGUF export")
+    state = model.state_dict()
+    n_vocab = state["model.embed_tokens.weight"].shape[0]
+    tok = tokenizer_metadata(tokenizer, n_vocab)  # refuses a tokenizer llama.cpp cannot read before writing
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    _add_model_metadata(writer, config, shape, n_vocab, gguf_type, name)
+    _add_tokenizer(writer, tok)
+    count = _add_tensors(writer, state, config, shape, arch, gguf_type)
+    _write_file(writer, tmp, target)
     return {"arch": arch, "type": gguf_type, "tensors": count, "bytes": target.stat().st_size}

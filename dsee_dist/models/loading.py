@@ -13,17 +13,8 @@ import json
 import os
 from pathlib import Path
 
+from dsee_dist.config.schema import BUILTIN_MODELS
 from dsee_dist.utils.files import atomic_directory
-
-# name -> GPT-2 shape. Built-in models are randomly initialised from train.seed (no download).
-BUILTIN_MODELS: dict[str, dict] = {
-    "gpt2-tiny": dict(n_layer=2, n_embd=64, n_head=4, n_positions=256),
-    "gpt2-mini": dict(n_layer=4, n_embd=128, n_head=4, n_positions=512),
-    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024),
-    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, n_positions=1024),
-    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, n_positions=1024),
-    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, n_positions=1024),
-}
 
 BUILTIN_MARKER = "dsee_builtin.json"
 

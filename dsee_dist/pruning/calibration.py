@@ -21,7 +21,7 @@ import torch
 
 from dsee_dist.data import dataset as data
 from dsee_dist.dsee.layer import base_shape
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.engine.zero import is_partitioned
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def input_norms(
 
     chosen = calibration_indices(num_examples, len(split))
     batches = [chosen[start : start + batch_size] for start in range(0, len(chosen), batch_size)]
-    share = distributed.rank_share(batches, dist_info.rank, dist_info.world_size, lockstep=lockstep)
+    share = process_group.rank_share(batches, dist_info.rank, dist_info.world_size, lockstep=lockstep)
     logger.info(
         f"calibration: input norms of {len(modules)} modules over {len(chosen)} training examples "
         f"({100 * held_fraction(model):.0f}% of the model's parameters held on rank {dist_info.rank})"
@@ -102,5 +102,5 @@ def input_norms(
     # in_features of each module; a DSEE layer's is its wrapped base's
     widths = [base_shape(getattr(module, "base", module))[1] for module in map(model.get_submodule, modules)]
     flat = torch.cat([sums[name].cpu() if name in sums else torch.zeros(n) for name, n in zip(modules, widths)])
-    flat = distributed.all_reduce_tensor(flat.double()).float().sqrt()
+    flat = process_group.all_reduce_tensor(flat.double()).float().sqrt()
     return dict(zip(modules, (part.clone() for part in flat.split(widths))))

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.errors import DSEEError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
@@ -95,7 +95,7 @@ def write_pruned_model(
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    distributed.barrier()
+    process_group.barrier()
     shard = f"model-{rank + 1:05d}-of-{world + 1:05d}.safetensors"
     save_file({k: v.contiguous() for k, v in my_tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
     for name, tensors in dict(extra_shards).items():
@@ -108,7 +108,7 @@ def write_pruned_model(
         written.update({k: rest_shard for k in rest})
         my_tensors = {**my_tensors, **rest}
     sizes = sum(v.numel() * v.element_size() for v in my_tensors.values())
-    parts = distributed.all_gather_object((written, sizes))
+    parts = process_group.all_gather_object((written, sizes))
     if rank == 0:
         weight_map, total = {}, 0
         for part_written, part_sizes in parts:
@@ -119,8 +119,8 @@ def write_pruned_model(
         )
         copy_side_files(files.dir, tmp)
         write_rank_zero_files(tmp)
-    distributed.barrier()
+    process_group.barrier()
     if rank == 0:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-    distributed.barrier()
+    process_group.barrier()

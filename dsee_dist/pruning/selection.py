@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 
 
 def _keys(scores: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def kth_smallest_key(local: list[torch.Tensor], k: int) -> int:
             selected = keys if shift == 24 else keys[(keys >> (shift + 8)) == (prefix >> (shift + 8))]
             if selected.numel():
                 hist += torch.bincount(((selected >> shift) & 255).long(), minlength=256)
-        hist = distributed.all_reduce_tensor(hist)
+        hist = process_group.all_reduce_tensor(hist)
         cumulative = hist.cumsum(0)
         digit = int(torch.searchsorted(cumulative, torch.tensor(remaining), right=False))
         remaining -= int(cumulative[digit - 1]) if digit > 0 else 0
@@ -47,15 +47,15 @@ def lowest_k_masks(local_scores: dict[str, torch.Tensor], order: list[str], k: i
     if k <= 0:
         return {n: torch.zeros_like(local_scores[n], dtype=torch.bool) for n in names}
     keys = {n: _keys(local_scores[n]) for n in names}
-    (total,) = distributed.all_reduce_sum([sum(k.numel() for k in keys.values())])
+    (total,) = process_group.all_reduce_sum([sum(k.numel() for k in keys.values())])
     if k > total:
         raise ValueError(f"cannot prune {k} entries of a group of {int(total)}")
     threshold = kth_smallest_key([keys[n] for n in names], k)
     below = {n: keys[n] < threshold for n in names}
     equal_counts = {n: int((keys[n] == threshold).sum()) for n in names}
-    (n_below,) = distributed.all_reduce_sum([sum(int(b.sum()) for b in below.values())])
+    (n_below,) = process_group.all_reduce_sum([sum(int(b.sum()) for b in below.values())])
     counts: dict[str, int] = {}
-    for part in distributed.all_gather_object(equal_counts):
+    for part in process_group.all_gather_object(equal_counts):
         counts.update(part)
     quota = k - int(n_below)
     masks = {}

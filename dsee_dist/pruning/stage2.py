@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from dsee_dist.dsee.inject import TargetSpec, dsee_layers
 from dsee_dist.dsee.layer import row_slots
 from dsee_dist.dsee.placement import SUPPORT_FILE, support_settings
-from dsee_dist.engine import distributed
+from dsee_dist.engine import zero
 from dsee_dist.errors import DSEEError
 from dsee_dist.pruning.unstructured import MASKS_GLOB
 from dsee_dist.utils.files import atomic_path
@@ -85,7 +85,7 @@ def attach_keep_masks(model, model_dir: Path, ds_config: dict | None) -> tuple[i
     """Give every adapted module with a stored mask its PruneMask. Collective under ZeRO-3.
     Returns (masks attached, how many of them are partitioned across ranks)."""
     files = keep_mask_files(model_dir)
-    create = distributed.partitioned_init(ds_config)  # a fresh zero.Init context per module under ZeRO-3
+    create = zero.partitioned_init(ds_config)  # a fresh zero.Init context per module under ZeRO-3
     count = partitioned = 0
     for name, layer in dsee_layers(model).items():
         if name not in files:
@@ -93,8 +93,8 @@ def attach_keep_masks(model, model_dir: Path, ds_config: dict | None) -> tuple[i
         layer.attach_prune_mask(
             read_keep_mask(files[name], name),
             create_context=create() if create else None,
-            gathered=distributed.gathered,
+            gathered=zero.gathered,
         )
         count += 1
-        partitioned += distributed.is_partitioned(layer.prune_mask.mask)
+        partitioned += zero.is_partitioned(layer.prune_mask.mask)
     return count, partitioned

@@ -39,9 +39,9 @@ import torch
 from dsee_dist.config.schema import HEAD_ROUNDINGS
 from dsee_dist.dsee.adapter import layer_delta
 from dsee_dist.dsee.layer import row_slots, slice_rows
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.errors import ConfigError
-from dsee_dist.models.families import ModelShape, model_shape
+from dsee_dist.models.shape import ModelShape, model_shape
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
 from dsee_dist.pruning.scores import head_scores, lowest, neuron_scores, output_column_scores
 from dsee_dist.pruning.targets import file_to_out_in, module_name
@@ -285,7 +285,7 @@ def plan_structured(
         for layer in range(dist_info.rank, shape.n_layer, dist_info.world_size)
     }
     scores = {}
-    for part in distributed.all_gather_object(mine):
+    for part in process_group.all_gather_object(mine):
         scores.update(part)
     layers = range(shape.n_layer)
     if uniform_per_layer(prune_cfg):
@@ -422,6 +422,46 @@ def write_remote_code(target_dir: Path) -> None:
     shutil.copyfile(pruned_gpt2.__file__, Path(target_dir) / REMOTE_CODE_FILE)
 
 
+def _sliced_tensors(plan: dict, shape: ModelShape, files: ModelFiles, dist_info) -> tuple[dict, set[str]]:
+    """(the sliced weights and biases of the layers this rank owns (layer l: rank l % world_size), as stored; the
+    keys of every tensor the pruning replaces, over all layers)."""
+    conv1d = shape.family.conv1d
+    my_tensors, replaced = {}, set()
+    for layer in range(shape.n_layer):
+        for relative, (rows, cols) in layer_index_maps(plan, shape, layer).items():
+            module = module_name(shape, layer, relative)
+            bias_key = files.key(module, "bias")
+            replaced.add(files.key(module))
+            if files.has(bias_key):
+                replaced.add(bias_key)
+            if layer % dist_info.world_size != dist_info.rank:
+                continue
+            w = _weight(files, module, conv1d)
+            if rows is not None:
+                w = w[rows]
+            if cols is not None:
+                w = w[:, cols]
+            my_tensors[files.key(module)] = w.t().contiguous() if conv1d else w.contiguous()
+            if files.has(bias_key):
+                bias = files.get(bias_key)
+                my_tensors[bias_key] = bias[rows] if rows is not None else bias
+    return my_tensors, replaced
+
+
+def _structured_report(prune_cfg, plan: dict) -> dict:
+    return {
+        "method": "structured",
+        "score": prune_cfg.head_score,
+        "plan": plan,
+        "uniform_per_layer": uniform_per_layer(prune_cfg),
+        "heads_removed": sum(len(h) for h in plan["heads_removed"]),
+        "neurons_removed": sum(len(n) for n in plan["neurons_removed"]),
+        "heads_per_layer": [len(h) for h in plan["heads_kept"]],
+        "kv_heads_per_layer": [len(h) for h in plan["kv_heads_kept"]],
+        "inner_per_layer": [len(n) for n in plan["neurons_kept"]],
+    }
+
+
 def prune_structured(
     prune_cfg, base_dir: str, adapter: tuple[dict, dict], target: Path, dist_info, log=logger.info, input_norms=None
 ) -> dict:
@@ -434,49 +474,17 @@ def prune_structured(
     files = ModelFiles(base_dir)
     model_config = AutoConfig.from_pretrained(base_dir)
     shape = check_structured_request(prune_cfg, model_config)  # refuse impossible requests before any work
-    family = shape.family
     head_line = describe_head_request(prune_cfg, shape)
     if head_line:
         log(head_line)
     plan = plan_structured(prune_cfg, files, model_config, adapter, dist_info, input_norms)
-    n_heads = sum(len(h) for h in plan["heads_removed"])
-    n_neurons = sum(len(n) for n in plan["neurons_removed"])
+    report = _structured_report(prune_cfg, plan)
     log(
-        f"prune: removing {n_heads} of {sum(shape.heads)} attention heads and {n_neurons:,} of "
-        f"{sum(shape.inner):,} MLP neurons (score '{prune_cfg.head_score}')"
+        f"prune: removing {report['heads_removed']} of {sum(shape.heads)} attention heads and "
+        f"{report['neurons_removed']:,} of {sum(shape.inner):,} MLP neurons (score '{prune_cfg.head_score}')"
     )
-
-    my_tensors, replaced = {}, set()
-    for layer in range(shape.n_layer):
-        for relative, (rows, cols) in layer_index_maps(plan, shape, layer).items():
-            module = module_name(shape, layer, relative)
-            bias_key = files.key(module, "bias")
-            replaced.add(files.key(module))
-            if files.has(bias_key):
-                replaced.add(bias_key)
-            if layer % dist_info.world_size != dist_info.rank:
-                continue
-            w = _weight(files, module, family.conv1d)
-            if rows is not None:
-                w = w[rows]
-            if cols is not None:
-                w = w[:, cols]
-            my_tensors[files.key(module)] = w.t().contiguous() if family.conv1d else w.contiguous()
-            if files.has(bias_key):
-                bias = files.get(bias_key)
-                my_tensors[bias_key] = bias[rows] if rows is not None else bias
+    my_tensors, replaced = _sliced_tensors(plan, shape, files, dist_info)
     config = pruned_config(model_config, plan)
-    report = {
-        "method": "structured",
-        "score": prune_cfg.head_score,
-        "plan": plan,
-        "uniform_per_layer": uniform_per_layer(prune_cfg),
-        "heads_removed": n_heads,
-        "neurons_removed": n_neurons,
-        "heads_per_layer": [len(h) for h in plan["heads_kept"]],
-        "kv_heads_per_layer": [len(h) for h in plan["kv_heads_kept"]],
-        "inner_per_layer": [len(n) for n in plan["neurons_kept"]],
-    }
 
     def rank_zero_files(tmp: Path) -> None:
         config.save_pretrained(tmp)

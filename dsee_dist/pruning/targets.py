@@ -1,8 +1,8 @@
 """The prunable matrices of a decoder, named by kind, and where they live in the weight files.
 
-Kinds (`families.KINDS`): attn_q, attn_k, attn_v (separate projections, or slices of a fused one:
-GPT-2's [q | k | v] thirds, GPT-NeoX's per-head interleaved rows), attn_out, mlp_in (with the SwiGLU
-gate where the family has one, see `gate_matrix`), mlp_out. Embeddings, norms and the LM head are
+Kinds (`families.KINDS`: the config's `prune.modules` choices): attn_q, attn_k, attn_v (separate projections,
+or slices of a fused one: GPT-2's [q | k | v] thirds, GPT-NeoX's per-head interleaved rows), attn_out, mlp_in
+(with the SwiGLU gate where the family has one), mlp_out. Embeddings, norms and the LM head are
 never prunable. All matrices use the (out x in) convention; GPT-2's Conv1D stores (in x out) and is
 transposed at the edges (`file_to_out_in` / `out_in_to_file`).
 """
@@ -15,9 +15,10 @@ import torch
 
 from dsee_dist.dsee.layer import slice_rows
 from dsee_dist.errors import ConfigError
-from dsee_dist.models.families import KINDS, QKV, Family, ModelShape, model_shape
+from dsee_dist.models.families import KINDS, QKV, Family
+from dsee_dist.models.shape import ModelShape, model_shape
 
-__all__ = ["KINDS", "QKV", "PrunableMatrix", "model_shape", "prunable_matrices", "file_to_out_in", "out_in_to_file"]
+__all__ = ["KINDS", "QKV", "PrunableMatrix", "module_name", "prunable_matrices", "file_to_out_in", "out_in_to_file"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class PrunableMatrix:
 
 
 def module_name(shape: ModelShape, layer: int, relative: str) -> str:
-    return f"{shape.family.layers}.{layer}.{relative}"
+    return shape.module_name(layer, relative)
 
 
 def prunable_matrices(config, kinds: list[str]) -> list[PrunableMatrix]:

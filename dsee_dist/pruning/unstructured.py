@@ -19,18 +19,21 @@ ranks' weights, scores or masks. Output (`<target>`):
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dsee_dist.dsee.adapter import layer_delta
 from dsee_dist.dsee.layer import row_slots, slice_rows
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.pruning.model_files import ModelFiles, write_pruned_model
 from dsee_dist.pruning.scores import element_scores
 from dsee_dist.pruning.selection import lowest_k_masks
 from dsee_dist.pruning.targets import PrunableMatrix, file_to_out_in, out_in_to_file, prunable_matrices
 
+logger = logging.getLogger(__name__)
 REPORT_FILE = "dsee_pruning.json"
 MASKS_PATTERN = "dsee_masks-{rank:05d}.safetensors"
 MASKS_GLOB = "dsee_masks-*.safetensors"
@@ -91,6 +94,135 @@ def slice_positions(adapter_config: dict, matrix: PrunableMatrix, slice_index: i
     return slots[matrix.row_index()]
 
 
+@dataclass(frozen=True)
+class _Work:
+    """The matrices to prune, the group each is ranked in, and how modules are split over ranks (module i is
+    scored and written by rank i % world_size)."""
+
+    matrices: list[PrunableMatrix]
+    groups: dict[str, str]  # matrix name -> group
+    modules: list[str]  # every module holding a pruned matrix, in model order
+    mine: list[str]  # the modules this rank owns
+
+    @classmethod
+    def of(cls, prune_cfg, model_config, adapter_config: dict, dist_info) -> _Work:
+        matrices = prunable_matrices(model_config, prune_cfg.modules)
+        modules = list(dict.fromkeys(m.module for m in matrices))
+        groups = {
+            m.name: group_of(m, adapted_rows(adapter_config, m) is not None, prune_cfg.grouping) for m in matrices
+        }
+        mine = [module for i, module in enumerate(modules) if i % dist_info.world_size == dist_info.rank]
+        return cls(matrices, groups, modules, mine)
+
+    def of_module(self, module: str) -> list[PrunableMatrix]:
+        return [m for m in self.matrices if m.module == module]
+
+    def in_group(self, group: str) -> list[PrunableMatrix]:
+        return [m for m in self.matrices if self.groups[m.name] == group]
+
+
+def _owned_scores(prune_cfg, files: ModelFiles, adapter, work: _Work, seed: int, input_norms) -> dict:
+    """group -> matrix name -> element scores, for the matrices of the modules this rank owns."""
+    adapter_config, adapter_tensors = adapter
+    scores: dict[str, dict[str, torch.Tensor]] = {}
+    for module in work.mine:
+        matrices = work.of_module(module)
+        w0 = file_to_out_in(files.get(files.key(module)), matrices[0].conv1d).float()
+        delta = layer_delta(adapter_config, adapter_tensors, module) if module in adapter_config["layers"] else None
+        norm = input_norms.get(module) if input_norms else None
+        for m in matrices:
+            d = m.rows_of(delta) if delta is not None and adapted_rows(adapter_config, m) is not None else None
+            scores.setdefault(work.groups[m.name], {})[m.name] = element_scores(
+                prune_cfg.score, m.rows_of(w0), d, seed=seed, name=m.name, input_norm=norm
+            )
+    return scores
+
+
+def _group_masks(prune_cfg, group: str, members: list[PrunableMatrix], scores: dict, dense: list[str]):
+    """(pruned-entry masks of this rank's matrices of the group, the group's ratio, entries pruned over all
+    ranks): N:M groups, the lowest of each row, or one global threshold (collective: all-reduced histograms)."""
+    ratio = prune_cfg.group_ratios.get(group, prune_cfg.ratio)
+    pattern = prune_cfg.nm_pattern
+    if pattern:
+        n_keep, m_group = pattern
+        k = sum(m.numel * (m_group - n_keep) // m_group for m in members if m.name not in dense)
+        masks = {
+            name: torch.zeros_like(s, dtype=torch.bool) if name in dense else lowest_per_group_of_m(s, n_keep, m_group)
+            for name, s in scores.items()
+        }
+        return masks, 1 - n_keep / m_group, k
+    if prune_cfg.grouping == "row":
+        k = sum(m.rows[1] * round(ratio * m.in_features) for m in members)
+        return {name: lowest_per_row(s, ratio) for name, s in scores.items()}, ratio, k
+    k = round(ratio * sum(m.numel for m in members))
+    return lowest_k_masks(scores, [m.name for m in members], k), ratio, k
+
+
+def _select_pruned(prune_cfg, work: _Work, scores: dict, log) -> tuple[dict, dict, list[str]]:
+    """(matrix name -> pruned-entry mask for this rank's matrices, per-group statistics, the matrices an N:M
+    pattern leaves dense)."""
+    pattern = prune_cfg.nm_pattern
+    dense = [m.name for m in work.matrices if pattern and m.in_features % pattern[1]]
+    if dense:
+        widths = {m.name: m.in_features for m in work.matrices}
+        log(
+            f"prune: pattern {pattern[0]}:{pattern[1]}: {len(dense)} matrices left dense, their input width not a "
+            f"multiple of {pattern[1]}: " + ", ".join(f"{name} ({widths[name]})" for name in dense)
+        )
+    pruned: dict[str, torch.Tensor] = {}
+    group_stats = {}
+    for group in sorted(set(work.groups.values())):
+        members = work.in_group(group)
+        masks, ratio, k = _group_masks(prune_cfg, group, members, scores.get(group, {}), dense)
+        pruned.update(masks)
+        total = sum(m.numel for m in members)
+        group_stats[group] = {"ratio": ratio, "pruned": k, "numel": total, "matrices": len(members)}
+        by_row = prune_cfg.grouping == "row"
+        how = f", {pattern[0]} of every {pattern[1]} inputs of a row kept" if pattern else ", per output row" * by_row
+        log(
+            f"prune: group '{group}': {k:,} of {total:,} entries ({100.0 * k / max(total, 1):.2f}%) "
+            f"over {len(members)} matrices{how}, score '{prune_cfg.score}'"
+        )
+    return pruned, group_stats, dense
+
+
+def _pruned_module(files: ModelFiles, adapter_config: dict, work: _Work, module: str, pruned: dict):
+    """(the module's pruned weight as stored, the keep mask of its adapted rows or None, its matrices' stats)."""
+    matrices = work.of_module(module)
+    conv1d = matrices[0].conv1d
+    w = file_to_out_in(files.get(files.key(module)), conv1d).clone()
+    stats = {}
+    for m in matrices:
+        rows = m.row_index()
+        w[rows] = w[rows].masked_fill(pruned[m.name], 0)
+        count = int(pruned[m.name].sum())
+        stats[m.name] = {"kind": m.kind, "group": work.groups[m.name], "pruned": count, "numel": m.numel}
+    meta = adapter_config["layers"].get(module)
+    keep = None
+    if meta is not None:
+        keep = torch.ones(len(meta["slices"]), meta["slices"][0][1], meta["in_features"], dtype=torch.bool)
+        for m in matrices:
+            i = adapted_rows(adapter_config, m)
+            if i is not None:
+                keep[i, slice_positions(adapter_config, m, i)] = ~pruned[m.name]
+    return out_in_to_file(w, conv1d), keep, stats
+
+
+def _report(prune_cfg, work: _Work, group_stats: dict, dense: list[str], stats: dict, adapter_config: dict) -> dict:
+    pattern = prune_cfg.nm_pattern
+    return {
+        "method": "unstructured",
+        "score": prune_cfg.score,
+        "grouping": prune_cfg.grouping,
+        "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
+        "dense_matrices": dense,
+        "groups": group_stats,
+        "matrices": {m.name: stats[m.name] for m in work.matrices},
+        "total": {"pruned": sum(s["pruned"] for s in stats.values()), "numel": sum(s["numel"] for s in stats.values())},
+        "masks": MASKS_GLOB if adapter_config["layers"] else None,
+    }
+
+
 def prune_unstructured(
     prune_cfg,
     base_dir: str,
@@ -99,120 +231,32 @@ def prune_unstructured(
     dist_info,
     *,
     seed: int,
-    log=print,
+    log=logger.info,
     input_norms: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Collective. Writes the pruned model to `target`; returns the report (on every rank). `input_norms`: per
     module, the calibration norms of its input features (`calibration.input_norms`), for score `activation`."""
     from transformers import AutoConfig
 
-    adapter_config, adapter_tensors = adapter
+    adapter_config = adapter[0]
     files = ModelFiles(base_dir)
     model_config = AutoConfig.from_pretrained(base_dir)
-    matrices = prunable_matrices(model_config, prune_cfg.modules)
-    modules = list(dict.fromkeys(m.module for m in matrices))
-    conv1d = {m.module: m.conv1d for m in matrices}
-    owner = {module: i % dist_info.world_size for i, module in enumerate(modules)}
-    mine = [m for m in modules if owner[m] == dist_info.rank]
-    groups = {m.name: group_of(m, adapted_rows(adapter_config, m) is not None, prune_cfg.grouping) for m in matrices}
-    by_name = {m.name: m for m in matrices}
-
-    # 1. Scores of the modules this rank owns.
-    scores: dict[str, dict[str, torch.Tensor]] = {}
-    for module in mine:
-        w0 = file_to_out_in(files.get(files.key(module)), conv1d[module]).float()
-        delta = layer_delta(adapter_config, adapter_tensors, module) if module in adapter_config["layers"] else None
-        norm = input_norms.get(module) if input_norms else None
-        for m in (m for m in matrices if m.module == module):
-            d = m.rows_of(delta) if delta is not None and adapted_rows(adapter_config, m) is not None else None
-            scores.setdefault(groups[m.name], {})[m.name] = element_scores(
-                prune_cfg.score, m.rows_of(w0), d, seed=seed, name=m.name, input_norm=norm
-            )
-
-    # 2. One global threshold per group, the lowest of each row, or the lowest of each group of M inputs of a row
-    # (the last two need no other rank's scores).
-    pruned: dict[str, torch.Tensor] = {}
-    group_stats = {}
-    by_row = prune_cfg.grouping == "row"
-    pattern = prune_cfg.nm_pattern
-    dense = [m.name for m in matrices if pattern and m.in_features % pattern[1]]
-    if dense:
-        log(
-            f"prune: pattern {pattern[0]}:{pattern[1]}: {len(dense)} matrices left dense, their input width not a "
-            f"multiple of {pattern[1]}: " + ", ".join(f"{name} ({by_name[name].in_features})" for name in dense)
-        )
-    for group in sorted(set(groups.values())):
-        order = [m.name for m in matrices if groups[m.name] == group]
-        total = sum(m.numel for m in matrices if groups[m.name] == group)
-        ratio = prune_cfg.group_ratios.get(group, prune_cfg.ratio)
-        if pattern:
-            n_keep, m_group = pattern
-            ratio = 1 - n_keep / m_group
-            k = sum(
-                m.numel * (m_group - n_keep) // m_group
-                for m in matrices
-                if groups[m.name] == group and m.name not in dense
-            )
-            pruned.update(
-                {
-                    name: torch.zeros_like(s, dtype=torch.bool)
-                    if name in dense
-                    else lowest_per_group_of_m(s, n_keep, m_group)
-                    for name, s in scores.get(group, {}).items()
-                }
-            )
-        elif by_row:
-            k = sum(m.rows[1] * round(ratio * m.in_features) for m in matrices if groups[m.name] == group)
-            pruned.update({name: lowest_per_row(s, ratio) for name, s in scores.get(group, {}).items()})
-        else:
-            k = round(ratio * total)
-            pruned.update(lowest_k_masks(scores.get(group, {}), order, k))
-        group_stats[group] = {"ratio": ratio, "pruned": k, "numel": total, "matrices": len(order)}
-        how = f", {pattern[0]} of every {pattern[1]} inputs of a row kept" if pattern else ", per output row" * by_row
-        log(
-            f"prune: group '{group}': {k:,} of {total:,} entries ({100.0 * k / max(total, 1):.2f}%) "
-            f"over {len(order)} matrices{how}, score '{prune_cfg.score}'"
-        )
+    work = _Work.of(prune_cfg, model_config, adapter_config, dist_info)
+    # 1. Scores of the modules this rank owns; 2. what each group loses; 3. the pruned weights and the masks of
+    # the adapted rows, for the modules this rank owns.
+    scores = _owned_scores(prune_cfg, files, adapter, work, seed, input_norms)
+    pruned, group_stats, dense = _select_pruned(prune_cfg, work, scores, log)
     del scores
-
-    # 3. The pruned weights and the masks of the adapted rows, for the modules this rank owns.
     my_tensors, my_masks, my_stats = {}, {}, {}
-    for module in mine:
-        key = files.key(module)
-        w = file_to_out_in(files.get(key), conv1d[module]).clone()
-        module_matrices = [m for m in matrices if m.module == module]
-        for m in module_matrices:
-            rows = m.row_index()
-            w[rows] = w[rows].masked_fill(pruned[m.name], 0)
-            my_stats[m.name] = {
-                "kind": m.kind,
-                "group": groups[m.name],
-                "pruned": int(pruned[m.name].sum()),
-                "numel": m.numel,
-            }
-        my_tensors[key] = out_in_to_file(w, conv1d[module])
-        meta = adapter_config["layers"].get(module)
-        if meta is not None:
-            keep = torch.ones(len(meta["slices"]), meta["slices"][0][1], meta["in_features"], dtype=torch.bool)
-            for m in module_matrices:
-                i = adapted_rows(adapter_config, m)
-                if i is not None:
-                    keep[i, slice_positions(adapter_config, m, i)] = ~pruned[m.name]
+    for module in work.mine:
+        my_tensors[files.key(module)], keep, module_stats = _pruned_module(files, adapter_config, work, module, pruned)
+        my_stats.update(module_stats)
+        if keep is not None:
             my_masks[f"{module}.keep"] = keep
     stats: dict[str, dict] = {}
-    for part in distributed.all_gather_object(my_stats):
+    for part in process_group.all_gather_object(my_stats):
         stats.update(part)
-    report = {
-        "method": "unstructured",
-        "score": prune_cfg.score,
-        "grouping": prune_cfg.grouping,
-        "pattern": f"{pattern[0]}:{pattern[1]}" if pattern else None,
-        "dense_matrices": dense,
-        "groups": group_stats,
-        "matrices": {m.name: stats[m.name] for m in matrices},
-        "total": {"pruned": sum(s["pruned"] for s in stats.values()), "numel": sum(s["numel"] for s in stats.values())},
-        "masks": MASKS_GLOB if adapter_config["layers"] else None,
-    }
+    report = _report(prune_cfg, work, group_stats, dense, stats, adapter_config)
 
     def rank_zero_files(tmp: Path) -> None:
         model_config.save_pretrained(tmp)
@@ -222,7 +266,7 @@ def prune_unstructured(
         target,
         files,
         my_tensors,
-        {files.key(m) for m in modules},
+        {files.key(m) for m in work.modules},
         rank_zero_files,
         dist_info,
         extra_shards={MASKS_PATTERN.format(rank=dist_info.rank): my_masks} if my_masks else {},

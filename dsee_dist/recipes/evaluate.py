@@ -20,22 +20,19 @@ import logging
 import sys
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError, reports_errors
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import DSEEError
 from dsee_dist.eval.metrics import METRICS, E2EScorer, normalize_metric_names
 from dsee_dist.eval.references import read_hypotheses, read_references, read_text_references
 from dsee_dist.eval.text_metrics import TEXT_METRICS, normalize_text_metric_names, score_text
 from dsee_dist.recipes import perplexity
-from dsee_dist.utils.files import write_text_atomic
+from dsee_dist.utils.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 
 def default_scores_path(hyp_path: Path) -> Path:
     return hyp_path.with_name(hyp_path.stem + ".scores.json")
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
 def is_free_text(refs_path: Path) -> bool:
@@ -76,6 +73,13 @@ def score_text_outputs(hyps: list[str], refs, hyp_path: Path, metrics=TEXT_METRI
         "tokenizer": "sacrebleu 13a (BLEU, chrF); lower-cased whitespace (ROUGE_L)",
         "unavailable": {},
     }
+
+
+def write_scores(hyps: list[str], refs, hyp_path: Path) -> dict:
+    """`score_outputs` of the outputs written at `hyp_path`, also written beside them (OUTPUTS.scores.json)."""
+    result = score_outputs(hyps, refs, hyp_path)
+    write_json_atomic(default_scores_path(hyp_path), result)
+    return result
 
 
 def evaluate_files(refs_path: Path, hyp_path: Path, metrics=None, scorer: E2EScorer | None = None) -> dict:
@@ -123,12 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     perplexity.add_arguments(parser)
 
 
-@reports_errors("evaluate")
-def run(args: argparse.Namespace) -> int:
+@reports_errors("dsee-dist evaluate")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist evaluate") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
     if args.perplexity:
         if args.refs or args.hyp:
             raise DSEEError("--perplexity scores a model on a text; give it without --refs/--hyp")
-        return perplexity.run(args)
+        return perplexity.score_model(args)
     if not (args.refs and args.hyp):
         raise DSEEError("give --refs and --hyp (scoring outputs) or --perplexity TEXT_FILE --model SOURCE")
     logging.basicConfig(level=logging.INFO, format="[dsee] %(message)s")
@@ -143,9 +150,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"dsee-dist evaluate: warning: {why}", file=sys.stderr)
     report(result, out)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsee-dist evaluate", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

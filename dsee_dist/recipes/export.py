@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 
 from dsee_dist.engine.checkpoint import find_resume_checkpoint, read_trainer_state
-from dsee_dist.errors import DSEEError, reports_errors
-from dsee_dist.utils.files import atomic_directory
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import DSEEError
+from dsee_dist.recipes import methods
 
 # The model-building modules (transformers, DeepSpeed: seconds to import) are imported where they are used,
 # so that `dsee-dist export` refuses a wrong path or a missing --adapter/--merged at once.
-
-EXPORT_REPORT = "dsee_export.json"
 
 
 def load_trainable_tensors(checkpoint_dir: Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -55,8 +54,6 @@ def build_peft_model_from_checkpoint(checkpoint_dir: Path, cfg, base: str):
     rebuilt as the trainer built them (recipes/methods.py: Supra's support from the same base weights, SHiRA's
     mask from the same seed); a support that differs from the checkpoint's is an error, not a silent load."""
     from transformers import AutoModelForCausalLM
-
-    from dsee_dist.recipes import methods
 
     model, params = methods.prepare_trainable(cfg, AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -131,25 +128,6 @@ def merge_into_base(model) -> None:
         set_submodule(model, name, layer.base)
 
 
-def save_merged(model, base_model: str, target: Path, report: dict | None = None) -> None:
-    """An ordinary Hugging Face directory: the model, the base model's tokenizer, a structurally pruned model's
-    modeling file and the export report; written atomically."""
-    from transformers import AutoTokenizer
-
-    from dsee_dist.pruning.structured import write_remote_code
-
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if getattr(model.config, "auto_map", None):  # a structurally pruned model: ship its modeling file
-            write_remote_code(tmp)
-        try:
-            AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
-        except (OSError, ValueError, TypeError):  # a base without a tokenizer: the model alone
-            pass
-        if report is not None:
-            (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=1))
-
-
 def sparsity_report(model, pruning: dict | None) -> dict:
     """Zeros actually present in every prunable matrix of the merged model (per matrix and in total)."""
     from dsee_dist.dsee.layer import weight_out_in
@@ -181,13 +159,13 @@ def export_merged(model, cfg, base: str, target: Path, log=print):
     """Merge a model from `build_model_from_checkpoint` (pruning masks applied to the merged weights) and
     write it with `dsee_export.json`: the real sparsity of every prunable matrix and the FLOPs per token.
     Returns (the report, the merged model)."""
-    from dsee_dist.pruning.flops import flops_per_token
+    from dsee_dist.models.flops import flops_per_token
     from dsee_dist.pruning.unstructured import read_report
 
     model = merge_model(model)
     report = sparsity_report(model, read_report(Path(base)) if Path(base).is_dir() else None)
     report["flops_per_token"] = flops_per_token(model.config, cfg.prune.flops_context)
-    save_merged(model, base, Path(target), report)
+    methods.save_hf_model(model, base, Path(target), report)
     total = report["total"]
     log(
         f"merged model written to {target}: {total['zeros']:,} of {total['numel']:,} prunable weights are zero "
@@ -239,9 +217,9 @@ def resolve_checkpoint(path: str) -> Path:
     return found
 
 
-@reports_errors("export")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsee-dist export", description=__doc__.split("\n")[0])
+@reports_errors("dsee-dist export")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument(
         "checkpoint",
         help="a checkpoint directory, a checkpoints/ root, or a run's output.dir; with --gguf alone also a merged "
@@ -276,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         gguf_arch(model.config if not hasattr(model, "peft_config") else model.base_model.model.config)
     print(f"[dsee] export: {ckpt} (base {base})", flush=True)
     if args.adapter and hasattr(model, "peft_config"):  # lora, supra, shira: a PEFT adapter directory
-        from dsee_dist.recipes.methods import save_peft_adapter
-
-        save_peft_adapter(model, Path(args.adapter), base_model=base, is_rank_zero=True)
+        methods.save_peft_adapter(model, Path(args.adapter), base_model=base, is_rank_zero=True)
         print(f"[dsee] adapter written to {args.adapter}", flush=True)
     elif args.adapter:
         from dsee_dist.dsee.adapter import save_adapter

@@ -1,35 +1,28 @@
-"""DSEE fine-tuning on the DeepSpeed engine.
-
-    python -m dsee_dist.train --config configs/quickstart.yaml [section.key=value ...]
-    deepspeed --num_gpus 2 --module dsee_dist.train --config ...   # or torchrun, or srun
+"""DSEE fine-tuning on the DeepSpeed engine (started by recipes/run.py: `python -m dsee_dist.train`).
 
 The path of a run, top to bottom:
 
-    main -> setup_run     config, process group, output dir, data, base model, tokenizer (shared by stages)
+    setup_run             process group, output dir, data, base model, tokenizer (shared by stages)
          -> train         one stage into one output directory:
               setup       resume decision, model (partitioned under ZeRO-3), support of S, DSEE injection, engine
-              fit         the loop: train_step, log, periodic evaluate, checkpoint / preemption stop
-              evaluate    perplexity on the evaluation set
+              fit         the loop: train_step, log, periodic evaluate_loss, checkpoint / preemption stop
+              evaluate_loss  loss and perplexity on the evaluation set
               save        the adapter
-    (prune.method != none: main hands over to recipes/two_stage.py, which runs `train` per stage itself)
+    (prune.method != none: recipes/run.py hands the run to recipes/two_stage.py, which runs `train` per stage)
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import os
 import shutil
-import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dsee_dist.config import Config, dump_yaml, load_config, resolve_path
+from dsee_dist.config import Config, dump_yaml, resolve_path
 from dsee_dist.data import dataset as data
 from dsee_dist.dsee.inject import (
     check_num_sparse,
@@ -41,35 +34,20 @@ from dsee_dist.dsee.inject import (
     parameter_summary,
 )
 from dsee_dist.dsee.placement import SUPPORT_FILE, load_or_compute_support
-from dsee_dist.engine import checkpoint, distributed
+from dsee_dist.engine import checkpoint, deepspeed_engine, process_group
 from dsee_dist.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from dsee_dist.errors import DSEEError
-from dsee_dist.eval.during_training import GenerationEval
+from dsee_dist.eval import throughput
+from dsee_dist.eval.during_training import Decoder, GenerationEval
 from dsee_dist.models import loading as models
 from dsee_dist.models.tokenizer import train_bpe_tokenizer
 from dsee_dist.pruning.stage2 import attach_keep_masks, copy_adapter_values, write_support_from_adapter
-from dsee_dist.recipes import methods
+from dsee_dist.recipes import evaluate, methods
 from dsee_dist.recipes.loss import token_loss_sum as lm_loss_sum
-from dsee_dist.utils import throughput
 from dsee_dist.utils.log import setup_logging
 from dsee_dist.utils.metrics_log import MetricsLogger
 
 logger = logging.getLogger(__name__)
-
-# how the launchers start this recipe; `dsee-dist train` passes its own name for usage lines
-LAUNCHER_PROG = "python -m dsee_dist.train"
-
-
-def parse_args(argv: list[str] | None, prog: str = LAUNCHER_PROG) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML (e.g. configs/quickstart.yaml)")
-    # appended by the deepspeed launcher
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides: train.max_steps=20 ds.zero_optimization.stage=2"
-    )
-    return parser.parse_args(argv)
-
 
 # ------------------------------------------------------------------------------ the run
 
@@ -78,7 +56,7 @@ def parse_args(argv: list[str] | None, prog: str = LAUNCHER_PROG) -> argparse.Na
 class RunContext:
     """What every stage of a run shares: the process group, the base model and the tokenized data."""
 
-    dist_info: distributed.DistInfo
+    dist_info: process_group.DistInfo
     out_dir: Path
     base_model: str
     tokenizer: object
@@ -88,35 +66,13 @@ class RunContext:
     preemption: PreemptionHandler
 
 
-def main(argv: list[str] | None = None, prog: str = LAUNCHER_PROG) -> int:
-    # DeepSpeed 0.19 calls collectives that torch 2.13 marks deprecated, once per step.
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
-    setup_logging()
-    args = parse_args(argv, prog)
-    cfg = load_config(args.config, args.overrides)
-    preemption = PreemptionHandler()
-    try:
-        ctx = setup_run(cfg, preemption)
-        if cfg.prune.method == "none":
-            code, _ = train(cfg, ctx.out_dir, ctx.base_model, ctx)
-        else:
-            from dsee_dist.recipes import two_stage
-
-            code, _ = two_stage.run(cfg, ctx)
-    finally:
-        if not preemption.requested:  # preempted: signals stay ignored, so teardown keeps the documented status
-            preemption.restore()
-    distributed.shutdown()
-    return code
-
-
 def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     """Process group, output directory with the resolved config, seed, data, base model and tokenizer."""
-    dist_info = distributed.init_distributed(cfg.deepspeed.timeout_s)
+    dist_info = process_group.init_distributed(cfg.deepspeed.timeout_s)
     setup_logging(dist_info.rank)
     out_dir = Path(cfg.output.dir)
     torch.manual_seed(cfg.train.seed)
-    threads = f"; {torch.get_num_threads()} CPU threads per rank" if distributed.device().type == "cpu" else ""
+    threads = f"; {torch.get_num_threads()} CPU threads per rank" if process_group.device().type == "cpu" else ""
     logger.info(f"world size {dist_info.world_size}{threads}; output in {out_dir}")
 
     # transformers' model code takes seconds to import; every rank imports it now, side by side, rather than
@@ -128,7 +84,7 @@ def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     try:
         # Data first: a built-in model's tokenizer is trained on it.
         if cfg.data.format == "synthetic_e2e":
-            distributed.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
+            process_group.on_rank_zero(lambda: data.materialize_synthetic_data(cfg, out_dir))
         base_model = prepare_base_model(cfg, out_dir)
         base_model = str(Path(base_model).resolve()) if Path(base_model).exists() else base_model
         tokenizer = models.load_tokenizer(base_model)
@@ -142,7 +98,7 @@ def setup_run(cfg: Config, preemption: PreemptionHandler) -> RunContext:
     if dist_info.is_rank_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.resolved.yaml").write_text(dump_yaml(cfg))
-    distributed.barrier()
+    process_group.barrier()
     logger.info(f"data: {len(train_split)} training / {len(eval_split)} evaluation examples")
     return RunContext(dist_info, out_dir, base_model, tokenizer, train_split, eval_split, preemption)
 
@@ -167,7 +123,7 @@ def prepare_base_model(cfg: Config, out_dir: Path) -> str:
         path = resolve_path(cfg, cfg.model.path)
         if cfg.model.gguf_file:  # dequantised once into an ordinary directory that everything else reads
             gguf = models.gguf_path(path, cfg.model.gguf_file)
-            return distributed.on_rank_zero(lambda: str(models.materialize_gguf_model(gguf, out_dir / "base_model")))
+            return process_group.on_rank_zero(lambda: str(models.materialize_gguf_model(gguf, out_dir / "base_model")))
         return str(path) if path.exists() else cfg.model.path
 
     def build() -> str:
@@ -181,7 +137,7 @@ def prepare_base_model(cfg: Config, out_dir: Path) -> str:
         )
         return str(path)
 
-    return distributed.on_rank_zero(build)
+    return process_group.on_rank_zero(build)
 
 
 def train(
@@ -193,18 +149,18 @@ def train(
     init_adapter: tuple[dict, dict] | None = None,
     masks_dir: Path | None = None,
 ) -> tuple[int, bool]:
-    """One DSEE training stage into `out_dir` (checkpoints, metrics, adapter): setup -> fit -> evaluate -> save.
+    """One DSEE training stage into `out_dir` (checkpoints, metrics, adapter): setup -> fit -> evaluate_loss -> save.
     Returns (exit status, whether it reached its last step). Stage 2 of the two-stage recipe passes the
     stage-1 adapter (restricted to what pruning kept) and, after unstructured pruning, the masks."""
-    stage = setup(cfg, out_dir, base_model, ctx, init_adapter=init_adapter, masks_dir=masks_dir)
-    stopped = fit(stage)
+    trainer = setup(cfg, out_dir, base_model, ctx, init_adapter=init_adapter, masks_dir=masks_dir)
+    stopped = fit(trainer)
     if stopped is not None:
         return stopped, False
-    result = evaluate(stage)
-    stage.metrics.log(stage.max_steps, result)
-    stage.metrics.close()
+    result = evaluate_loss(trainer)
+    trainer.metrics.log(trainer.max_steps, result)
+    trainer.metrics.close()
     logger.info(f"final eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
-    save(stage)
+    save(trainer)
     return 0, True
 
 
@@ -212,8 +168,9 @@ def train(
 
 
 @dataclass
-class Stage:
-    """Everything the loop, the evaluation and the save of one stage use."""
+class Trainer:
+    """The state of one training stage's trainer: the model, its DeepSpeed engine and optimizer, the batch
+    schedule and the step counts; everything the loop, the evaluation and the save use."""
 
     cfg: Config
     out_dir: Path
@@ -240,70 +197,16 @@ class Stage:
 
 def setup(
     cfg: Config, out_dir: Path, base_model: str, ctx: RunContext, *, init_adapter=None, masks_dir: Path | None = None
-) -> Stage:
+) -> Trainer:
     """Resume decision -> DeepSpeed config -> model -> DSEE -> optimizer and engine -> restored state."""
-    dist_info = ctx.dist_info
-    if dist_info.is_rank_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
-    # Resume is decided before the support, so a resumed job uses the support saved with its checkpoint.
-    resume = distributed.on_rank_zero(lambda: find_resume(cfg, out_dir))
-    if resume is not None:
-        checkpoint.check_compatible(resume, cfg.to_dict(), dist_info.world_size)
-
-    # Model: partitioned at creation under ZeRO-3.
-    ds_config = distributed.build_deepspeed_config(
-        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
-        cfg.deepspeed.overrides,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        grad_clip=cfg.train.grad_clip,
-        world_size=dist_info.world_size,
-    )
-    model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
-    logger.info(
-        f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {distributed.zero_stage(ds_config)})"
-    )
-    if cfg.method == "dsee":
-        trainable = inject_adapters(model, cfg, out_dir, ds_config, dist_info, init_adapter, masks_dir)
-    else:  # PEFT LoRA or full fine-tuning: the same loop on another trainable model (recipes/methods.py)
-        model, trainable = methods.prepare_trainable(cfg, model)
-    logger.info(parameter_summary(model))
-    if cfg.train.activation_checkpointing:  # non-reentrant: works with a frozen base and ZeRO-3's hooks
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # Engine: only the adapter parameters reach the optimizer.
-    schedule = data.GlobalBatchSchedule(
-        len(ctx.train_split),
-        cfg.train.micro_batch_size,
-        cfg.train.grad_accum_steps,
-        dist_info.rank,
-        dist_info.world_size,
-        cfg.train.seed,
-        lengths=ctx.train_split.lengths() if cfg.data.group_by_length else None,
-    )
+    resume = decide_resume(cfg, out_dir, ctx.dist_info)
+    ds_config = deepspeed_engine.deepspeed_config_of(cfg, ctx.dist_info.world_size)
+    model, trainable = build_trainable_model(cfg, out_dir, base_model, ds_config, ctx, init_adapter, masks_dir)
+    schedule = batch_schedule(cfg, ctx)
     max_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * schedule.steps_per_epoch)
-    optimizer = distributed.build_optimizer(
-        [{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas, cfg.train.weight_decay
-    )
-    lr_schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
-    engine, optimizer, scheduler = distributed.build_engine(model, optimizer, scheduler, ds_config)
-    start_step = 0
-    if resume is not None:
-        resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
-        start_step = resume.step
-        if dist_info.is_rank_zero:
-            checkpoint.truncate_metrics(out_dir, start_step)
-        logger.info(
-            f"resume: continuing from step {start_step} of {resume.path}"
-            + (
-                f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
-                if resharded
-                else ""
-            )
-        )
-    return Stage(
+    engine, optimizer = build_training_engine(cfg, model, trainable, ds_config, max_steps)
+    start_step = restore(engine, resume, out_dir, ctx.dist_info)
+    return Trainer(
         cfg,
         out_dir,
         base_model,
@@ -314,9 +217,84 @@ def setup(
         schedule,
         max_steps,
         start_step,
-        distributed.device(),
+        process_group.device(),
         ctx.tokenizer.pad_token_id,
     )
+
+
+def decide_resume(cfg: Config, out_dir: Path, dist_info) -> checkpoint.ResumeInfo | None:
+    """The checkpoint this stage continues from (checked against the config and world size), or None. Decided
+    before the support, so a resumed job uses the support saved with its checkpoint."""
+    if dist_info.is_rank_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    process_group.barrier()
+    resume = process_group.on_rank_zero(lambda: find_resume(cfg, out_dir))
+    if resume is not None:
+        checkpoint.check_compatible(resume, cfg.to_dict(), dist_info.world_size)
+    return resume
+
+
+def build_trainable_model(
+    cfg: Config, out_dir: Path, base_model: str, ds_config: dict, ctx: RunContext, init_adapter, masks_dir
+) -> tuple[torch.nn.Module, list]:
+    """The model (partitioned at creation under ZeRO-3) with what `method` trains made trainable, and those
+    parameters."""
+    model = models.load_model(base_model, ds_config, dropout=cfg.model.dropout)
+    logger.info(
+        f"model: {base_model} ({next(model.parameters()).dtype}, ZeRO stage {deepspeed_engine.zero_stage(ds_config)})"
+    )
+    if cfg.method == "dsee":
+        trainable = inject_adapters(model, cfg, out_dir, ds_config, ctx.dist_info, init_adapter, masks_dir)
+    else:  # PEFT LoRA or full fine-tuning: the same loop on another trainable model (recipes/methods.py)
+        model, trainable = methods.prepare_trainable(cfg, model)
+    logger.info(parameter_summary(model))
+    if cfg.train.activation_checkpointing:  # non-reentrant: works with a frozen base and ZeRO-3's hooks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, trainable
+
+
+def batch_schedule(cfg: Config, ctx: RunContext) -> data.GlobalBatchSchedule:
+    """Which training examples every step and micro-batch of this rank takes."""
+    return data.GlobalBatchSchedule(
+        len(ctx.train_split),
+        cfg.train.micro_batch_size,
+        cfg.train.grad_accum_steps,
+        ctx.dist_info.rank,
+        ctx.dist_info.world_size,
+        cfg.train.seed,
+        lengths=ctx.train_split.lengths() if cfg.data.group_by_length else None,
+    )
+
+
+def build_training_engine(cfg: Config, model, trainable: list, ds_config: dict, max_steps: int):
+    """(DeepSpeed engine, its optimizer): only the trainable parameters reach the optimizer; the learning rate
+    follows train.schedule over `max_steps`."""
+    optimizer = deepspeed_engine.build_optimizer(
+        [{"params": trainable}], ds_config, cfg.train.lr, cfg.train.adam_betas, cfg.train.weight_decay
+    )
+    lr_schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
+    engine, optimizer, _ = deepspeed_engine.build_engine(model, optimizer, scheduler, ds_config)
+    return engine, optimizer
+
+
+def restore(engine, resume: checkpoint.ResumeInfo | None, out_dir: Path, dist_info) -> int:
+    """The step training starts from: 0, or the resumed checkpoint's (its state loaded into `engine`, the
+    metrics log cut back to it)."""
+    if resume is None:
+        return 0
+    resharded = checkpoint.load_checkpoint(engine, resume, dist_info)
+    if dist_info.is_rank_zero:
+        checkpoint.truncate_metrics(out_dir, resume.step)
+    logger.info(
+        f"resume: continuing from step {resume.step} of {resume.path}"
+        + (
+            f" (written at world size {resume.world_size}, ZeRO stage {resume.zero_stage}; resharded)"
+            if resharded
+            else ""
+        )
+    )
+    return resume.step
 
 
 def find_resume(cfg: Config, out_dir: Path) -> checkpoint.ResumeInfo | None:
@@ -343,7 +321,7 @@ def inject_adapters(
     specs = find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules)
     check_rank(specs, d.lora_rank)
     if init_adapter is not None:
-        distributed.on_rank_zero(lambda: write_support_from_adapter(init_adapter, specs, d, cfg.train.seed, out_dir))
+        process_group.on_rank_zero(lambda: write_support_from_adapter(init_adapter, specs, d, cfg.train.seed, out_dir))
     else:
         check_num_sparse(specs, d.num_sparse)
     support = load_or_compute_support(model, specs, d, cfg.train.seed, out_dir, dist_info)
@@ -379,92 +357,113 @@ def lr_lambda(schedule: str, warmup_steps: int, max_steps: int):
 # ------------------------------------------------------------------------------ fit
 
 
-def fit(stage: Stage) -> int | None:
-    """The training loop from `stage.start_step`. Returns None after the last step, or the exit status when
+def fit(trainer: Trainer) -> int | None:
+    """The training loop from `trainer.start_step`. Returns None after the last step, or the exit status when
     the stage stopped early with a checkpoint (preemption, train.stop_after_steps)."""
-    cfg, dist_info = stage.cfg, stage.ctx.dist_info
+    cfg, dist_info = trainer.cfg, trainer.ctx.dist_info
     logger.info(
-        f"training {stage.max_steps} steps of {stage.schedule.global_batch} examples "
+        f"training {trainer.max_steps} steps of {trainer.schedule.global_batch} examples "
         f"({cfg.train.micro_batch_size} x {cfg.train.grad_accum_steps} accum x {dist_info.world_size} ranks)"
     )
-    stage.metrics = MetricsLogger(stage.out_dir, dist_info.is_rank_zero, stage.max_steps, stage.start_step)
-    preemption = stage.ctx.preemption
+    trainer.metrics = MetricsLogger(trainer.out_dir, dist_info.is_rank_zero, trainer.max_steps, trainer.start_step)
+    preemption = trainer.ctx.preemption
     if preemption.should_stop():  # signalled during the set-up: nothing new to save, the requeued job resumes
-        return stop_early(stage, stage.start_step, preemption, saved=False)
-    generation = GenerationEval(stage)  # eval.generate_every_n_steps, checkpoint.keep_best, final_generate
-    stage.engine.train()  # from_pretrained returns the model in eval mode
+        return stop_early(trainer, trainer.start_step, preemption, saved=False)
+    generation = generation_eval(trainer)  # eval.generate_every_n_steps, checkpoint.keep_best, final_generate
+    trainer.engine.train()  # from_pretrained returns the model in eval mode
     t_last = time.time()
-    for step in range(stage.start_step, stage.max_steps):
-        lr = stage.optimizer.param_groups[0]["lr"]
+    for step in range(trainer.start_step, trainer.max_steps):
+        lr = trainer.optimizer.param_groups[0]["lr"]
         done = step + 1
-        logged = done % cfg.train.log_every_n_steps == 0 or done == stage.max_steps
-        loss_share = train_step(stage, step, logged=logged)
+        logged = done % cfg.train.log_every_n_steps == 0 or done == trainer.max_steps
+        loss_share = train_step(trainer, step, logged=logged)
         # Reduced (a collective and a host sync) only on logged steps; the progress bar keeps the last value.
-        loss = float(distributed.all_reduce_tensor(loss_share)) if logged else None
-        stage.metrics.advance(loss)
-        if step == stage.start_step:
-            log_optimizer_state(stage, done)
+        loss = float(process_group.all_reduce_tensor(loss_share)) if logged else None
+        trainer.metrics.advance(loss)
+        if step == trainer.start_step:
+            log_optimizer_state(trainer, done)
         if logged:
-            t_last = log_progress(stage, done, loss, lr, t_last)
-        if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < stage.max_steps:
-            periodic_evaluate(stage, done)
-        new_best = generation.after_step(stage, done)
+            t_last = log_progress(trainer, done, loss, lr, t_last)
+        if cfg.eval.every_n_steps and done % cfg.eval.every_n_steps == 0 and done < trainer.max_steps:
+            periodic_evaluate_loss(trainer, done)
+        new_best = generation.after_step(done)
         preempted = preemption.should_stop()
-        planned_stop = cfg.train.stop_after_steps > 0 and done - stage.start_step >= cfg.train.stop_after_steps
+        planned_stop = cfg.train.stop_after_steps > 0 and done - trainer.start_step >= cfg.train.stop_after_steps
         every = cfg.checkpoint.every
-        if preempted or planned_stop or new_best or done == stage.max_steps or (every and done % every == 0):
-            save_checkpoint(stage, done)
-        if preempted or (planned_stop and done < stage.max_steps):
-            return stop_early(stage, done, preemption if preempted else None)
-    generation.finish(stage)
+        if preempted or planned_stop or new_best or done == trainer.max_steps or (every and done % every == 0):
+            save_checkpoint(trainer, done)
+        if preempted or (planned_stop and done < trainer.max_steps):
+            return stop_early(trainer, done, preemption if preempted else None)
+    generation.finish()
     return None
 
 
-def train_step(stage: Stage, step: int, *, logged: bool = False) -> float:
+def generation_eval(trainer: Trainer) -> GenerationEval:
+    """Generation metrics during training (eval/during_training.py) on this stage's model."""
+    decoder = Decoder(
+        trainer.engine.module,
+        trainer.ctx.tokenizer,
+        trainer.ctx.dist_info,
+        trainer.device,
+        synced_gpus=trainer.engine.zero_optimization_stage() == 3,
+        resume_training=trainer.engine.train,
+    )
+    return GenerationEval(
+        trainer.cfg,
+        decoder,
+        run_dir=trainer.ctx.out_dir,
+        out_dir=trainer.out_dir,
+        start_step=trainer.start_step,
+        log_metrics=trainer.metrics.log,
+        score_final=evaluate.write_scores,
+    )
+
+
+def train_step(trainer: Trainer, step: int, *, logged: bool = False) -> float:
     """One optimizer step on this rank's share of global batch `step`; returns this rank's share of the mean
     token loss over the whole global batch, as a device tensor (summed over ranks it is the mean; no host sync).
-    On a `logged` step the gradient norm is kept in `stage.grad_norm` where DeepSpeed measures none.
+    On a `logged` step the gradient norm is kept in `trainer.grad_norm` where DeepSpeed measures none.
 
     The loss is normalised by the global number of labelled tokens (all ranks, all micro-batches), so
     the gradient, and the logged loss, do not depend on how the global batch is split across ranks."""
-    engine, split = stage.engine, stage.ctx.train_split
-    micro_batches = step_batches(stage, step)
+    engine, split = trainer.engine, trainer.ctx.train_split
+    micro_batches = step_batches(trainer, step)
     # Labelled tokens of the whole global batch, from the host copy of the data: no collective, no device sync.
-    if stage.label_counts is None:
-        stage.label_counts = split.shifted_label_counts()
-    global_tokens = float(sum(stage.label_counts[i] for i in stage.schedule.global_indices(step)))
-    world_size = stage.ctx.dist_info.world_size  # padded lengths differ per rank: this rank's share x ranks
-    stage.tokens_trained += global_tokens
-    stage.tokens_processed += world_size * sum(b["input_ids"].numel() for b in micro_batches)
-    stage.sequences += world_size * sum(len(b["input_ids"]) for b in micro_batches)
-    stage.tokens_real += world_size * sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    if trainer.label_counts is None:
+        trainer.label_counts = split.shifted_label_counts()
+    global_tokens = float(sum(trainer.label_counts[i] for i in trainer.schedule.global_indices(step)))
+    world_size = trainer.ctx.dist_info.world_size  # padded lengths differ per rank: this rank's share x ranks
+    trainer.tokens_trained += global_tokens
+    trainer.tokens_processed += world_size * sum(b["input_ids"].numel() for b in micro_batches)
+    trainer.sequences += world_size * sum(len(b["input_ids"]) for b in micro_batches)
+    trainer.tokens_real += world_size * sum(int(b["attention_mask"].sum()) for b in micro_batches)
     # DeepSpeed divides each backward by grad_accum and averages gradients over ranks: undo both.
-    scale = stage.ctx.dist_info.world_size * len(micro_batches) / max(global_tokens, 1.0)
-    loss_total = torch.zeros((), dtype=torch.float64, device=stage.device)
-    own_grad_norm = logged and not distributed.reports_grad_norm(engine)
+    scale = trainer.ctx.dist_info.world_size * len(micro_batches) / max(global_tokens, 1.0)
+    loss_total = torch.zeros((), dtype=torch.float64, device=trainer.device)
+    own_grad_norm = logged and not deepspeed_engine.reports_grad_norm(engine)
     for batch in micro_batches:
-        loss_sum, _ = token_loss_sum(engine, batch, stage.device, stage.cfg.train.loss_chunk_tokens)
+        loss_sum, _ = token_loss_sum(engine, batch, trainer.device, trainer.cfg.train.loss_chunk_tokens)
         engine.backward(loss_sum * scale)
         if own_grad_norm and engine.is_gradient_accumulation_boundary():  # averaged over ranks, not yet clipped
-            stage.grad_norm = distributed.trainable_grad_norm(engine.module)
+            trainer.grad_norm = deepspeed_engine.trainable_grad_norm(engine.module)
         engine.step()
         loss_total += loss_sum.detach().double()
-    if step + 1 < stage.max_steps:  # the device is still busy with this step's kernels: collate the next one
-        stage.prefetched = (step + 1, collate_step(stage, step + 1))
+    if step + 1 < trainer.max_steps:  # the device is still busy with this step's kernels: collate the next one
+        trainer.prefetched = (step + 1, collate_step(trainer, step + 1))
     return loss_total / max(global_tokens, 1.0)  # this rank's share of the mean loss, left on the device
 
 
-def step_batches(stage: Stage, step: int) -> list[dict]:
+def step_batches(trainer: Trainer, step: int) -> list[dict]:
     """This rank's micro-batches of global batch `step`: the ones prefetched during the previous step, if any."""
-    ready, stage.prefetched = stage.prefetched, None
-    return ready[1] if ready is not None and ready[0] == step else collate_step(stage, step)
+    ready, trainer.prefetched = trainer.prefetched, None
+    return ready[1] if ready is not None and ready[0] == step else collate_step(trainer, step)
 
 
-def collate_step(stage: Stage, step: int) -> list[dict]:
+def collate_step(trainer: Trainer, step: int) -> list[dict]:
     """Host tensors; in pinned memory on CUDA, so the loss's non-blocking copies overlap with compute."""
-    pin = stage.device.type == "cuda"
-    split = stage.ctx.train_split
-    return [data.collate(split, idx, stage.pad_id, pin_memory=pin) for idx in stage.schedule.micro_batches(step)]
+    pin = trainer.device.type == "cuda"
+    split = trainer.ctx.train_split
+    return [data.collate(split, idx, trainer.pad_id, pin_memory=pin) for idx in trainer.schedule.micro_batches(step)]
 
 
 def token_loss_sum(engine, batch: dict, dev, chunk_tokens: int = 0) -> tuple[torch.Tensor, int]:
@@ -474,70 +473,70 @@ def token_loss_sum(engine, batch: dict, dev, chunk_tokens: int = 0) -> tuple[tor
     return loss_sum, int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
 
 
-def log_optimizer_state(stage: Stage, done: int) -> None:
+def log_optimizer_state(trainer: Trainer, done: int) -> None:
     """Once per job: what the optimizer really holds, summed over ranks."""
-    world_size = stage.ctx.dist_info.world_size
-    (state_total,) = distributed.all_reduce_sum([distributed.optimizer_state_numel(stage.engine)])
+    world_size = trainer.ctx.dist_info.world_size
+    (state_total,) = process_group.all_reduce_sum([deepspeed_engine.optimizer_state_numel(trainer.engine)])
     logger.info(
         f"optimizer state: {int(state_total):,} Adam moment values over {world_size} ranks "
-        f"for {count_parameters(stage.model)[0]:,} trainable parameters"
+        f"for {count_parameters(trainer.model)[0]:,} trainable parameters"
     )
-    stage.metrics.log(done, {"optimizer_state_numel": int(state_total)})
+    trainer.metrics.log(done, {"optimizer_state_numel": int(state_total)})
 
 
-def log_progress(stage: Stage, done: int, loss: float, lr: float, t_last: float) -> float:
-    grad_norm = stage.engine.get_global_grad_norm() if stage.grad_norm is None else stage.grad_norm
-    stage.grad_norm = None
+def log_progress(trainer: Trainer, done: int, loss: float, lr: float, t_last: float) -> float:
+    grad_norm = trainer.engine.get_global_grad_norm() if trainer.grad_norm is None else trainer.grad_norm
+    trainer.grad_norm = None
     now = time.time()
     speed = throughput.interval_metrics(
-        stage.engine.module.config,
-        stage.cfg.method,
-        tokens_trained=stage.tokens_trained,
-        tokens_processed=stage.tokens_processed,
-        sequences=stage.sequences,
+        trainer.engine.module.config,
+        trainer.cfg.method,
+        tokens_trained=trainer.tokens_trained,
+        tokens_processed=trainer.tokens_processed,
+        sequences=trainer.sequences,
         elapsed_s=now - t_last,
-        world_size=stage.ctx.dist_info.world_size,
+        world_size=trainer.ctx.dist_info.world_size,
     )
-    stage.metrics.log(
+    trainer.metrics.log(
         done,
         {
             "loss": loss,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "step_time_s": round((now - t_last) / stage.cfg.train.log_every_n_steps, 4),
+            "step_time_s": round((now - t_last) / trainer.cfg.train.log_every_n_steps, 4),
             **speed,
-            "padding_fraction": round(1.0 - stage.tokens_real / max(stage.tokens_processed, 1), 4),
+            "padding_fraction": round(1.0 - trainer.tokens_real / max(trainer.tokens_processed, 1), 4),
         },
     )
     mfu = "n/a" if speed["mfu"] is None else f"{speed['mfu']:.1%}"
-    stage.metrics.show(tok_s=f"{speed['tokens_per_s']:.0f}", mfu=mfu)
-    stage.tokens_trained, stage.tokens_processed, stage.sequences, stage.tokens_real = 0.0, 0, 0, 0
+    trainer.metrics.show(tok_s=f"{speed['tokens_per_s']:.0f}", mfu=mfu)
+    trainer.tokens_trained, trainer.tokens_processed, trainer.sequences, trainer.tokens_real = 0.0, 0, 0, 0
     return now
 
 
-def periodic_evaluate(stage: Stage, done: int) -> None:
+def periodic_evaluate_loss(trainer: Trainer, done: int) -> None:
     """Evaluation every eval.every_n_steps during training (the final one is in `train`)."""
-    result = evaluate(stage)
-    stage.metrics.log(done, result)
+    result = evaluate_loss(trainer)
+    trainer.metrics.log(done, result)
     logger.info(f"step {done}: eval loss {result['eval_loss']:.4f}, perplexity {result['eval_ppl']:.2f}")
 
 
-def save_checkpoint(stage: Stage, done: int) -> None:
+def save_checkpoint(trainer: Trainer, done: int) -> None:
     """A sharded checkpoint of step `done` (all ranks), with the support of S beside it."""
-    support = stage.out_dir / SUPPORT_FILE
+    support = trainer.out_dir / SUPPORT_FILE
     checkpoint.save_checkpoint(
-        stage.engine,
-        stage.out_dir,
+        trainer.engine,
+        trainer.out_dir,
         done,
-        config=stage.cfg.to_dict(),
-        dist_info=stage.ctx.dist_info,
-        keep_last=stage.cfg.checkpoint.keep_last,
-        base_model=stage.base_model,
+        config=trainer.cfg.to_dict(),
+        dist_info=trainer.ctx.dist_info,
+        keep_last=trainer.cfg.checkpoint.keep_last,
+        base_model=trainer.base_model,
         extra_files={SUPPORT_FILE: support} if support.is_file() else {},
     )
 
 
-def stop_early(stage: Stage, done: int, preemption: PreemptionHandler | None, saved: bool = True) -> int:
+def stop_early(trainer: Trainer, done: int, preemption: PreemptionHandler | None, saved: bool = True) -> int:
     """After the checkpoint of an early stop (`saved`; a preemption before the first step has nothing to
     save): say how the run continues; returns the exit status."""
     if preemption is not None:
@@ -549,99 +548,46 @@ def stop_early(stage: Stage, done: int, preemption: PreemptionHandler | None, sa
         )
     else:
         logger.info(
-            f"stopping after {stage.cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
+            f"stopping after {trainer.cfg.train.stop_after_steps} steps of this job (train.stop_after_steps); "
             f"resume=auto continues from step {done}"
         )
-    stage.metrics.close()
+    trainer.metrics.close()
     return PREEMPTED_EXIT_CODE if preemption is not None else 0
 
 
-# ------------------------------------------------------------------------------ evaluate, save
+# ------------------------------------------------------------------------------ evaluate_loss, save
 
 
 @torch.no_grad()
-def evaluate(stage: Stage) -> dict:
+def evaluate_loss(trainer: Trainer) -> dict:
     """Mean token loss and perplexity on the evaluation set (every rank takes part)."""
-    cfg, dist_info, engine, split = stage.cfg, stage.ctx.dist_info, stage.engine, stage.ctx.eval_split
+    cfg, dist_info, engine, split = trainer.cfg, trainer.ctx.dist_info, trainer.engine, trainer.ctx.eval_split
     engine.eval()
     loss_sum = tokens = 0.0
     for indices in data.eval_batches(
         split, cfg.eval.micro_batch_size, dist_info.rank, dist_info.world_size, cfg.eval.max_batches
     ):
-        batch = data.collate(split, indices or [0], stage.pad_id)  # an empty share still joins ZeRO-3's collectives
-        loss, n = token_loss_sum(engine, batch, stage.device)
+        batch = data.collate(split, indices or [0], trainer.pad_id)  # an empty share still joins ZeRO-3's collectives
+        loss, n = token_loss_sum(engine, batch, trainer.device)
         if indices:
             loss_sum, tokens = loss_sum + loss.item(), tokens + n
     engine.train()
-    loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens])
+    loss_sum, tokens = process_group.all_reduce_sum([loss_sum, tokens])
     eval_loss = loss_sum / max(tokens, 1.0)
     return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0)), "eval_tokens": int(tokens)}
 
 
-def save(stage: Stage) -> None:
+def save(trainer: Trainer) -> None:
     """The training result into out_dir (rank 0 writes, every rank gathers): the DSEE adapter in adapter/, or
     for method lora a PEFT adapter in adapter/, for full the whole model in merged/ (recipes/methods.py)."""
-    dist_info = stage.ctx.dist_info
+    dist_info = trainer.ctx.dist_info
     target = methods.save_trained(
-        stage.cfg.method,
-        stage.engine.module,
-        stage.out_dir,
-        base_model=stage.base_model,
-        dsee_cfg=stage.cfg.dsee,
+        trainer.cfg.method,
+        trainer.engine.module,
+        trainer.out_dir,
+        base_model=trainer.base_model,
+        dsee_cfg=trainer.cfg.dsee,
         is_rank_zero=dist_info.is_rank_zero,
     )
-    distributed.barrier()
-    logger.info(f"{'adapter' if stage.cfg.method != 'full' else 'model'} written to {target}")
-
-
-# ------------------------------------------------------------------------------ process entry
-
-
-def run(argv: list[str] | None = None, prog: str = LAUNCHER_PROG) -> int:
-    """`main` with user errors turned into one line on stderr and exit status 2; `prog` names the command in
-    usage lines (`dsee-dist train` when started through the CLI)."""
-    try:
-        return main(argv, prog)
-    except DSEEError as exc:
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        if rank == 0:  # every rank fails the same way; one line is enough
-            print(f"dsee_dist: error: {exc}", file=sys.stderr, flush=True)
-        distributed.shutdown()
-        return exc.exit_code
-    except RuntimeError as exc:
-        if not distributed.is_lost_peer(exc):
-            raise
-        # A node or rank went away mid-collective: one line per surviving rank, no teardown (it would wait
-        # for the lost peer again); the launcher stops the other ranks.
-        print(
-            f"dsee_dist: error: rank {os.environ.get('RANK', '?')} lost contact with the other ranks "
-            f"({str(exc).splitlines()[0][:160]}): a node failed or the network between nodes is down; "
-            f"resubmit the same job (resume=auto) to continue from the last complete checkpoint",
-            file=sys.stderr,
-            flush=True,
-        )
-        return distributed.LOST_PEER_EXIT_CODE
-
-
-def exit_process(code: int) -> None:
-    """End the process without interpreter teardown. gloo's background threads can abort a process at
-    exit ("terminate called without an active exception", status 250) after a fully successful run, even
-    after destroy_process_group; the launcher would then report a finished job as failed. By now every
-    file is written and closed, so only the streams need flushing."""
-    status_file = os.environ.get("DSEE_EXIT_STATUS_FILE")
-    if status_file and os.environ.get("RANK", "0") == "0":
-        # For batch scripts: the launcher between them and the ranks may report another status (e.g. srun
-        # after --kill-on-bad-exit stopped the other nodes), so rank 0 states its own, e.g. 75 = requeue me.
-        Path(status_file).write_text(f"{code}\n")
-    mpi = sys.modules.get("mpi4py.MPI")  # started by mpirun: MPI wants MPI_Finalize before any exit
-    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
-        mpi.Finalize()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-if __name__ == "__main__":
-    exit_process(run())
+    process_group.barrier()
+    logger.info(f"{'adapter' if trainer.cfg.method != 'full' else 'model'} written to {target}")

@@ -24,14 +24,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError, reports_errors
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import DSEEError
 from dsee_dist.eval.references import group_by_mr, is_table, read_mr_table
-from dsee_dist.utils.files import write_text_atomic
+from dsee_dist.recipes.model_source import DTYPES, load_generation_model
+from dsee_dist.utils.files import write_lines_atomic
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
 
 # ------------------------------------------------------------------------------ inputs
 
@@ -120,64 +119,6 @@ def e2e_prompts(tokenizer, mrs: list[str], chat: bool = False) -> list[str]:
     return [e2e_prompt(mr) for mr in mrs]
 
 
-# ------------------------------------------------------------------------------ the model
-
-
-def describe_source(path: Path) -> str:
-    """adapter | peft-adapter | hf-model | checkpoint."""
-    if (path / "adapter_config.json").is_file():
-        return "peft-adapter" if "peft_type" in json.loads((path / "adapter_config.json").read_text()) else "adapter"
-    if (path / "config.json").is_file():
-        return "hf-model"
-    return "checkpoint"
-
-
-def load_generation_model(source: str, base_model: str | None = None, dtype: str = "fp32"):
-    """(model in eval mode, tokenizer, kind) from any of the four sources (module docstring)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from dsee_dist.models.loading import load_tokenizer
-    from dsee_dist.models.pruned_gpt2 import register
-
-    path = Path(source)
-    if not path.exists():
-        raise DSEEError(f"model '{source}' does not exist; give a checkpoint, an adapter export or a model directory")
-    register()  # structurally pruned GPT-2 exports load without remote code
-    torch_dtype = getattr(torch, DTYPES[dtype])
-    kind = describe_source(path)
-    if kind == "adapter":
-        from dsee_dist.dsee.adapter import load_adapted_model, read_adapter_config
-
-        base = base_model or read_adapter_config(path)["base_model"]
-        model = load_adapted_model(path, base, dtype=torch_dtype)
-    elif kind == "peft-adapter":
-        from peft import PeftConfig, PeftModel
-
-        base = base_model or PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype), str(path))
-    elif kind == "hf-model":
-        base = str(path)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype)
-    else:
-        from dsee_dist.recipes.export import build_model_from_checkpoint, resolve_checkpoint
-
-        checkpoint_dir = resolve_checkpoint(str(path))
-        model, _, base = build_model_from_checkpoint(checkpoint_dir, base_model)
-        model = model.to(torch_dtype)
-        kind = f"checkpoint {checkpoint_dir}"
-    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
-    try:
-        tokenizer = load_tokenizer(tokenizer_dir)
-    except (OSError, ValueError):
-        raise DSEEError(
-            f"no tokenizer in '{tokenizer_dir}'; give --base-model with the base model's directory"
-        ) from None
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval(), tokenizer, kind
-
-
 # ------------------------------------------------------------------------------ the command
 
 
@@ -239,10 +180,6 @@ def decoding_settings(args: argparse.Namespace):
     return settings
 
 
-def write_lines_atomic(path: Path, lines: list[str]) -> None:
-    write_text_atomic(path, "".join(line + "\n" for line in lines))
-
-
 def score_against_input(input_path: Path, output_path: Path, outputs: list[str]) -> None:
     """The five E2E figures of `outputs` against the references of the first len(outputs) MRs of the input CSV,
     printed and written beside the outputs (OUTPUTS.scores.json)."""
@@ -267,33 +204,39 @@ def score_against_references(references: list[str], input_path: Path, output_pat
     evaluate.report(result, evaluate.default_scores_path(output_path))
 
 
-def generate(args: argparse.Namespace) -> None:
-    from dsee_dist.engine import distributed
-    from dsee_dist.eval.decoding import generate_texts
-
-    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
-    # Everything that can be wrong with the request is checked before any rank joins the process group.
-    settings = decoding_settings(args)
-    conversations = references = None
+def read_inputs(args: argparse.Namespace) -> tuple[list[str] | None, list[list[dict]] | None, list[str] | None]:
+    """(prompts, or with --chat the conversations to render once the tokenizer is loaded; the chat references)
+    of the first --max-inputs inputs; --score without references is refused."""
     if args.chat:
         conversations, references = read_chat_inputs(Path(args.input), args.system_prompt)
         n = args.max_inputs if args.max_inputs > 0 else len(conversations)
         conversations, references = conversations[:n], references[:n] if references else None
         if args.score and references is None:
             raise DSEEError("--score with --chat needs a chat JSONL whose every row ends with an assistant turn")
-    else:
-        inputs, prompts = read_prompts(Path(args.input), args.prompt_format)
-        if args.max_inputs > 0:
-            inputs, prompts = inputs[: args.max_inputs], prompts[: args.max_inputs]
-        if args.score and not is_table(Path(args.input)):
-            raise DSEEError("--score needs an E2E CSV input with references (mr,ref), or --chat with a chat JSONL")
+        return None, conversations, references
+    _, prompts = read_prompts(Path(args.input), args.prompt_format)
+    if args.max_inputs > 0:
+        prompts = prompts[: args.max_inputs]
+    if args.score and not is_table(Path(args.input)):
+        raise DSEEError("--score needs an E2E CSV input with references (mr,ref), or --chat with a chat JSONL")
+    return prompts, None, None
+
+
+def generate(args: argparse.Namespace) -> None:
+    from dsee_dist.engine import process_group
+    from dsee_dist.eval.decoding import generate_texts
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
+    # Everything that can be wrong with the request is checked before any rank joins the process group.
+    settings = decoding_settings(args)
+    prompts, conversations, references = read_inputs(args)
     if not Path(args.model).exists():
         raise DSEEError(
             f"model '{args.model}' does not exist; give a checkpoint, an adapter export or a model directory"
         )
     if Path(args.output).is_dir():
         raise DSEEError(f"--output '{args.output}' is a directory; give a file name")
-    dist_info = distributed.init_distributed()
+    dist_info = process_group.init_distributed()
     logging.basicConfig(
         level=logging.INFO if dist_info.is_rank_zero else logging.WARNING,
         format=f"[dsee rank{dist_info.rank}] %(message)s",
@@ -302,7 +245,7 @@ def generate(args: argparse.Namespace) -> None:
     model, tokenizer, kind = load_generation_model(args.model, args.base_model, args.dtype)
     if conversations is not None:
         prompts = render_chat_prompts(tokenizer, conversations)
-    model.to(distributed.device())
+    model.to(process_group.device())
     logger.info(
         f"generate: {len(prompts)} inputs from {args.input} with {kind} on {dist_info.world_size} rank(s); "
         f"{settings.describe()}, batches of {settings.batch_size}"
@@ -330,16 +273,12 @@ def generate(args: argparse.Namespace) -> None:
             score_against_references(references, Path(args.input), Path(args.output), outputs)
         elif args.score:
             score_against_input(Path(args.input), Path(args.output), outputs)
-    distributed.barrier()
+    process_group.barrier()
 
 
-@reports_errors("generate")
-def run(args: argparse.Namespace) -> int:
-    generate(args)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsee-dist generate", description=__doc__.split("\n")[0])
+@reports_errors("dsee-dist generate")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist generate") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    generate(parser.parse_args(argv))
+    return 0

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from dsee_dist.config.schema import TrainingMethod
-from dsee_dist.engine import distributed
+from dsee_dist.engine import zero
 from dsee_dist.errors import ConfigError
 from dsee_dist.utils.files import atomic_directory
 
@@ -49,6 +49,7 @@ PEFT_METHODS = ("lora", "supra", "shira")  # trained with PEFT's own layers, wri
 SUPRA_BUDGET_TOLERANCE = 0.01  # Supra's sparse total may differ from DSEE's by this fraction (module docstring)
 PEFT_ADAPTER_DIR = "adapter"
 MERGED_DIR = "merged"
+EXPORT_REPORT = "dsee_export.json"  # beside a merged export: the real sparsity and the FLOPs per token
 
 
 def method_of(cfg) -> str:
@@ -159,7 +160,7 @@ def _gathered_during_update_layer(layer_cls):
     original = layer_cls.update_layer
 
     def update_layer(self, *args, **kwargs):
-        with distributed.gathered([self.get_base_layer().weight]):
+        with zero.gathered([self.get_base_layer().weight]):
             return original(self, *args, **kwargs)
 
     layer_cls.update_layer = update_layer
@@ -253,7 +254,7 @@ def _gathered_state(named_params, is_rank_zero: bool) -> dict[str, torch.Tensor]
     """Full fp32 CPU copies of the named parameters on rank 0 (one ZeRO-3 gather per tensor; collective)."""
     state = {}
     for name, param in named_params:
-        with distributed.gathered([param]):
+        with zero.gathered([param]):
             if is_rank_zero:
                 state[name] = param.detach().to("cpu", torch.float32, copy=True).contiguous()
     return state
@@ -292,11 +293,23 @@ def save_full_model(model, target: Path, *, base_model: str, is_rank_zero: bool)
     save_hf_model(whole, base_model, Path(target))
 
 
-def save_hf_model(model, base_model: str, target: Path) -> None:
-    """An ordinary Hugging Face directory (model + the base model's tokenizer), written atomically."""
-    from dsee_dist.recipes.export import save_merged
+def save_hf_model(model, base_model: str, target: Path, report: dict | None = None) -> None:
+    """An ordinary Hugging Face directory: the model, the base model's tokenizer, a structurally pruned model's
+    modeling file and the export report (EXPORT_REPORT); written atomically."""
+    from transformers import AutoTokenizer
 
-    save_merged(model, base_model, Path(target))
+    from dsee_dist.pruning.structured import write_remote_code
+
+    with atomic_directory(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if getattr(model.config, "auto_map", None):  # a structurally pruned model: ship its modeling file
+            write_remote_code(tmp)
+        try:
+            AutoTokenizer.from_pretrained(base_model).save_pretrained(tmp)
+        except (OSError, ValueError, TypeError):  # a base without a tokenizer: the model alone
+            pass
+        if report is not None:
+            (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=1))
 
 
 def _tied(model) -> set[str]:

@@ -57,15 +57,16 @@ def check_request(args: argparse.Namespace) -> None:
         raise DSEEError(f"--batch-size must be at least 1, got {args.batch_size}")
 
 
-def run(args: argparse.Namespace) -> int:
+def score_model(args: argparse.Namespace) -> int:
+    """`dsee-dist evaluate --perplexity`: the perplexity of --model on the text (rank 0 prints it)."""
     from transformers.utils import logging as transformers_logging
 
-    from dsee_dist.engine import distributed
-    from dsee_dist.recipes.generate import load_generation_model
+    from dsee_dist.engine import process_group
+    from dsee_dist.recipes.model_source import load_generation_model
 
     check_request(args)
     text = perplexity.read_text(Path(args.perplexity))
-    dist_info = distributed.init_distributed()
+    dist_info = process_group.init_distributed()
     logging.basicConfig(
         level=logging.INFO if dist_info.is_rank_zero else logging.WARNING,
         format=f"[dsee rank{dist_info.rank}] %(message)s",
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     )
     transformers_logging.disable_progress_bar()  # stdout is the table and the JSON line; stderr one error line
     model, tokenizer, kind = load_generation_model(args.model, args.base_model, args.dtype)
-    model.to(distributed.device())
+    model.to(process_group.device())
     seq_len = perplexity.resolve_seq_len(args.seq_len, model.config)
     token_ids = perplexity.tokenize(tokenizer, text)
     logger.info(
@@ -95,5 +96,5 @@ def run(args: argparse.Namespace) -> int:
             write_json_atomic(Path(args.out), payload)
         print(perplexity.format_table(result, str(args.perplexity), f"{args.model} ({kind})"))
         print(json.dumps(payload), flush=True)
-    distributed.barrier()
+    process_group.barrier()
     return 0

@@ -15,7 +15,8 @@ import re
 
 from dsee_dist.config import Config, load_config, resolve_path
 from dsee_dist.engine import memory
-from dsee_dist.errors import ConfigError, reports_errors
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def hf_config_of(cfg: Config) -> dict:
                 f"shape from it (no weights are needed): point model.path at a local model directory"
             )
         return json.loads(config_file.read_text())
-    from dsee_dist.models.loading import BUILTIN_MODELS
+    from dsee_dist.config.schema import BUILTIN_MODELS
 
     return {
         "model_type": "gpt2",
@@ -140,17 +141,10 @@ def plan_run(
 
 def plan_config(cfg: Config, world_size: int) -> tuple[memory.MemoryPlan, memory.ModelShape, dict]:
     """The plan of an experiment config at `world_size` ranks, and the DeepSpeed config it was made with."""
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import deepspeed_engine
     from dsee_dist.recipes.methods import method_of
 
-    ds_config = distributed.build_deepspeed_config(
-        distributed.resolve_deepspeed_json(resolve_path(cfg, cfg.deepspeed.config)),
-        cfg.deepspeed.overrides,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accum_steps=cfg.train.grad_accum_steps,
-        grad_clip=cfg.train.grad_clip,
-        world_size=world_size,
-    )
+    ds_config = deepspeed_engine.deepspeed_config_of(cfg, world_size)
     train = cfg.train
     plan, shape = plan_run(
         hf_config_of(cfg),
@@ -227,9 +221,9 @@ def _local_device_memory() -> int | None:
     return None
 
 
-@reports_errors("plan")
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsee-dist plan", description=__doc__.split("\n")[0])
+@reports_errors("dsee-dist plan")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist plan") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("config", help="experiment YAML (e.g. configs/quickstart.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, as for training")
     parser.add_argument(

@@ -23,7 +23,9 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from dsee_dist.errors import DSEEError, reports_errors
+from dsee_dist.engine.process_exit import reports_errors
+from dsee_dist.errors import DSEEError
+from dsee_dist.utils.files import write_lines_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +38,8 @@ def package_file(*parts: str) -> Path:
     return Path(str(resources.files("dsee_dist").joinpath(*parts)))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dsee-dist quickstart", description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None, prog: str = "dsee-dist quickstart") -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument(
         "--output-dir",
         default=None,
@@ -141,14 +143,8 @@ def decoded_once(path: Path, model_dir: Path, mrs: list[str], device: str, chat:
     outputs = path.read_text().splitlines() if path.is_file() else []
     if len(outputs) != len(mrs):
         outputs = decode(model_dir, mrs, device, chat)
-        write_lines(path, outputs)
+        write_lines_atomic(path, outputs)
     return outputs
-
-
-def write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
 
 
 def run_tiny(args: argparse.Namespace) -> int:
@@ -167,10 +163,8 @@ def run_tiny(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=launch_env(), cwd=str(repo))
 
 
-def run(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.tiny:
-        return run_tiny(args)
+def run_quickstart(args: argparse.Namespace) -> int:
+    """Fetch SmolLM2, decode the sample's test MRs, train on 2 ranks, decode again, print the comparison."""
     start = time.perf_counter()
     ranks = local_ranks(args.ranks)  # checked before anything is written
     if args.model and not (Path(args.model) / "config.json").is_file():
@@ -196,7 +190,7 @@ def run(argv: list[str] | None = None) -> int:
     with E2EScorer(metrics=("BLEU", "ROUGE_L")) as scorer:
         before, after = scorer.score(base_outputs, refs.groups), scorer.score(tuned_outputs, refs.groups)
         before_chat = scorer.score(chat_outputs, refs.groups)
-    write_lines(out_dir / "outputs_tuned.txt", tuned_outputs)
+    write_lines_atomic(out_dir / "outputs_tuned.txt", tuned_outputs)
     total_s = time.perf_counter() - start
     summary = {
         "before": before,
@@ -226,6 +220,7 @@ def run(argv: list[str] | None = None) -> int:
     return 0
 
 
-@reports_errors("quickstart")
-def main(argv: list[str] | None = None) -> int:
-    return run(argv)
+@reports_errors("dsee-dist quickstart")
+def main(argv: list[str] | None = None, prog: str = "dsee-dist quickstart") -> int:
+    args = parse_args(argv, prog)
+    return run_tiny(args) if args.tiny else run_quickstart(args)

@@ -10,9 +10,9 @@ the final weights are pruned; stage 2 re-tunes A, B, S on the pruned base; the r
 Every part is resumable with resume=auto: a finished stage is recognised by its adapter/, the pruning
 by pruned_base/ (both written atomically), and a stage in progress resumes from its own checkpoints.
 
-The path: `run` -> check_request -> stage 1 (`finetune.train`: setup -> fit -> evaluate -> save) -> prune
-(`prune_model`) -> FLOPs report -> stage 2 (`finetune.train` on the pruned base, from the stage-1 adapter)
--> `export_final`. `finetune.main` hands over here when prune.method != none.
+The path: `tune_prune_retune` -> check_request -> stage 1 (`finetune.train`: setup -> fit -> evaluate_loss
+-> save) -> prune (`prune_model`) -> FLOPs report -> stage 2 (`finetune.train` on the pruned base, from the
+stage-1 adapter) -> `export_final`. recipes/run.py hands a run over here when prune.method != none.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 
 from dsee_dist.config import Config
 from dsee_dist.dsee.adapter import ADAPTER_CONFIG, read_adapter
-from dsee_dist.engine import distributed
+from dsee_dist.engine import process_group
 from dsee_dist.engine.checkpoint import find_resume_checkpoint
 from dsee_dist.errors import DSEEError
-from dsee_dist.pruning.flops import compare, flops_per_token, format_report
+from dsee_dist.models.flops import compare, flops_per_token, format_report
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
 from dsee_dist.pruning.unstructured import prune_unstructured
 from dsee_dist.recipes import finetune
@@ -40,7 +40,9 @@ STAGE1, PRUNED, STAGE2, FINAL = "stage1", "pruned_base", "stage2", "final"
 CALIBRATION = "calibration"  # a scratch directory while the activation score calibrates
 
 
-def stage_configs(cfg: Config, out_dir: Path) -> tuple[Config, Config]:
+def tune_and_retune_configs(cfg: Config, out_dir: Path) -> tuple[Config, Config]:
+    """(stage 1's config: tuning into stage1/; stage 2's: re-tuning on the pruned base into stage2/, with the
+    prune.retrain_* step count and learning rate, resumed where it stopped)."""
     p = cfg.prune
     stage1 = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(out_dir / STAGE1)))
     stage2 = dataclasses.replace(
@@ -76,16 +78,16 @@ def check_request(prune_cfg, base_model: str) -> None:
         prunable_matrices(model_config, prune_cfg.modules)
 
 
-def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
+def tune_prune_retune(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
     """Both stages and the pruning between them into output.dir. Returns (exit status, whether finished)."""
     out_dir, base_model, dist_info = ctx.out_dir, ctx.base_model, ctx.dist_info
     check_request(cfg.prune, base_model)
-    cfg1, cfg2 = stage_configs(cfg, out_dir)
+    cfg1, cfg2 = tune_and_retune_configs(cfg, out_dir)
     pruned_dir = out_dir / PRUNED
     if cfg.resume is None and dist_info.is_rank_zero:  # a fresh start: nothing of an earlier run is reused
         for name in (STAGE1, CALIBRATION, PRUNED, PRUNED + ".partial", STAGE2, FINAL):
             shutil.rmtree(out_dir / name, ignore_errors=True)
-    distributed.barrier()
+    process_group.barrier()
 
     pruned = (pruned_dir / "config.json").is_file()
     if not pruned and not (out_dir / STAGE1 / "adapter" / ADAPTER_CONFIG).is_file():
@@ -111,7 +113,7 @@ def run(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]:
     )
     if not finished:
         return code, False
-    distributed.on_rank_zero(lambda: export_final(out_dir))
+    process_group.on_rank_zero(lambda: export_final(out_dir))
     log(f"final pruned model written to {out_dir / FINAL}")
     return 0, True
 
@@ -149,29 +151,29 @@ def calibration_norms(cfg: Config, base_model: str, adapter, ctx: finetune.RunCo
     else:
         modules = calibration_modules(model_config)
     scratch = ctx.out_dir / CALIBRATION  # the support written from the adapter; removed afterwards
-    cfg1, _ = stage_configs(cfg, ctx.out_dir)
+    cfg1, _ = tune_and_retune_configs(cfg, ctx.out_dir)
     calibration_cfg = dataclasses.replace(cfg1, output=dataclasses.replace(cfg1.output, dir=str(scratch)), resume=None)
     log(f"calibration: the stage-1 model (base + adapter) set up as for training -> {scratch}")
-    stage = finetune.setup(calibration_cfg, scratch, base_model, ctx, init_adapter=adapter)
+    trainer = finetune.setup(calibration_cfg, scratch, base_model, ctx, init_adapter=adapter)
     try:
         norms = input_norms(
-            stage.engine.module,
+            trainer.engine.module,
             modules,
             ctx.train_split,
             ctx.tokenizer.pad_token_id,
             ctx.dist_info,
             num_examples=cfg.prune.calibration_examples,
             batch_size=cfg.train.micro_batch_size,
-            device=stage.device,
-            lockstep=stage.engine.zero_optimization_stage() == 3,
+            device=trainer.device,
+            lockstep=trainer.engine.zero_optimization_stage() == 3,
         )
     finally:
-        stage.engine.destroy()
-        del stage
+        trainer.engine.destroy()
+        del trainer
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    distributed.barrier()
+    process_group.barrier()
     if ctx.dist_info.is_rank_zero:
         shutil.rmtree(scratch, ignore_errors=True)
     return norms

@@ -1,1 +1,1 @@
-"""Small shared helpers: atomic files, logging set-up, the metrics log, throughput, signal handlers."""
+"""Small shared helpers: atomic files, logging set-up, the metrics log, signal handlers."""

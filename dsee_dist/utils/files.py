@@ -37,13 +37,14 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_bytes(data)
+def write_lines_atomic(target: str | os.PathLike, lines: list[str]) -> None:
+    """One line per item, each ending with a newline (an empty item is an empty line)."""
+    write_text_atomic(target, "".join(line + "\n" for line in lines))
 
 
 def write_json_atomic(target: str | os.PathLike, obj, indent: int | None = 1) -> None:
-    write_text_atomic(target, json.dumps(obj, indent=indent))
+    """`obj` as JSON text ending with a newline."""
+    write_text_atomic(target, json.dumps(obj, indent=indent) + "\n")
 
 
 @contextlib.contextmanager

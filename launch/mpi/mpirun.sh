@@ -2,7 +2,7 @@
 # DSEE training with ranks started directly by Open MPI's mpirun; each rank finds its rank, world size
 # and the rendezvous address through mpi4py (DeepSpeed's MPI discovery; pip install -e ".[mpi]").
 #
-#   launch/mpi/mpirun.sh hostfile configs/gpt2_medium_multinode.yaml [section.key=value ...]
+#   launch/mpi/mpirun.sh hostfile configs/multinode/gpt2_medium.yaml [section.key=value ...]
 #
 # The hostfile format is the same as DeepSpeed's ("node001 slots=8"); the number of ranks is the sum of
 # the slots. Environment: MASTER_PORT (29500), PYTHON (python3), MPIRUN_ARGS (extra mpirun options, e.g.

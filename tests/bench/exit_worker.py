@@ -19,11 +19,11 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", type=int, default=None)
     args = p.parse_args()
-    from dsee_dist.engine import distributed
+    from dsee_dist.engine import process_group
 
-    info = distributed.init_distributed()
-    total = distributed.all_reduce_sum([info.rank + 1])[0]
-    distributed.barrier()
+    info = process_group.init_distributed()
+    total = process_group.all_reduce_sum([info.rank + 1])[0]
+    process_group.barrier()
     Path(args.out, f"rank{info.rank}").write_text(f"{int(total)}\n")
     atexit.register(Path(args.out, f"teardown{info.rank}").write_text, "interpreter teardown ran\n")
 

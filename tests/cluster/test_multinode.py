@@ -11,7 +11,7 @@ import time
 import pytest
 import yaml
 
-from dsee_dist.engine.distributed import free_port
+from dsee_dist.engine.launcher import free_port
 from tests.cluster.harness import NODES
 from tests.conftest import REPO
 from tests.distributed.launch import run_training, train_losses

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dsee_dist.engine import distributed
+from dsee_dist.engine import deepspeed_engine, process_group, zero
 from dsee_dist.models.loading import load_model
 
 TARGETS = ["q_proj", "v_proj"]
@@ -41,9 +41,9 @@ def main(model_dir: str, out_dir: str) -> int:
 
     from dsee_dist.recipes import methods
 
-    info = distributed.init_distributed()
-    ds_config = distributed.build_deepspeed_config(
-        distributed.resolve_deepspeed_json(Path("configs/ds/zero3_fp32.json")),
+    info = process_group.init_distributed()
+    ds_config = deepspeed_engine.build_deepspeed_config(
+        deepspeed_engine.resolve_deepspeed_json(Path("configs/ds/zero3_fp32.json")),
         {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
         micro_batch_size=1,
         grad_accum_steps=1,
@@ -57,7 +57,7 @@ def main(model_dir: str, out_dir: str) -> int:
     model = load_model(model_dir, ds_config)
     weight = model.model.layers[0].self_attn.q_proj.weight
     record["placeholder"] = {
-        "partitioned": distributed.is_partitioned(weight),
+        "partitioned": zero.is_partitioned(weight),
         "data_numel": weight.data.numel(),
         "full_shape": list(getattr(weight, "ds_shape", weight.shape)),
     }
@@ -66,24 +66,24 @@ def main(model_dir: str, out_dir: str) -> int:
 
     model = load_model(model_dir, ds_config)
     shira = get_peft_model(model, ShiraConfig(r=4, target_modules=TARGETS, random_seed=0))
-    optimizer = distributed.build_optimizer(
+    optimizer = deepspeed_engine.build_optimizer(
         [{"params": [p for p in shira.parameters() if p.requires_grad]}], ds_config, 1e-3, (0.9, 0.999), 0.0
     )
-    engine, _, _ = distributed.build_engine(shira, optimizer, None, ds_config)
+    engine, _, _ = deepspeed_engine.build_engine(shira, optimizer, None, ds_config)
     record["shira_forward"] = _attempt(lambda: _max_abs_diff(engine, ids, reference))
 
     # Supertuning created on the gathered weights (this project's step; recipes/methods.py), then its forward
     model = load_model(model_dir, ds_config)
     with methods._gathered_during_update_layer(SupertuningLayer):
         supra_model = get_peft_model(model, supra)
-    optimizer = distributed.build_optimizer(
+    optimizer = deepspeed_engine.build_optimizer(
         [{"params": [p for p in supra_model.parameters() if p.requires_grad]}], ds_config, 1e-3, (0.9, 0.999), 0.0
     )
-    engine, _, _ = distributed.build_engine(supra_model, optimizer, None, ds_config)
+    engine, _, _ = deepspeed_engine.build_engine(supra_model, optimizer, None, ds_config)
     record["supertuning_gathered_forward"] = _attempt(lambda: _max_abs_diff(engine, ids, reference))
     Path(out_dir, f"rank{info.rank}.json").write_text(json.dumps(record, indent=1) + "\n")
-    distributed.barrier()
-    distributed.shutdown()
+    process_group.barrier()
+    process_group.shutdown()
     return 0
 
 

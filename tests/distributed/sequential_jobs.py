@@ -2,7 +2,7 @@
 
     python -m tests.distributed.sequential_jobs JOBS.json    (JOBS.json: [[name, [trainer argv...]], ...])
 
-Each job is the trainer's own `run` (`python -m dsee_dist.train` minus the process exit), so a comparison of
+Each job is the trainer's own `main` (`python -m dsee_dist.train` minus the process exit), so a comparison of
 many configurations (every shipped engine config, checkpointing on and off) pays the ranks' start-up (~12 s of
 imports and engine set-up on a CPU) once instead of once per job. The process group stays up between jobs
 (the trainer's shutdown is deferred to the end). Before each job rank 0 prints JOB_MARKER + name, so its
@@ -15,28 +15,29 @@ import os
 import sys
 from pathlib import Path
 
-from dsee_dist.engine import distributed
-from dsee_dist.recipes import finetune
+from dsee_dist.engine import process_group
+from dsee_dist.engine.process_exit import exit_process
+from dsee_dist.recipes import run as training
 
 JOB_MARKER = "=== sequential job: "
 
 
 def main(jobs_file: str) -> int:
     jobs = json.loads(Path(jobs_file).read_text())
-    shutdown = distributed.shutdown  # what the trainer calls at its end
-    distributed.shutdown = lambda: None  # keep the group for the next job
+    shutdown = process_group.shutdown  # what the trainer calls at its end
+    process_group.shutdown = lambda: None  # keep the group for the next job
     try:
         for name, argv in jobs:
             if os.environ.get("RANK", "0") == "0":
                 print(f"{JOB_MARKER}{name}", flush=True)
-            code = finetune.run(argv)
+            code = training.main(argv)
             if code != 0:
                 return code
     finally:
-        distributed.shutdown = shutdown
+        process_group.shutdown = shutdown
     shutdown()
     return 0
 
 
 if __name__ == "__main__":
-    finetune.exit_process(main(sys.argv[1]))
+    exit_process(main(sys.argv[1]))

@@ -11,7 +11,7 @@ from dsee_dist.dsee.adapter import save_adapter
 from dsee_dist.dsee.inject import find_targets, inject_dsee
 from dsee_dist.dsee.layer import slice_rows, weight_out_in
 from dsee_dist.dsee.support import select_support
-from dsee_dist.engine.distributed import DistInfo
+from dsee_dist.engine.process_group import DistInfo
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)
 VOCAB = 97

@@ -10,8 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable
 from dsee_dist.dsee.layer import slice_rows
 from dsee_dist.errors import ConfigError
-from dsee_dist.models.families import family_of, model_shape
-from dsee_dist.pruning.flops import compare, flops_per_token
+from dsee_dist.models.families import family_of
+from dsee_dist.models.flops import compare, flops_per_token
+from dsee_dist.models.shape import model_shape
 from tests.unit.models.family_models import FAMILY_MODELS, _config, batch, magnitude_support, tiny_model
 
 AUTO_MATRICES = {  # layer 0's adapted matrices under dsee.target_modules=auto

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from dsee_dist.config import DSEEConfig, PruneConfig
 from dsee_dist.dsee.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapter, read_adapter, save_adapter
 from dsee_dist.dsee.inject import find_targets, inject_dsee, mark_only_adapters_trainable
-from dsee_dist.models.families import model_shape
-from dsee_dist.pruning.flops import compare, flops_per_token
+from dsee_dist.models.flops import compare, flops_per_token
+from dsee_dist.models.shape import model_shape
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
 from dsee_dist.recipes.export import merge_into_base
 from tests.conftest import REPO

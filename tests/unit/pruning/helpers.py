@@ -9,7 +9,7 @@ from dsee_dist.config import DSEEConfig
 from dsee_dist.dsee.adapter import save_adapter
 from dsee_dist.dsee.inject import find_targets, inject_dsee
 from dsee_dist.dsee.support import select_support
-from dsee_dist.engine.distributed import DistInfo
+from dsee_dist.engine.process_group import DistInfo
 from tests.conftest import tiny_gpt2
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0)

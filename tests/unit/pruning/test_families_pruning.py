@@ -14,7 +14,7 @@ from dsee_dist.dsee.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_adapte
 from dsee_dist.dsee.inject import dsee_layers
 from dsee_dist.dsee.layer import DSEELayer, weight_out_in
 from dsee_dist.errors import ConfigError
-from dsee_dist.models.families import model_shape
+from dsee_dist.models.shape import model_shape
 from dsee_dist.pruning.stage2 import attach_keep_masks
 from dsee_dist.pruning.structured import prune_structured, slice_adapter
 from dsee_dist.pruning.targets import KINDS, module_name, prunable_matrices

@@ -3,8 +3,8 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dsee_dist.models.flops import compare, flops_per_token
 from dsee_dist.models.pruned_gpt2 import PrunedGPT2Config, PrunedGPT2LMHeadModel
-from dsee_dist.pruning.flops import compare, flops_per_token
 from dsee_dist.pruning.scores import element_scores, head_scores, lowest, neuron_scores, output_column_scores
 
 

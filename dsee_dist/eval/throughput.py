@@ -1,7 +1,7 @@
 """Tokens per second and model FLOPs utilisation (MFU) of the training loop.
 
 MFU = model FLOPs per second / the device's dense bf16 peak. Model FLOPs per processed token (padding included:
-the kernels compute it) = the forward FLOPs of dsee_dist.pruning.flops at the batch's padded length, times 2 for
+the kernels compute it) = the forward FLOPs of dsee_dist.models.flops at the batch's padded length, times 2 for
 DSEE and LoRA (forward + the input gradients; the frozen base has no weight gradients, the adapters' are tiny),
 times 3 for full fine-tuning (+ the weight gradients). Recomputation under activation checkpointing is not model
 work and is not counted. On a CPU, or a GPU not in the table, MFU is reported as n/a (None).
@@ -9,7 +9,7 @@ work and is not counted. On a CPU, or a GPU not in the table, MFU is reported as
 
 from __future__ import annotations
 
-from dsee_dist.pruning.flops import flops_per_token
+from dsee_dist.models.flops import flops_per_token
 
 # Dense bf16 tensor-core peaks per device, TFLOPS (vendor data sheets, without sparsity).
 BF16_PEAK_TFLOPS = {

@@ -1,4 +1,5 @@
-"""Inference FLOPs per token of a decoder of any known family (dense or structurally pruned).
+"""Inference FLOPs per token of a decoder of any known family (dense or structurally pruned), from its shape
+(`models/shape.py`).
 
 One multiply-add = 2 FLOPs. For a token attending to `context` positions, block l costs
     q projection 2 * d * wq,  k and v projections 2 * 2 * d * wkv  (GQA: wkv = kv_heads * head_dim),
@@ -12,10 +13,12 @@ dense kernels do the same work (report it from the sparsity figures instead).
 
 from __future__ import annotations
 
-from dsee_dist.models.families import model_shape
+from dsee_dist.models.shape import model_shape
 
 
 def flops_per_token(config, context: int = 128) -> dict:
+    """Forward FLOPs per token of a model (HF config or config.json dict) attending to `context` positions: per
+    block (qkv, attention, attn_out, mlp, total), the blocks' sum, the LM head, the total."""
     shape = model_shape(config, purpose="the FLOPs count")
     d = shape.hidden
     mlp_matrices = 3 if shape.family.mlp_gate else 2
@@ -30,7 +33,7 @@ def flops_per_token(config, context: int = 128) -> dict:
         }
         blocks.append({**parts, "total": sum(parts.values())})
     blocks_total = sum(b["total"] for b in blocks)
-    lm_head = 2 * d * shape.vocab_size
+    lm_head = 2 * d * shape.vocab
     return {
         "context": context,
         "blocks": blocks,
