@@ -80,7 +80,7 @@ SHAPES = {
     },
 }
 TOKENS = {"gpu": 8192, "cpu": 512, "smollm2": 512}
-SMOLLM2 = dict(rank=8, num_sparse=384)  # recipes' SmolLM2-135M budget (configs, README quality table)
+SMOLLM2 = dict(rank=8, num_sparse=384)  # recipes' SmolLM2-135M budget (configs, docs/results.md quality table)
 VARIANTS = ("lora", "dsee-lowrank", "dsee", "dsee-folded", "dsee-dense")
 NEW_VARIANTS = ("dsee-fused", "dsee-compiled", "supra", "shira")
 ALL_VARIANTS = VARIANTS + NEW_VARIANTS

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the README's performance section in one command, for a lent single-GPU machine (H100/H200)
+# Every GPU figure of docs/performance.md in one command, for a lent single-GPU machine (H100/H200)
 # with no network: most important first, each benchmark under its own time limit, every result written to
 # $OUT (or ./gpu-results) as soon as it is finished, so a run stopped at its limit still returns what it did.
 #

@@ -12,7 +12,7 @@ neurons of every layer, exactly as the two-stage recipe does. Both models then g
 batch 1 and 8. `--model smollm2` does the same on the real SmolLM2-135M-Instruct (fetched with `dsee-dist
 models fetch smollm2` into the user cache unless --model-dir is given; GQA: heads are removed evenly from
 its 3 KV groups, 9 -> 6, and 25 % of the SwiGLU neurons), whose export is a stock LlamaForCausalLM.
-FLOPs per token come from `dsee_dist.pruning.flops` (checked against torch's FLOP counter in the tests).
+FLOPs per token come from `dsee_dist.models.flops` (checked against torch's FLOP counter in the tests).
 
 Last line: JSON with `flops_saved` (fraction of the transformer blocks' FLOPs) and `speedup`
 (the smaller of the batch-1 and batch-8 throughput ratios).
@@ -117,7 +117,9 @@ def tokens_per_second(model, batch: int, prompt: int, new_tokens: int) -> float:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", default="gpt2-large", help="built-in GPT-2 shape (dsee_dist.models.BUILTIN_MODELS)")
+    parser.add_argument(
+        "--shape", default="gpt2-large", help="built-in GPT-2 shape (dsee_dist.config.schema.BUILTIN_MODELS)"
+    )
     parser.add_argument("--heads", type=float, default=0.25, help="fraction of heads removed per layer")
     parser.add_argument("--mlp", type=float, default=0.25, help="fraction of MLP neurons removed per layer")
     parser.add_argument(

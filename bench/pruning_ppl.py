@@ -58,7 +58,7 @@ ROWS: dict[str, dict | None] = {
     "s25-wanda": dict(method="structured", head_score="activation", head_ratio=0.25, mlp_ratio=0.25),
 }
 NOT_RUN = ("u50-lora-recovery", "u50-dsee", "2:4-lora-recovery", "2:4-dsee", "s25-lora-recovery", "s25-dsee")
-# Published ratios to dense (WikiText-2), for the README beside this table.
+# Published ratios to dense (WikiText-2), for docs/results.md beside this table.
 PUBLISHED = (
     "Wanda README, LLaMA-2-7B: dense 5.12; 50 % magnitude 14.89 / SparseGPT 6.51 / Wanda 6.42; "
     "2:4 54.59 / 10.17 / 11.02"

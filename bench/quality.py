@@ -620,7 +620,7 @@ def score(outputs: list[str], refs: list[list[str]]) -> dict:
 
 
 def model_report(model_dir: Path) -> dict:
-    """FLOPs per token (dsee_dist.pruning.flops) and the share of zeros in the q/v/MLP matrices."""
+    """FLOPs per token (dsee_dist.models.flops) and the share of zeros in the q/v/MLP matrices."""
     from transformers import AutoConfig
 
     from dsee_dist.models.flops import flops_per_token

@@ -5,7 +5,7 @@ ZeRO-3, one run.
                               --seq 128 --micro-batch 4] [--rank 8] [--methods full,lora,dsee] [--model DIR]
                               [--threads T] [--out JSON]
 
-SmolLM2-135M, the four adapters side by side (fp32 CPU; README "DSEE vs PEFT's sparse adapters"):
+SmolLM2-135M, the four adapters side by side (fp32 CPU; docs/benchmarks.md "DSEE vs PEFT's sparse adapters"):
 
     python bench/step_time.py --device cpu --model /tmp/models-smollm2/smollm2-135m --methods lora,dsee,supra,shira \
         --stages 2 --ranks 1 --threads 1 --seq 64 --micro-batch 8 --rank 8 --num-sparse 384 --repeats 3 --steps 4
