@@ -29,6 +29,7 @@ import torch
 from dsee_dist.engine.checkpoint import find_resume_checkpoint, read_trainer_state
 from dsee_dist.engine.process_exit import reports_errors
 from dsee_dist.errors import DSEEError
+from dsee_dist.models.gguf_export import GGUF_TYPES
 from dsee_dist.recipes import methods
 
 # The model-building modules (transformers, DeepSpeed: seconds to import) are imported where they are used,
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None, prog: str = "dsee-dist export") -> int:
     parser.add_argument("--adapter", help="write the adapter-only export here")
     parser.add_argument("--merged", help="write the merged Hugging Face model here")
     parser.add_argument("--gguf", help="write the merged model as one GGUF file here (Llama-family models)")
-    parser.add_argument("--gguf-type", default="f16", choices=["f32", "f16", "q8_0"], help="GGUF weight type")
+    parser.add_argument("--gguf-type", default="f16", choices=GGUF_TYPES, help="GGUF weight type")
     parser.add_argument("--base-model", help="base model directory (default: the one recorded in the checkpoint)")
     args = parser.parse_args(argv)
 
