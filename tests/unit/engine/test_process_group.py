@@ -103,6 +103,8 @@ def test_a_world_of_one_listens_on_the_port_it_names(tmp_path):
         "    s.bind(('::', int(os.environ['MASTER_PORT']))); print('FREE')\n"
         "except OSError:\n"
         "    print('BUSY', info.rank, info.world_size, t.item())\n"
+        "from dsee_dist.engine.process_exit import exit_process\n"
+        "process_group.shutdown(); exit_process(0)  # as the trainer's ranks end (no teardown after gloo)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR")}
     proc = subprocess.run(
