@@ -88,4 +88,6 @@ def main(model_dir: str, out_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:]))
+    from dsee_dist.engine.process_exit import exit_process
+
+    exit_process(main(*sys.argv[1:]))  # as the trainer's ranks end: no interpreter teardown after gloo
