@@ -33,7 +33,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _common import git_commit, package_versions, write_json  # noqa: E402
+from bench._common import git_commit, package_versions, write_json  # noqa: E402
 
 WORDS = (
     "the restaurant serves food near river city centre price range cheap moderate high family friendly coffee "
@@ -68,9 +68,9 @@ def write_chats(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
-def tiny_chat_model(tokenizer_dir: str, target: Path) -> Path:
-    """A tiny random Llama with the tokenizer (and chat template) of `tokenizer_dir`: memory and time measure
-    the data path, not the model."""
+def tiny_chat_model(tokenizer_dir: str, target: Path, *, hidden_size: int = 64, max_positions: int = 1024) -> Path:
+    """A tiny random Llama (seed 0) with the tokenizer (and chat template) of `tokenizer_dir`: memory and time
+    measure the data path, not the model (also the tests' chat model, tests/conftest.py)."""
     if (target / "config.json").is_file():
         return target
     import torch
@@ -79,13 +79,13 @@ def tiny_chat_model(tokenizer_dir: str, target: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=len(tokenizer),
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -74,22 +74,6 @@ def smollm2_dir():
 @pytest.fixture(scope="session")
 def chat_model(smollm2_dir, tmp_path_factory):
     """A tiny random Llama with SmolLM2's tokenizer and chat template (a chat model in seconds)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from bench.data import tiny_chat_model
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("chat-model")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_chat_model(smollm2_dir, tmp_path_factory.mktemp("chat-model"), hidden_size=32, max_positions=256)
