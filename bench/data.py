@@ -5,10 +5,12 @@ rerun, and packing's effect on E2E-length examples.
 
 1. Generated chat datasets (JSONL; `--sizes` conversations, ~200 tokens each: a system prompt, two user and two
    assistant turns) are tokenised by dsee_dist's own data path (`load_splits`, data.format chat) with
-   data.num_proc 1 and 2: conversations/s, cache miss and then cache hit (the rerun's preparation time).
-2. A 2-rank training job (a tiny Llama with the given tokenizer and its chat template, 3 steps, ZeRO-2) reads
-   each dataset: peak RSS of the job's processes (all ranks together, sampled every 0.2 s) and the wall time to
-   its first logged step, first run (cache miss) and rerun (cache hit).
+   data.num_proc 2, and 1 for datasets of at most --single-process-up-to conversations (default: every size):
+   conversations/s, cache miss and then cache hit (the rerun's preparation time).
+2. A 2-rank training job (a tiny Llama with the given tokenizer and its chat template, 3 steps, ZeRO-2,
+   data.num_proc 2, the final held-out loss over 2 batches per rank) reads each dataset: peak RSS of the job's
+   processes (all ranks together, sampled every 0.2 s) and the wall time to its first logged step, first run
+   (cache miss: it tokenises) and rerun (cache hit).
 3. Packing on E2E-length examples (the built-in E2E sample as prompt/completion): the same tiny model, 20 steps
    with and without data.packing: tokens/s and padding fraction from the job's metrics.jsonl.
 
@@ -148,8 +150,9 @@ def train_job(model_dir: Path, out_dir: Path, overrides: list[str], steps: int) 
 
     args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), f"output.dir={out_dir}", "model.builtin=null"]
     args += [f"model.path={model_dir}", f"train.max_steps={steps}", "train.log_every_n_steps=1"]
-    args += ["train.micro_batch_size=8", "train.warmup_steps=0", "eval.every_n_steps=0", "dsee.support=magnitude"]
-    args += ["dsee.target_modules=auto", "dsee.fused_slices=[]", "deepspeed.config=configs/ds/zero2_fp32.json"]
+    args += ["train.micro_batch_size=8", "train.warmup_steps=0", "eval.every_n_steps=0", "eval.max_batches=2"]
+    args += ["dsee.support=magnitude", "dsee.target_modules=auto", "dsee.fused_slices=[]"]
+    args += ["deepspeed.config=configs/ds/zero2_fp32.json"]
     cmd = training_command(2, [*args, *overrides])
     metrics = out_dir / "metrics.jsonl"
     logged_before = len(metrics.read_text().splitlines()) if metrics.is_file() else 0  # a rerun appends
@@ -185,15 +188,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sizes", default="20000,200000", help="conversations per generated dataset")
     p.add_argument("--out", default=str(ROOT / "results" / "data"))
     p.add_argument("--work", default=None, help="where datasets and runs go (default: a temporary directory)")
+    p.add_argument(
+        "--single-process-up-to",
+        type=int,
+        default=None,
+        help="measure data.num_proc 1 only on datasets of at most this many conversations (default: every size)",
+    )
     p.add_argument("--note", default="", help="recorded with the results (e.g. 'machine shared with ...')")
     return p.parse_args()
 
 
-def dataset_size(model: Path, work: Path, n: int, summary: dict) -> None:
+def dataset_size(model: Path, work: Path, n: int, summary: dict, single_process_up_to: int | None) -> None:
     """1 and 2 for one generated dataset of `n` conversations: tokenisation (miss, hit), then a training job (first
     run, rerun); into `summary`, one line each."""
     data = write_chats(work / f"chats-{n}.jsonl", n)
-    for num_proc in (1, 2):
+    for num_proc in (1, 2) if single_process_up_to is None or n <= single_process_up_to else (2,):
         miss, examples = tokenise(model, data, work / f"tok-{n}-{num_proc}", num_proc)
         hit, _ = tokenise(model, data, work / f"tok-{n}-{num_proc}", num_proc)
         entry = {
@@ -205,7 +214,7 @@ def dataset_size(model: Path, work: Path, n: int, summary: dict) -> None:
         }
         summary["tokenise"][f"{n}-np{num_proc}"] = entry
         print(f"tokenise {n} conversations, num_proc {num_proc}: {entry}", flush=True)
-    chat = ["data.format=chat", f"data.train_path={data}", "data.block_size=512"]
+    chat = ["data.format=chat", f"data.train_path={data}", "data.block_size=512", "data.num_proc=2"]
     first = train_job(model, work / f"run-{n}", chat, 3)
     rerun = train_job(model, work / f"run-{n}", [*chat, "train.max_steps=6"], 6)
     summary["train"][str(n)] = {
@@ -240,12 +249,13 @@ def main() -> int:
     args = parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    summary: dict = {"sizes": sizes, "tokenise": {}, "train": {}, "packing": {}}
+    summary: dict = {"sizes": sizes, "single_process_up_to": args.single_process_up_to}
+    summary.update(tokenise={}, train={}, packing={})
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         model = tiny_chat_model(args.tokenizer, work / "model")
         for n in sizes:
-            dataset_size(model, work, n, summary)
+            dataset_size(model, work, n, summary, args.single_process_up_to)
         if len(sizes) > 1:
             small, large = summary["train"][str(sizes[0])], summary["train"][str(sizes[-1])]
             summary["peak_rss_ratio_largest_over_smallest"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)

@@ -428,6 +428,15 @@ class PruneConfig:
             "training examples (Wanda, structured)"
         },
     )
+    tune_first: bool = field(
+        default=True,
+        metadata={
+            "help": "true: DSEE's recipe (stage 1 tunes, the tuned weights are pruned, stage 2 re-tunes); false: no "
+            "stage 1: the pretrained weights are pruned (score base, merged or activation) and stage 2 tunes a fresh "
+            "adapter on the pruned base (prune, then recover; with dsee.num_sparse 0 that is LoRA recovery); "
+            "train.* then sets only stage 2's optimiser (not its length: retrain_*)"
+        },
+    )
     retrain_steps: int = field(default=0, metadata={"help": "stage-2 optimizer steps (exclusive with retrain_epochs)"})
     retrain_epochs: float = field(default=0.0, metadata={"help": "stage-2 epochs (exclusive with retrain_steps)"})
     retrain_lr: float | None = field(default=None, metadata={"help": "stage-2 learning rate; null = train.lr"})

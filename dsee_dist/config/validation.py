@@ -218,6 +218,13 @@ def _check_prune(cfg: Config, problems: list[str]) -> None:
         problems.append(
             "prune.method=structured removes nothing; set prune.heads_removed, prune.head_ratio or prune.mlp_ratio"
         )
+    if not p.tune_first:
+        key, score = ("head_score", p.head_score) if p.method == "structured" else ("score", p.score)
+        if "delta" in score:
+            problems.append(
+                f"prune.tune_first=false prunes the pretrained weights, which have no tuned update for "
+                f"prune.{key}={score} to score; use prune.{key}=activation" + (" (or base)" if key == "score" else "")
+            )
     if p.retrain_steps < 0 or p.retrain_epochs < 0 or (p.retrain_steps > 0) == (p.retrain_epochs > 0):
         problems.append(
             "set exactly one of prune.retrain_steps or prune.retrain_epochs to a positive value (stage 2 length)"

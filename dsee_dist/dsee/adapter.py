@@ -58,6 +58,25 @@ def save_adapter(model, target: Path, *, base_model: str, dsee_cfg, is_rank_zero
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=1))
 
 
+def zero_adapter(specs, dsee_cfg) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter on the modules of `specs` (inject.TargetSpec) whose update is exactly zero (B = 0, A = 0, no
+    sparse entries), in read_adapter's form: what pruning reads when no stage tuned before it."""
+    r = dsee_cfg.lora_rank
+    layers, tensors = {}, {}
+    for spec in specs:
+        n_slices, slice_size = len(spec.slices), spec.slices[0][1]
+        layers[spec.name] = {
+            "out_features": spec.out_features,
+            "in_features": spec.in_features,
+            "slices": [list(s) for s in spec.slices],
+        }
+        tensors[f"{spec.name}.lora_a"] = torch.zeros(n_slices * r, spec.in_features)
+        tensors[f"{spec.name}.lora_b"] = torch.zeros(n_slices, slice_size, r)
+        tensors[f"{spec.name}.sparse_index"] = torch.zeros(2, 0, dtype=torch.long)
+    config = {"lora_rank": r, "lora_alpha": dsee_cfg.lora_alpha, "num_sparse": 0, "layers": layers}
+    return config, tensors
+
+
 def read_adapter_config(adapter_dir: Path) -> dict:
     path = Path(adapter_dir) / ADAPTER_CONFIG
     if not path.is_file():

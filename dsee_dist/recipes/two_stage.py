@@ -90,23 +90,26 @@ def tune_prune_retune(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]
     process_group.barrier()
 
     pruned = (pruned_dir / "config.json").is_file()
-    if not pruned and not (out_dir / STAGE1 / "adapter" / ADAPTER_CONFIG).is_file():
+    tune_first = cfg.prune.tune_first
+    if tune_first and not pruned and not (out_dir / STAGE1 / "adapter" / ADAPTER_CONFIG).is_file():
         log(f"stage 1 of 2: DSEE tuning of A, B, S -> {out_dir / STAGE1}")
         code, finished = finetune.train(cfg1, out_dir / STAGE1, base_model, ctx)
         if not finished:
             return code, False
-    adapter = read_adapter(out_dir / STAGE1 / "adapter")
+    if not tune_first:
+        log("no stage 1 (prune.tune_first=false): the pretrained weights are pruned, then a fresh adapter tunes")
+    adapter = read_adapter(out_dir / STAGE1 / "adapter") if tune_first else None
     if not pruned:
         prune_model(cfg, base_model, adapter, pruned_dir, ctx)
     log_flops(base_model, pruned_dir, cfg.prune.flops_context, dist_info)
 
-    if cfg.prune.method == "structured":
+    if cfg.prune.method == "structured" and adapter is not None:
         from transformers import AutoConfig
 
         from dsee_dist.pruning.unstructured import read_report
 
         adapter = slice_adapter(adapter, read_report(pruned_dir)["plan"], AutoConfig.from_pretrained(base_model))
-    log(f"stage 2 of 2: re-tuning A, B, S on the pruned base -> {out_dir / STAGE2}")
+    log(f"stage 2 of 2: {'re-' if tune_first else ''}tuning A, B, S on the pruned base -> {out_dir / STAGE2}")
     masks_dir = pruned_dir if cfg.prune.method == "unstructured" else None
     code, finished = finetune.train(
         cfg2, out_dir / STAGE2, str(pruned_dir.resolve()), ctx, init_adapter=adapter, masks_dir=masks_dir
@@ -119,17 +122,34 @@ def tune_prune_retune(cfg: Config, ctx: finetune.RunContext) -> tuple[int, bool]
 
 
 def prune_model(cfg: Config, base_model: str, adapter, pruned_dir: Path, ctx: finetune.RunContext) -> None:
-    """The stage-1 weights pruned into `pruned_dir` (a complete model directory, written atomically); an
-    `activation` score first runs calibration examples from the training split through the stage-1 model."""
+    """The stage-1 weights (the pretrained ones where `adapter` is None) pruned into `pruned_dir` (a complete model
+    directory, written atomically); an `activation` score first runs calibration examples from the training split
+    through that model."""
     log(f"pruning ({cfg.prune.method}) -> {pruned_dir}")
     dist_info = ctx.dist_info
     norms = calibration_norms(cfg, base_model, adapter, ctx) if cfg.prune.calibrates else None
+    adapter = adapter if adapter is not None else untuned_adapter(cfg, base_model)
     if cfg.prune.method == "unstructured":
         prune_unstructured(
             cfg.prune, base_model, adapter, pruned_dir, dist_info, seed=cfg.train.seed, log=log, input_norms=norms
         )
     else:
         prune_structured(cfg.prune, base_model, adapter, pruned_dir, dist_info, log=log, input_norms=norms)
+
+
+def untuned_adapter(cfg: Config, base_model: str) -> tuple[dict, dict]:
+    """prune.tune_first=false: a zero update on the modules stage 2 will adapt, so the pretrained weights are what
+    is scored, the adaptation groups are those modules, and their keep masks are written for stage 2."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dsee_dist.dsee.adapter import zero_adapter
+    from dsee_dist.dsee.inject import find_targets
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_model))
+    d = cfg.dsee
+    return zero_adapter(find_targets(model, d.target_modules, d.fused_slices, d.exclude_modules), d)
 
 
 def calibration_norms(cfg: Config, base_model: str, adapter, ctx: finetune.RunContext) -> dict:

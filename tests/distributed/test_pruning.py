@@ -233,3 +233,61 @@ def test_structured_scores_match_single_process_and_export_reloads(tmp_path, hea
         torch.testing.assert_close(exported(x).logits, training_model(x).logits, atol=1e-5, rtol=1e-5)
     flops = json.loads((out / "final" / "dsee_export.json").read_text())["flops_per_token"]
     assert flops["blocks_total"] < 0.8 * 2 * (2 * 64 * 3 * 64 + 4 * 64 * 128 + 2 * 64 * 64 + 4 * 64 * 256)
+
+
+def test_prune_then_recover_without_stage_1_prunes_the_pretrained_weights_and_tunes_lora_on_them(tmp_path):
+    """prune.tune_first=false with dsee.num_sparse=0: the pretrained weights pruned by Wanda's score, then LoRA
+    recovery on the pruned base, the pruned entries kept at zero (issue 41's LoRA-recovery rows)."""
+    out = tmp_path / "run"
+    proc = run_training(
+        2,
+        out,
+        *TINY_RUN,
+        "eval.every_n_steps=0",
+        "dsee.num_sparse=0",
+        "prune.tune_first=false",
+        "prune.method=unstructured",
+        "prune.score=activation",
+        "prune.grouping=row",
+        "prune.ratio=0.5",
+        "prune.calibration_examples=24",
+        "prune.retrain_steps=3",
+    )
+    log = proc.stdout + proc.stderr
+    assert "no stage 1 (prune.tune_first=false)" in log
+    assert not (out / "stage1").exists()
+    assert len(_losses(out / "stage2")) == 3
+    assert "masks on the update of 2 adapted modules (pruned entries stay zero)" in log  # the stage-2 targets
+    # the scores are those of the pretrained model: redone here from the base alone, with no adapter at all
+    cfg = _run_config(out)
+    modules = [
+        f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    train_split, _ = load_splits(cfg, load_tokenizer(out / "base_model"), out)
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model").eval()
+    norms = input_norms(
+        base, modules, train_split, 0, SINGLE, num_examples=24, batch_size=4, device=torch.device("cpu")
+    )
+    prune_unstructured(
+        cfg.prune,
+        str(out / "base_model"),
+        ({"layers": {}}, {}),  # no adapter at all: the pretrained weights alone
+        tmp_path / "single",
+        SINGLE,
+        seed=0,
+        log=lambda m: None,
+        input_norms=norms,
+    )
+    distributed, single = _weights(out / "pruned_base"), _weights(tmp_path / "single")
+    final = _weights(out / "final")
+    checked = 0
+    for key, w in single.items():
+        if key.endswith(".weight") and w.dim() == 2 and key.startswith("transformer.h."):
+            zeros = distributed[key] == 0
+            assert float((zeros != (w == 0)).float().mean()) < 1e-3, key  # near-ties may flip, nothing more
+            assert torch.all(final[key][zeros] == 0), key  # LoRA recovery kept them pruned
+            assert not torch.equal(final[key], distributed[key]) or "c_attn" not in key  # and q, v were tuned
+            checked += 1
+    assert checked == 8
+    # the recovery trained LoRA only: rank 4 on q and v of 2 layers, no sparse part
+    assert "for 2,048 trainable parameters" in log, re.findall(r"[^\n]*trainable parameters[^\n]*", log)

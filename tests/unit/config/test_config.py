@@ -195,6 +195,23 @@ def test_every_problem_is_reported_together():
     assert len(info.value.problems) == 3
 
 
+def test_prune_then_recover_refuses_a_score_that_reads_the_update_it_does_not_have():
+    base = ["prune.tune_first=false", "prune.retrain_steps=1"]
+    with pytest.raises(
+        ConfigError, match=r"no tuned update for prune.score=delta to score; use prune.score=activation"
+    ):
+        load_config(REPO / "configs/quickstart.yaml", [*base, "prune.method=unstructured"])
+    structured = [*base, "prune.method=structured", "prune.mlp_ratio=0.25"]
+    with pytest.raises(ConfigError, match=r"no tuned update for prune.head_score=delta\+base to score"):
+        load_config(REPO / "configs/quickstart.yaml", [*structured, "prune.head_score=delta+base"])
+    # what the pretrained weights can be scored by passes (structured ignores the unstructured score)
+    assert not load_config(
+        REPO / "configs/quickstart.yaml", [*base, "prune.method=unstructured", "prune.score=base"]
+    ).prune.tune_first
+    load_config(REPO / "configs/quickstart.yaml", [*structured, "prune.head_score=activation"])
+    load_config(REPO / "configs/quickstart.yaml", ["prune.method=unstructured", "prune.retrain_steps=1"])  # tune first
+
+
 def test_choice_lists_come_from_the_schema_types():
     import typing
 
