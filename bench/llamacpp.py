@@ -16,6 +16,12 @@ and llama.cpp included), alternating the models within each repetition; the medi
 reported. Prompt processing: one batch of --prompt-tokens tokens (a fixed E2E-style text, repeated) evaluated
 from an empty context; generation: --new-tokens greedy tokens, one evaluation each, after that prompt.
 
+With `--score-mrs N` and a trained `--pruned` model, the first N MRs of the E2E test set are decoded greedily
+from that model's training prompt (`MR ||`) by llama.cpp from each GGUF type and by transformers from the
+directory (the quality table's decoding), on the same token ids, stopping at the same tokens (EOS or any token
+with a newline), and scored by `dsee-dist evaluate`'s E2E figures; the outputs are written beside the JSON.
+`--out DIR` writes llamacpp.json (rows, scores, device, versions, date, commit).
+
 llama.cpp comes from `pip install llama-cpp-python` (built from source: cmake and a C++ compiler; docs/GGUF.md).
 Without it the bench prints one line and exits 0.
 """
@@ -34,6 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 PROMPT = (
     "name[The Eagle], eatType[coffee shop], food[Japanese], priceRange[less than £20], customer rating[low], "
     "area[riverside], familyFriendly[yes], near[Burger King]. The Eagle is a coffee shop that serves Japanese food "
@@ -65,6 +72,64 @@ def measure(gguf: str, prompt_tokens: int, new_tokens: int, threads: int) -> dic
     return {"pp_tok_s": prompt_tokens / pp, "tg_tok_s": new_tokens / tg, "peak_rss_mib": rss}
 
 
+def greedy_outputs(gguf: Path, model_dir: str, mrs: list[str], max_new_tokens: int, threads: int) -> list[str]:
+    """llama.cpp's greedy outputs for the MRs' training prompts: the token ids transformers decodes from (the model's
+    tokenizer, no special tokens added), the argmax of llama.cpp's logits at each step, the same stop tokens, the
+    same cleaning (dsee_dist.eval.decoding)."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    from dsee_dist.eval.decoding import clean_output, stop_token_ids
+    from dsee_dist.models.loading import load_tokenizer
+    from dsee_dist.recipes.generate import e2e_prompts
+
+    tokenizer = load_tokenizer(model_dir)
+    stops = set(stop_token_ids(tokenizer, stop_at_newline=True))
+    prompts = tokenizer(e2e_prompts(tokenizer, mrs), add_special_tokens=False)["input_ids"]
+    n_ctx = max(map(len, prompts)) + max_new_tokens + 8
+    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
+    outputs = []
+    for ids in prompts:
+        llm.reset()
+        llm.eval(ids)
+        new: list[int] = []
+        while len(new) < max_new_tokens:
+            new.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if new[-1] in stops:
+                break
+            llm.eval(new[-1:])
+        outputs.append(clean_output(tokenizer.decode(new, skip_special_tokens=True)) or "-")
+    return outputs
+
+
+def scored_decodes(args, files: dict[tuple[str, str], Path], out: Path | None) -> dict:
+    """E2E figures of the pruned model's first --score-mrs test MRs: transformers' greedy decode and llama.cpp's
+    from every GGUF type, with the share of outputs identical to transformers'."""
+    import torch
+
+    from bench._quality_decode import decode_mrs, load_decoder
+    from dsee_dist.eval.metrics import score_e2e
+    from dsee_dist.eval.references import read_references
+
+    refs = read_references(args.test_csv)
+    mrs, groups = refs.mrs[: args.score_mrs], refs.groups[: args.score_mrs]
+    model, tokenizer = load_decoder(args.pruned, "cpu", torch.float32)
+    decoded = {"transformers fp32": decode_mrs(model, tokenizer, mrs, "greedy", batch_size=16)[0]}
+    del model
+    for gguf_type in args.types:
+        decoded[f"llama.cpp {gguf_type}"] = greedy_outputs(
+            files[("pruned", gguf_type)], args.pruned, mrs, 64, args.threads
+        )
+    scores = {}
+    for name, outputs in decoded.items():
+        same = sum(a == b for a, b in zip(outputs, decoded["transformers fp32"])) / len(mrs)
+        scores[name] = {**score_e2e(outputs, groups), "identical_to_transformers": round(same, 3)}
+        if out is not None:
+            (out / f"outputs-{name.replace(' ', '-')}.txt").write_text("\n".join(outputs) + "\n")
+        print(f"{name}: {scores[name]}", flush=True)
+    return {"mrs": len(mrs), "test_csv": str(args.test_csv), "scores": scores}
+
+
 def cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
@@ -87,6 +152,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="1 on a shared machine (OpenMP waits)")
+    parser.add_argument("--score-mrs", type=int, default=0, help="decode and score the first N test MRs (--pruned)")
+    parser.add_argument("--test-csv", default=str(REPO.parent / "shared" / "data" / "e2e" / "testset_w_refs.csv"))
+    parser.add_argument("--out", help="write llamacpp.json (and the scored outputs) into this directory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -156,14 +224,37 @@ def main() -> int:
     except ImportError:
         print("llama.cpp absent: pip install llama-cpp-python (docs/GGUF.md); nothing measured")
         return 0
+    if args.score_mrs and not args.pruned:
+        print("bench/llamacpp.py: --score-mrs scores a trained --pruned model; give --pruned DIR", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measured_rows(args, exported(args, Path(tmp)))
+        files = exported(args, Path(tmp))
+        rows = measured_rows(args, files)
+        scored = scored_decodes(args, files, out) if args.score_mrs else None
     device = f"{cpu_name()}, {args.threads} threads"
     print(f"llama-cpp-python {llama_cpp.__version__}; {device}; prompt {args.prompt_tokens}, new {args.new_tokens}")
     print_table(rows)
     if not args.pruned and not args.pruned_shape:
         print("no --pruned model given: the dense rows only")
-    print(json.dumps({"llama_cpp_python": llama_cpp.__version__, "device": device, "rows": rows}))
+    result = {"llama_cpp_python": llama_cpp.__version__, "device": device, "rows": rows, "decodes": scored}
+    if out is not None:
+        from bench._common import git_commit, package_versions, write_json
+
+        settings = {k: v for k, v in vars(args).items() if k != "child"}
+        write_json(
+            out / "llamacpp.json",
+            {
+                **result,
+                "settings": settings,
+                "versions": package_versions(),
+                "commit": git_commit(),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            },
+        )
+    print(json.dumps(result))
     return 0
 
 
