@@ -18,7 +18,9 @@
 #   5. bench/step_time.py --family gpt2 --stages 2    GPT-2-medium shape, ZeRO-2                            90
 #   6. bench/train_loop.py --methods                  the trainer with each adapter, over the lora trainer  150
 #      lora,dsee,supra,shira
-#   7. bench/memory_plan.py                           plan vs torch.cuda.max_memory_allocated               the rest
+#   7. bench/sparse24.py                              2:4 semi-structured vs dense F.linear, SmolLM2 shapes,  45
+#                                                     fp16 (issue 41; decode too with --model of a 2:4 export)
+#   8. bench/memory_plan.py                           plan vs torch.cuda.max_memory_allocated               the rest
 set -u
 BUDGET=${1:-540}
 RESULTS=${OUT:-$PWD/gpu-results}
@@ -66,5 +68,6 @@ run train_loop 120 python3 bench/train_loop.py --device gpu --repeats 1 --steps 
 run step_time_gpt2 90 python3 bench/step_time.py --family gpt2 --device gpu --stages 2 --repeats 1 --steps 10
 run train_loop_sparse 150 python3 bench/train_loop.py --device gpu --methods lora,dsee,supra,shira --repeats 1 \
   --steps 20 --warmup 5 --out "$RESULTS/train_loop_sparse.json"
+run sparse24 45 python3 bench/sparse24.py --repeats 20 --out "$RESULTS"
 run memory_plan 600 python3 bench/memory_plan.py
 echo "gpu_session: done in $(($(date +%s) - START))s; results in $RESULTS"
