@@ -293,7 +293,7 @@ def write_table(out: Path) -> str:
         share = row["nonzero_block_weights"] / max(row["block_weights"], 1)
         lines.append(
             f"| {name}{' (smoke)' if row['smoke'] else ''} | {row['perplexity']:.2f} | {ratio} | "
-            f"{row['trainable_params']} | {100 * share:.1f}% | {row['flops_per_token'] / 1e6:.1f} M | "
+            f"{row['trainable_params']:,} | {100 * share:.1f}% | {row['flops_per_token'] / 1e6:.1f} M | "
             f"{row['wall_s']:.0f} |"
         )
     devices = sorted({row["device"] for row in rows.values()})
