@@ -175,7 +175,7 @@ def run_row(name: str, args, tokens: dict, out: Path) -> dict:
 
 def tuned_config(name: str, args, run_dir: Path, calibration_examples: int) -> dict:
     """The two-stage config of a tuned row (a plain dict, written as the run's YAML)."""
-    from bench._quality_rows import LORA_ALPHA, LORA_RANK, adapted_shapes, sparse_budget
+    from bench._quality_rows import LORA_RANK, adapted_shapes, adapter_section, sparse_budget
 
     source, method = TUNED[name]
     lora = method == "lora-recovery"
@@ -193,13 +193,7 @@ def tuned_config(name: str, args, run_dir: Path, calibration_examples: int) -> d
         "method": "dsee",
         "model": {"path": str(Path(args.model).resolve()), "dropout": 0.0},
         "data": {"format": "text", "train_path": str(Path(args.valid).resolve()), "block_size": args.seq_len},
-        "dsee": {
-            "lora_rank": LORA_RANK,
-            "lora_alpha": LORA_ALPHA,
-            "lora_dropout": 0.0,
-            "num_sparse": num_sparse,
-            "support": "decomposition",
-        },
+        "dsee": adapter_section(num_sparse),
         "train": {
             "seed": 42,
             "lr": args.lr,

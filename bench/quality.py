@@ -350,17 +350,20 @@ class Bench:
 
     # learning rates -----------------------------------------------------------
     def learning_rate(self, method: str) -> dict:
-        """The method's learning rate: its grid's winner on the held-out MRs (cached per grid point)."""
+        """The method's learning rate: its grid's winner on the held-out MRs (cached per grid point; a grid
+        key whose row is its method's plain config shares the method's points: dsee-wide's are dsee's)."""
         if not self.s.grid:
             return {"lr": DEFAULT_LR[method], "chosen_by": "default (no grid: --quick or --no-grid)"}
         losses = {}
+        row = ROWS[method]
+        plain = not row.overrides and row.prompt == "e2e" and row.steps_multiple == 1
+        point_name = row.method if plain else method
         for lr in LR_GRID[method]:
-            point_dir = self.root / "grid" / f"{method}-lr{lr:g}"
+            point_dir = self.root / "grid" / f"{point_name}-lr{lr:g}"
             result_path = point_dir / "grid.json"
             if result_path.is_file():
                 losses[lr] = json.loads(result_path.read_text())["heldout_loss"]
                 continue
-            row = ROWS[method]
             config = self.config_for(
                 row,
                 seed=SEEDS[0],

@@ -280,7 +280,38 @@ def test_the_magnitude_row_differs_from_dsee_only_in_its_support():
     dsee, mag = row_config(ROWS["dsee"], **kw), row_config(ROWS["dsee-mag"], **kw)
     assert (dsee["dsee"]["support"], mag["dsee"]["support"]) == ("decomposition", "magnitude")
     mag["dsee"]["support"] = "decomposition"
-    assert mag == dsee and ROWS["dsee-mag"].multi_seed and ROWS["dsee-mag"].lr_from == "dsee"
+    assert mag == dsee and ROWS["dsee-mag"].multi_seed and ROWS["dsee-mag"].lr_from == "dsee-wide"
+
+
+def test_the_dsee_rows_beside_supra_are_offered_supra_s_top_learning_rate_on_dsee_s_own_grid_points(
+    tmp_path, monkeypatch
+):
+    """dsee-wide is dsee's config on dsee's grid plus supra's top point; its grid reads the points dsee's grid
+    trained (grid/dsee-lr*) and trains only the one that is missing, there; dsee keeps its own three."""
+    from bench._quality_rows import LR_GRID
+
+    kw = _row_kw("m", 4)
+    assert row_config(ROWS["dsee-wide"], **kw) == row_config(ROWS["dsee"], **kw)
+    assert LR_GRID["dsee-wide"] == LR_GRID["dsee"] + [max(LR_GRID["supra"])] and ROWS["dsee-wide"].multi_seed
+    losses = dict(zip(LR_GRID["dsee"], [1.6, 1.5, 1.4]))
+    for lr, loss in losses.items():
+        quality.write_json(tmp_path / "grid" / f"dsee-lr{lr:g}" / "grid.json", {"heldout_loss": loss})
+    trained = []
+
+    def train_one_point(config, run_dir, device):
+        trained.append((config["method"], config["train"]["lr"], run_dir.parent.name))
+        return {"train_wall_s": 1.0}
+
+    monkeypatch.setattr(quality, "run_training", train_one_point)
+    monkeypatch.setattr(quality, "final_eval_loss", lambda run_dir: 1.3)
+    bench = object.__new__(quality.Bench)
+    bench.root, bench.s = tmp_path, SimpleNamespace(grid=True, grid_fraction=1 / 3, device="cpu")
+    bench.paths = {"train90": tmp_path / "t.csv", "heldout10": tmp_path / "h.csv"}
+    bench.config_for = lambda row, *, lr, **kw: row_config(row, **{**_row_kw("m", 4), "lr": lr})
+    assert bench.learning_rate("dsee")["lr"] == 2e-3 and trained == []
+    wide = bench.learning_rate("dsee-wide")
+    assert trained == [("dsee", 4e-3, "dsee-lr0.004")] and wide["lr"] == 4e-3
+    assert wide["heldout_losses"] == {"0.0005": 1.6, "0.001": 1.5, "0.002": 1.4, "0.004": 1.3}
 
 
 def _row_kw(model_dir: str, num_sparse: int) -> dict:
