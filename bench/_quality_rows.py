@@ -156,11 +156,12 @@ LR_GRID = {
     "full": [2e-5, 5e-5, 1e-4],
     "lora": [5e-4, 1e-3, 2e-3],
     "dsee": [5e-4, 1e-3, 2e-3],
-    "dsee-wide": [5e-4, 1e-3, 2e-3, 4e-3],
     "supra": [1e-3, 2e-3, 4e-3],
     "shira": [2e-4, 1e-3, 5e-3],
 }
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dsee": 1e-3, "dsee-wide": 1e-3, "supra": 2e-3, "shira": 1e-3}
+LR_GRID["dsee-wide"] = LR_GRID["dsee"] + [max(LR_GRID["supra"])]
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dsee": 1e-3, "supra": 2e-3, "shira": 1e-3}
+DEFAULT_LR["dsee-wide"] = DEFAULT_LR["dsee"]
 LORA_RANK, LORA_ALPHA = 8, 16.0
 CHAT_BLOCK_SIZE = 192  # the e2e rows' 128 plus the chat template's system prompt, role markers and instruction
 SEEDS = (42, 43, 44)
